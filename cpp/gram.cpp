@@ -1,0 +1,151 @@
+#include "gram.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "blas.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pathkernel {
+
+TilePlan plan_tiles(int64_t S1C1, int64_t S2C2, int64_t target, bool symmetric) {
+  TilePlan p;
+  p.rows_per_tile = std::max<int64_t>(1, target / std::max<int64_t>(1, S1C1));
+  p.cols_per_tile = std::max<int64_t>(1, target / std::max<int64_t>(1, S2C2));
+  if (symmetric) p.cols_per_tile = p.rows_per_tile;  // the grid must be square
+  return p;
+}
+
+std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t row_blocks, int64_t col_blocks,
+                                                    bool symmetric) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  for (int64_t r = 0; r < row_blocks; ++r)
+    for (int64_t c = symmetric ? r : 0; c < col_blocks; ++c) tiles.emplace_back(r, c);
+  return tiles;
+}
+
+namespace {
+
+template <typename Tin, typename Tout>
+struct Workspace {
+  std::vector<Tin> ag, dg;
+  std::vector<Tout> acc;
+};
+
+// acc[i, j, c1, c2] += sum_{s1,s2} (AG[(i,s1),(j,s2)] + beta) * DG[(i,s1,c1),(j,s2,c2)]
+// for one term on an m x n tile. AG == nullptr means the A factor is 1.
+template <typename Tin, typename Tout>
+void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, int64_t m, int64_t n,
+              int64_t S1, int64_t S2, int64_t C1, int64_t C2) {
+  const int64_t ld_ag = n * S2, ld_dg = n * S2 * C2, CC = C1 * C2;
+  if (S1 == 1 && S2 == 1 && CC == 1) {  // the MLP case: a plain fused multiply-add
+    for (int64_t i = 0; i < m; ++i) {
+      Tout* a = acc + i * n;
+      const Tin* d = dg + i * ld_dg;
+      if (ag) {
+        const Tin* g = ag + i * ld_ag;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) a[j] += (Tout(g[j]) + beta) * Tout(d[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) a[j] += Tout(d[j]);
+      }
+    }
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t s1 = 0; s1 < S1; ++s1) {
+      const Tin* g = ag ? ag + (i * S1 + s1) * ld_ag : nullptr;
+      for (int64_t c1 = 0; c1 < C1; ++c1) {
+        const Tin* d = dg + ((i * S1 + s1) * C1 + c1) * ld_dg;
+        for (int64_t j = 0; j < n; ++j) {
+          Tout* a = acc + (i * n + j) * CC + c1 * C2;
+          for (int64_t s2 = 0; s2 < S2; ++s2) {
+            const Tout f = g ? Tout(g[j * S2 + s2]) + beta : Tout(1);
+            const Tin* dj = d + (j * S2 + s2) * C2;
+            for (int64_t c2 = 0; c2 < C2; ++c2) a[c2] += f * Tout(dj[c2]);
+          }
+        }
+      }
+    }
+}
+
+}  // namespace
+
+template <typename Tin, typename Tout>
+void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool symmetric,
+                double alpha, const Tout* col_weights, int64_t tile_target, int threads) {
+  const int64_t M = side1.n, N = side2.n, C1 = side1.C, C2 = side2.C, CC = C1 * C2;
+  if (M == 0 || N == 0) return;
+  int64_t S1max = 1, S2max = 1;
+  for (const auto& t : side1.terms) S1max = std::max(S1max, t.S);
+  for (const auto& t : side2.terms) S2max = std::max(S2max, t.S);
+  const TilePlan plan = plan_tiles(S1max * C1, S2max * C2, tile_target, symmetric);
+  const int64_t bm = plan.rows_per_tile, bn = plan.cols_per_tile;
+  const auto tiles = make_tiles((M + bm - 1) / bm, (N + bn - 1) / bn, symmetric);
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const Tout a_out = static_cast<Tout>(alpha);
+
+#ifdef _OPENMP
+  const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+#pragma omp parallel num_threads(nthreads)
+#endif
+  {
+    Workspace<Tin, Tout> ws;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t i0 = tiles[t].first * bm, j0 = tiles[t].second * bn;
+      const int64_t m = std::min(bm, M - i0), n = std::min(bn, N - j0);
+      ws.acc.assign(static_cast<size_t>(m * n * CC), Tout(0));
+      for (size_t l = 0; l < side1.terms.size(); ++l) {
+        const Term<Tin>& t1 = side1.terms[l];
+        const Term<Tin>& t2 = side2.terms[l];
+        const int64_t rows_a = m * t1.S, cols_a = n * t2.S;
+        const Tin* agp = nullptr;
+        if (t1.A) {
+          ws.ag.resize(static_cast<size_t>(rows_a * cols_a));
+          gemm_nt<Tin>(rows_a, cols_a, t1.da, t1.A + i0 * t1.S * t1.da, t2.A + j0 * t2.S * t2.da,
+                       ws.ag.data());
+          agp = ws.ag.data();
+        }
+        const int64_t rows_d = rows_a * C1, cols_d = cols_a * C2;
+        ws.dg.resize(static_cast<size_t>(rows_d * cols_d));
+        gemm_nt<Tin>(rows_d, cols_d, t1.dd, t1.D + i0 * t1.S * C1 * t1.dd,
+                     t2.D + j0 * t2.S * C2 * t2.dd, ws.dg.data());
+        epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta), m, n,
+                            t1.S, t2.S, C1, C2);
+      }
+      // One pass over the output tile (and its mirror image in symmetric mode).
+      const bool mirror = symmetric && tiles[t].first != tiles[t].second;
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) {
+          const Tout* a = ws.acc.data() + (i * n + j) * CC;
+          const Tout wj = col_weights ? col_weights[j0 + j] : Tout(1);
+          Tout* o = out + ((i0 + i) * N + (j0 + j)) * CC;
+          for (int64_t c = 0; c < CC; ++c) o[c] += a_out * wj * a[c];
+          if (mirror) {
+            const Tout wi = col_weights ? col_weights[i0 + i] : Tout(1);
+            Tout* p = out + ((j0 + j) * N + (i0 + i)) * CC;
+            for (int64_t c1 = 0; c1 < C1; ++c1)
+              for (int64_t c2 = 0; c2 < C2; ++c2) p[c2 * C1 + c1] += a_out * wi * a[c1 * C2 + c2];
+          }
+        }
+    }
+  }
+}
+
+template void accumulate<float, float>(float*, const Side<float>&, const Side<float>&, bool,
+                                       double, const float*, int64_t, int);
+template void accumulate<float, double>(double*, const Side<float>&, const Side<float>&, bool,
+                                        double, const double*, int64_t, int);
+template void accumulate<double, float>(float*, const Side<double>&, const Side<double>&, bool,
+                                        double, const float*, int64_t, int);
+template void accumulate<double, double>(double*, const Side<double>&, const Side<double>&, bool,
+                                         double, const double*, int64_t, int);
+
+}  // namespace pathkernel

@@ -1,0 +1,10 @@
+"""pathkernel: the kernels a model trained by gradient descent is.
+
+Tangent kernels, path kernels and exact kernel machines for PyTorch models, computed by a
+native core that accumulates factored per-layer Grams in tiles.
+"""
+__version__ = "0.1.0"
+
+from ._backend import info as backend_info
+
+__all__ = ["backend_info", "__version__"]

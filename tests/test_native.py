@@ -1,0 +1,157 @@
+"""The native accumulator against numpy, on awkward shapes, both dtypes, both modes."""
+import numpy as np
+import pytest
+import torch
+
+from pathkernel import _backend
+from pathkernel._backend import Term
+
+
+def reference(side1, side2, alpha, weights):
+    """Brute-force float64: materialize each example's per-term feature and contract."""
+    side2 = side1 if side2 is None else side2
+    n1, n2 = side1[0].D.shape[0], side2[0].D.shape[0]
+    C1, C2 = side1[0].D.shape[2], side2[0].D.shape[2]
+    K = np.zeros((n1, n2, C1, C2))
+    for t1, t2 in zip(side1, side2):
+        D1, D2 = t1.D.double().numpy(), t2.D.double().numpy()
+        if t1.A is None:
+            F1, F2 = D1.sum(1), D2.sum(1)                    # [n, C, dd]
+            K += np.einsum("icd,jed->ijce", F1, F2)
+        else:
+            A1 = np.concatenate([t1.A.double().numpy(), np.sqrt(t1.beta) * np.ones(t1.A.shape[:2] + (1,))], 2)
+            A2 = np.concatenate([t2.A.double().numpy(), np.sqrt(t2.beta) * np.ones(t2.A.shape[:2] + (1,))], 2)
+            G1 = np.einsum("isa,iscd->icda", A1, D1)         # per-example materialized gradient
+            G2 = np.einsum("jsa,jscd->jcda", A2, D2)
+            K += np.einsum("icda,jeda->ijce", G1, G2)
+    w = np.ones(n2) if weights is None else weights.double().numpy()
+    return alpha * K * w[None, :, None, None]
+
+
+def make_side(rng, n, C, specs, dtype):
+    terms = []
+    for S, da, dd, beta in specs:
+        A = None if da is None else torch.from_numpy(rng.standard_normal((n, S, da))).to(dtype)
+        D = torch.from_numpy(rng.standard_normal((n, S, C, dd))).to(dtype)
+        terms.append(Term(A, D, beta))
+    return terms
+
+
+SHAPES = [
+    # n1, n2, C1, C2, [(S, da, dd, beta)]
+    (1, 1, 1, 1, [(1, 1, 1, 0.0)]),
+    (7, 13, 1, 1, [(1, 5, 3, 1.0), (1, 17, 1, 0.0)]),
+    (300, 261, 1, 1, [(1, 31, 29, 1.0)]),              # more than one tile, not multiples
+    (11, 5, 3, 2, [(2, 4, 3, 1.0), (1, None, 7, 0.0)]),  # channels, S > 1, a dense term
+    (37, 41, 1, 1, [(3, 6, 5, 1.0), (5, 2, 7, 0.0)]),   # S differs between terms
+    (23, 23, 1, 1, [(1, None, 19, 0.0)]),
+]
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                             (torch.float32, torch.float64)])
+@pytest.mark.parametrize("case", range(len(SHAPES)))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_matches_numpy(case, dtype, out_dtype, weighted):
+    n1, n2, C1, C2, specs = SHAPES[case]
+    rng = np.random.default_rng(case)
+    s1 = make_side(rng, n1, C1, specs, dtype)
+    s2 = make_side(rng, n2, C2, specs, dtype)
+    w = torch.from_numpy(rng.standard_normal(n2)).to(out_dtype) if weighted else None
+    init = torch.from_numpy(rng.standard_normal((n1, n2, C1, C2))).to(out_dtype)
+    out = init.clone()
+    _backend.accumulate(out, s1, s2, alpha=-0.7, col_weights=w, tile=64)
+    ref = init.double().numpy() + reference(s1, s2, -0.7, w)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,C,tile", [(1, 1, 4), (97, 1, 16), (64, 3, 8), (130, 2, 256)])
+def test_symmetric_matches_cross(n, C, tile, dtype):
+    rng = np.random.default_rng(n)
+    side = make_side(rng, n, C, [(1, 9, 4, 1.0), (2, 3, 5, 0.0), (1, None, 6, 0.0)], dtype)
+    w = torch.from_numpy(rng.uniform(0.5, 2.0, n)).to(dtype)
+    poison = torch.full((n, n, C, C), 0.25, dtype=dtype)
+    sym = _backend.accumulate(poison.clone(), side, None, alpha=1.5, col_weights=w, tile=tile)
+    ref = 0.25 + reference(side, None, 1.5, w)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    np.testing.assert_allclose(sym.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+def test_threads_do_not_change_result():
+    rng = np.random.default_rng(0)
+    side = make_side(rng, 200, 1, [(1, 33, 17, 1.0)], torch.float64)
+    a = _backend.accumulate(torch.zeros(200, 200, 1, 1, dtype=torch.float64), side, tile=32, threads=1)
+    b = _backend.accumulate(torch.zeros(200, 200, 1, 1, dtype=torch.float64), side, tile=32, threads=2)
+    assert torch.equal(a, b)
+
+
+# ---- bad input: every argument is named, nothing crashes -------------------------------------
+
+def _ok_side(n=4, dtype=torch.float64):
+    return [Term(torch.ones(n, 1, 3, dtype=dtype), torch.ones(n, 1, 1, 2, dtype=dtype), 1.0)]
+
+
+def test_rejects_wrong_out_shape():
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 4, 1, 1\)"):
+        _backend.accumulate(torch.zeros(4, 5, 1, 1, dtype=torch.float64), _ok_side())
+
+
+def test_rejects_mixed_dtypes():
+    s2 = _ok_side(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"side2\[0\].D: all factors must share one dtype"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64), _ok_side(), s2)
+
+
+def test_rejects_integer_dtype():
+    side = [Term(None, torch.ones(2, 1, 1, 2, dtype=torch.int32), 0.0)]
+    with pytest.raises(ValueError, match=r"side1\[0\].D: expected dtype float32 or float64"):
+        _backend.accumulate(torch.zeros(2, 2, 1, 1, dtype=torch.float64), side)
+
+
+def test_rejects_feature_mismatch():
+    s2 = [Term(torch.ones(4, 1, 5, dtype=torch.float64), torch.ones(4, 1, 1, 2, dtype=torch.float64), 1.0)]
+    with pytest.raises(ValueError, match=r"side2\[0\].A: expected feature size 3"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64), _ok_side(), s2)
+
+
+def test_rejects_a_shape_mismatch():
+    side = [Term(torch.ones(3, 1, 3, dtype=torch.float64), torch.ones(4, 1, 1, 2, dtype=torch.float64), 1.0)]
+    with pytest.raises(ValueError, match=r"side1\[0\].A: expected leading dims \(4, 1\)"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64), side)
+
+
+def test_rejects_aliasing_output():
+    buf = torch.zeros(4 * 4 + 8, dtype=torch.float64)
+    out = buf[:16].view(4, 4, 1, 1)
+    side = [Term(None, buf[8:16].view(4, 1, 1, 2), 0.0)]
+    with pytest.raises(ValueError, match=r"out: overlaps the memory of side1\[0\].D"):
+        _backend.accumulate(out, side)
+
+
+def test_rejects_bad_weights():
+    with pytest.raises(ValueError, match=r"col_weights: expected shape \(4,\)"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64), _ok_side(),
+                            col_weights=torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"col_weights: expected the dtype of out"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64), _ok_side(),
+                            col_weights=torch.ones(4, dtype=torch.float32))
+
+
+def test_rejects_noncontiguous_out_and_bad_tile():
+    with pytest.raises(ValueError, match="out: expected a contiguous tensor"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64).transpose(0, 1), _ok_side())
+    with pytest.raises(ValueError, match="tile: expected a positive tile size"):
+        _backend.accumulate(torch.zeros(4, 4, 1, 1, dtype=torch.float64), _ok_side(), tile=0)
+
+
+def test_rejects_empty_and_malformed_sides():
+    from pathkernel import _native
+    out = np.zeros((4, 4, 1, 1))
+    with pytest.raises(ValueError, match="side1: expected at least one term"):
+        _native.accumulate(out, [])
+    with pytest.raises(ValueError, match=r"side1\[0\]: expected a tuple"):
+        _native.accumulate(out, [(None, np.ones((4, 1, 1, 1)))])
+    with pytest.raises(ValueError, match=r"side1\[0\].D: expected 4 dims"):
+        _native.accumulate(out, [(None, np.ones((4, 1, 1)), 0.0)])
