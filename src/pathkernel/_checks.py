@@ -1,0 +1,89 @@
+"""Argument checks shared by the public entry points: fail early, name the argument."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def as_inputs(x, name: str) -> Tuple[torch.Tensor, ...]:
+    """A tensor or tuple of tensors, batch-first, one length, non-empty and finite."""
+    xs = (x,) if isinstance(x, torch.Tensor) else x
+    if not isinstance(xs, (tuple, list)) or not xs or not all(isinstance(t, torch.Tensor) for t in xs):
+        raise TypeError(f"{name}: expected a tensor or a tuple of tensors (batch first), "
+                        f"got {type(x).__name__}")
+    xs = tuple(xs)
+    for i, t in enumerate(xs):
+        if t.dim() == 0:
+            raise ValueError(f"{name}: expected a batch dimension, got a 0-d tensor")
+        if t.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"{name}: all input tensors must have the same batch size; "
+                             f"input 0 has {xs[0].shape[0]}, input {i} has {t.shape[0]}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero()[:5, 0].tolist()
+            raise ValueError(f"{name}: contains NaN or Inf (examples {bad}...)")
+    if xs[0].shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (0 examples)")
+    return xs
+
+
+def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
+    ps = [p for p in model.parameters() if p.is_floating_point()]
+    if not ps:
+        return torch.get_default_dtype(), torch.device("cpu")
+    return ps[0].dtype, ps[0].device
+
+
+def check_inputs_match(model: nn.Module, xs, name: str) -> None:
+    mdtype, mdev = model_dtype_device(model)
+    for t in xs:
+        if t.device != mdev:
+            raise ValueError(f"{name}: is on {t.device} but the model is on {mdev}; "
+                             "move them to the same device")
+        if t.is_floating_point() and t.dtype != mdtype:
+            raise TypeError(f"{name}: has dtype {t.dtype} but the model's parameters are {mdtype}; "
+                            "convert one of them (the kernel's precision is set by dtype=)")
+
+
+def check_same_features(x1, x2, n1: str = "x1", n2: str = "x2") -> None:
+    if len(x1) != len(x2):
+        raise ValueError(f"{n2}: expected {len(x1)} input tensors like {n1}, got {len(x2)}")
+    for a, b in zip(x1, x2):
+        if a.shape[1:] != b.shape[1:]:
+            raise ValueError(f"{n2}: expected per-example shape {tuple(a.shape[1:])} like {n1}, "
+                             f"got {tuple(b.shape[1:])}")
+
+
+def resolve_dtype(dtype: Optional[torch.dtype], model: nn.Module) -> torch.dtype:
+    if dtype is None:
+        dtype = model_dtype_device(model)[0]
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+    return dtype
+
+
+def check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
+
+
+def run_model_once(model: nn.Module, xs, name: str) -> None:
+    """Run the model on one example so a wrong feature shape is reported against ``name``."""
+    try:
+        with torch.no_grad():
+            model(*(t[:1] for t in xs))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        shapes = [tuple(t.shape[1:]) for t in xs]
+        raise ValueError(f"{name}: the model rejects inputs of per-example shape "
+                         f"{shapes[0] if len(shapes) == 1 else shapes}: {e}") from e
+
+
+def check_finite_block(block, name: str) -> None:
+    for f in block.factors.values():
+        if not torch.isfinite(f.D).all() or (f.A is not None and f.A.is_floating_point()
+                                             and not torch.isfinite(f.A).all()):
+            raise ValueError(f"{name}: the model's gradients contain NaN or Inf on these inputs")

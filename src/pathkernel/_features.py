@@ -1,0 +1,141 @@
+"""Per-example features of a block of examples, and their pairing into native terms.
+
+A block holds, for each parameter group of the model plan, a ``Factor``: either the factored
+form (``A [n, S, da]`` or int tokens ``[n, S]``, ``D [n, S, C, dd]``) or the materialized
+per-example gradient (``A = None``, ``D [n, 1, C, P_group]``). Which form is kept is decided
+per group by the cost of a pair of examples (DESIGN.md section 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ._backend import Term
+from ._rules import EmbeddingRule
+
+DENSE = -1  # group key of the parameters that no rule covers
+
+
+@dataclass
+class Factor:
+    A: Optional[torch.Tensor]  # [n, S, da] float | [n, S] long tokens | None
+    D: torch.Tensor            # [n, S, C, dd]
+    beta: float                # 1.0 when the group's bias is trainable (folded into A . A')
+    materialized: bool = False  # D holds flattened per-example gradients, A is None
+
+
+@dataclass
+class Block:
+    n: int
+    C: int
+    factors: Dict[int, Factor] = field(default_factory=dict)
+
+
+def pair_cost(S1: int, S2: int, da: int, dd: int, C: int) -> Tuple[float, float]:
+    """(factored, materialized) multiply-adds for one pair of examples of one group."""
+    factored = S1 * S2 * (da + C * C * dd + C * C)
+    materialized = C * C * dd * (da + 1)
+    return factored, materialized
+
+
+def materialize(group, f: Factor) -> Factor:
+    """The per-example gradient of the group, flattened: ``D [n, 1, C, P_group]``."""
+    parts = []
+    n, C = f.D.shape[0], f.D.shape[2]
+    if f.A is not None:
+        parts.append(group.rule.weight_grads(group.modules[0], f.A, f.D).reshape(n, C, -1))
+    if f.beta:
+        parts.append(f.D.sum(1))
+    return Factor(None, torch.cat(parts, 2).unsqueeze(1), 0.0, True)
+
+
+def choose_form(group, f: Factor) -> Factor:
+    """Keep the factored form or materialize, whichever a pair of examples costs less."""
+    if f.A is None or f.materialized:
+        return f
+    S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
+    da = group.vocab if group.kind == "embedding" else f.A.shape[2]
+    fac, mat = pair_cost(S, S, da, dd, C)
+    return materialize(group, f) if mat < fac else f
+
+
+def to_terms(plan, b1: Block, b2: Optional[Block]) -> Tuple[List[Term], Optional[List[Term]]]:
+    """Native terms for the pair of blocks (``b2 = None``: b1 against itself)."""
+    s1: List[Term] = []
+    s2: List[Term] = []
+    keys = sorted(b1.factors) if b2 is None else sorted(set(b1.factors) & set(b2.factors))
+    for k in keys:
+        f1 = b1.factors[k]
+        f2 = f1 if b2 is None else b2.factors[k]
+        A1, A2 = f1.A, f2.A
+        if A1 is not None and A1.dtype == torch.long:  # embedding: one-hot over the tokens seen
+            A1, A2 = _shared_one_hot(A1, A2 if b2 is not None else None, f1.D.dtype)
+        s1.append(Term(A1, f1.D, f1.beta))
+        s2.append(Term(A2, f2.D, f2.beta))
+    if not s1:
+        raise ValueError("model: no trainable parameter reaches the output; the kernel is empty")
+    return s1, (None if b2 is None else s2)
+
+
+def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
+    """One-hot codes of two token blocks over the union of their tokens (-1 = no token)."""
+    both = t1 if t2 is None else torch.cat([t1.reshape(-1), t2.reshape(-1)])
+    vocab, inverse = torch.unique(both.reshape(-1), return_inverse=True)
+    has_pad = bool(vocab.numel()) and int(vocab[0]) < 0
+    idx = inverse - 1 if has_pad else inverse       # -1 stays "no token"
+    V = max(1, vocab.numel() - int(has_pad))
+    i1 = idx[: t1.numel()].reshape(t1.shape)
+    oh1 = EmbeddingRule.one_hot(i1, V, dtype)
+    if t2 is None:
+        return oh1, oh1
+    i2 = idx[t1.numel():].reshape(t2.shape)
+    return oh1, EmbeddingRule.one_hot(i2, V, dtype)
+
+
+def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[n, C]``: each example's per-channel Jacobian applied to a parameter-space vector
+    ``vec`` (a dict name -> tensor shaped like the parameter; missing names count as 0)."""
+    total = torch.zeros(block.n, block.C, dtype=next(iter(block.factors.values())).D.dtype)
+    for k, f in block.factors.items():
+        if f.materialized:
+            flat = plan.flatten_group(k, vec).to(f.D.dtype)
+            total += torch.einsum("ncp,p->nc", f.D[:, 0], flat)
+            continue
+        g = plan.group(k)
+        if f.A is not None:
+            w = vec.get(g.weight)
+            if w is not None:
+                wa = g.rule.apply_weight(g.modules[0], f.A, w.to(f.D.dtype))
+                total += torch.einsum("nscd,nsd->nc", f.D, wa)
+        if f.beta and vec.get(g.bias) is not None:
+            total += torch.einsum("nscd,d->nc", f.D, vec[g.bias].to(f.D.dtype))
+    return total
+
+
+def per_example_grads(plan, block: Block) -> torch.Tensor:
+    """``[n, C, P]``: per-example gradients in the plan's parameter order."""
+    parts = []
+    for k in plan.group_keys():
+        f = block.factors.get(k)
+        if f is None:
+            parts.append(torch.zeros(block.n, block.C, plan.group_size(k),
+                                     dtype=next(iter(block.factors.values())).D.dtype))
+            continue
+        if not f.materialized:
+            f = materialize(plan.group(k), f)
+        parts.append(f.D[:, 0])
+    return torch.cat(parts, 2)
+
+
+def concat_blocks(blocks: List[Block]) -> Block:
+    """One block from consecutive ones (same groups and forms, examples stacked)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    out = Block(sum(b.n for b in blocks), blocks[0].C)
+    for k, f in blocks[0].factors.items():
+        fs = [b.factors[k] for b in blocks]
+        A = None if f.A is None else torch.cat([g.A for g in fs])
+        out.factors[k] = Factor(A, torch.cat([g.D for g in fs]), f.beta, f.materialized)
+    return out

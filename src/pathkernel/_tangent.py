@@ -1,0 +1,80 @@
+"""``tangent_kernel``: the empirical tangent kernel of a PyTorch model."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from . import _backend
+from ._capture import cast_inputs, extract, model_state, probe
+from ._checks import (as_inputs, check_batch_size, check_finite_block, check_inputs_match,
+                      check_same_features, resolve_dtype, run_model_once)
+from ._features import Block, concat_blocks, to_terms
+from ._model import ModelPlan, check_model
+from ._outputs import OutputSpec, OutputsArg
+
+_EXTRACT_CHUNK = 512  # examples per forward/backward when batch_size is not given
+
+
+def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype,
+            batch_size):
+    """Validate everything, build and probe the plan. Returns (plan, spec, dtype, x1, x2)."""
+    check_model(model)
+    spec = OutputSpec(outputs)
+    check_batch_size(batch_size)
+    x1 = as_inputs(x1, "x1")
+    check_inputs_match(model, x1, "x1")
+    if x2 is not None:
+        x2 = as_inputs(x2, "x2")
+        check_inputs_match(model, x2, "x2")
+        check_same_features(x1, x2)
+    dtype = resolve_dtype(dtype, model)
+    run_model_once(model, x1, "x1")
+    plan = ModelPlan(model, implementation)
+    if implementation == "auto":
+        probe(plan, tuple(t[:4] for t in x1))
+    return plan, spec, dtype, x1, x2
+
+
+def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str) -> Block:
+    n = x[0].shape[0]
+    blocks = []
+    for i in range(0, n, chunk):
+        b = extract(plan, spec, state, tuple(t[i:i + chunk] for t in x))
+        check_finite_block(b, name)
+        blocks.append(b)
+    return concat_blocks(blocks)
+
+
+def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trace",
+                   implementation: str = "auto", dtype: Optional[torch.dtype] = None,
+                   batch_size: Optional[int] = None) -> torch.Tensor:
+    """Empirical tangent kernel ``K(x, x') = J(x) J(x')^T`` of ``model`` at its current weights.
+
+    Args:
+        model: a ``torch.nn.Module`` (in eval mode if it has BatchNorm or Dropout).
+        x1: inputs, a tensor or a tuple of tensors, batch first (integer tokens allowed).
+        x2: second inputs; ``None`` means ``x1`` against itself (symmetric, half the work).
+        outputs: ``"trace"`` (sum over outputs), ``"full"`` (the C x C block), an int (one
+            output), or a callable mapping the model output to one scalar per example.
+        implementation: ``"factored"`` (per-layer factors of Linear/Conv/Embedding only),
+            ``"dense"`` (per-example Jacobians with torch.func), or ``"auto"`` (factored where
+            a rule exists, dense for every other parameter).
+        dtype: ``torch.float32`` or ``torch.float64``: precision of the computation and output
+            (default: the model's).
+        batch_size: examples per forward/backward pass when extracting features.
+
+    Returns:
+        ``[N1, N2]``, or ``[N1, N2, C, C]`` for ``outputs="full"``.
+    """
+    plan, spec, dtype, x1, x2 = prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
+    state = model_state(plan, dtype)
+    chunk = batch_size or _EXTRACT_CHUNK
+    b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1")
+    b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2")
+    n2 = b1.n if b2 is None else b2.n
+    out = torch.zeros(b1.n, n2, b1.C, b1.C, dtype=dtype)
+    side1, side2 = to_terms(plan, b1, b2)
+    _backend.accumulate(out, side1, side2)
+    return spec.finish(out)

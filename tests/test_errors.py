@@ -1,0 +1,119 @@
+"""Bad input to the public API: a clear exception naming the argument, before heavy work."""
+import pytest
+import torch
+from torch import nn
+
+import pathkernel as pk
+from models import mlp
+
+
+@pytest.fixture
+def model():
+    return mlp(seed=0)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got function"):
+        pk.tangent_kernel(lambda x: x, torch.randn(3, 6, dtype=torch.float64))
+
+
+def test_wrong_feature_shape(model):
+    with pytest.raises(ValueError, match=r"x1: the model rejects inputs of per-example shape \(5,\)"):
+        pk.tangent_kernel(model, torch.randn(3, 5, dtype=torch.float64))
+
+
+def test_x2_feature_shape_mismatch(model):
+    with pytest.raises(ValueError, match=r"x2: expected per-example shape \(6,\) like x1, got \(7,\)"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64))
+
+
+def test_dtype_mismatch(model):
+    with pytest.raises(TypeError, match="x1: has dtype torch.float32 but the model's parameters are torch.float64"):
+        pk.tangent_kernel(model, torch.randn(3, 6))
+
+
+def test_bad_dtype_argument(model):
+    with pytest.raises(TypeError, match="dtype: expected torch.float32 or torch.float64"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), dtype=torch.float16)
+
+
+def test_nan_input(model):
+    x = torch.randn(4, 6, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"x1: contains NaN or Inf \(examples \[2\]"):
+        pk.tangent_kernel(model, x)
+
+
+def test_nan_gradients():
+    class Sqrt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2).double()
+
+        def forward(self, x):
+            return torch.sqrt(self.l(x) - 100.0)  # NaN everywhere
+
+    with pytest.raises(ValueError, match="x1: the model's gradients contain NaN or Inf"):
+        pk.tangent_kernel(Sqrt(), torch.randn(3, 3, dtype=torch.float64), implementation="factored")
+
+
+def test_unknown_outputs(model):
+    with pytest.raises(ValueError, match="outputs: expected 'trace', 'full', an int"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), outputs="diag")
+
+
+def test_output_index_out_of_range(model):
+    with pytest.raises(ValueError, match="outputs: output index 3 is out of range for a model with 3 outputs"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), outputs=3)
+
+
+def test_callable_outputs_wrong_shape(model):
+    with pytest.raises(ValueError, match=r"outputs: the callable must return one scalar per example"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), outputs=lambda o: o)
+
+
+def test_empty_batch(model):
+    with pytest.raises(ValueError, match=r"x1: empty batch"):
+        pk.tangent_kernel(model, torch.randn(0, 6, dtype=torch.float64))
+
+
+def test_batchnorm_training_mode():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
+    with pytest.raises(ValueError, match=r"model: BatchNorm module '1' is in training mode.*model.eval\(\)"):
+        pk.tangent_kernel(m, torch.randn(5, 3, dtype=torch.float64))
+
+
+def test_unknown_implementation(model):
+    with pytest.raises(ValueError, match="implementation: expected one of"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), implementation="fast")
+
+
+def test_bad_batch_size(model):
+    with pytest.raises(ValueError, match="batch_size: expected a positive int"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), batch_size=0)
+
+
+def test_not_a_tensor_input(model):
+    with pytest.raises(TypeError, match="x1: expected a tensor or a tuple of tensors"):
+        pk.tangent_kernel(model, [[1.0] * 6])
+
+
+def test_no_trainable_parameters(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="model: has no trainable parameter"):
+        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64))
+
+
+def test_embedding_max_norm_refused():
+    m = nn.Sequential(nn.Embedding(5, 3, max_norm=1.0), nn.Flatten(), nn.Linear(6, 1)).double()
+    with pytest.raises(ValueError, match="model: nn.Embedding with max_norm=1.0"):
+        pk.tangent_kernel(m, torch.randint(0, 5, (4, 2)))
+
+
+def test_backend_info():
+    info = pk.backend_info()
+    assert info["version"] == pk.__version__
+    assert "OpenBLAS" in info["blas"]
+    assert info["threads"] >= 1
+    assert info["cuda"] in (True, False)

@@ -1,0 +1,101 @@
+"""tangent_kernel against float64 per-example Jacobians contracted densely."""
+import pytest
+import torch
+from torch import nn
+
+import pathkernel as pk
+from models import CNN, FrozenBN, SharedLinear, Tied, TinyTransformer, mlp
+from reference import reference_ntk
+
+OUTPUTS = ["trace", "full", 1, lambda o: o[:, 0] - o[:, 1]]
+OUT_IDS = ["trace", "full", "one", "margin"]
+
+
+def _check(K, R, dtype):
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    scale = R.abs().max()
+    assert K.shape == R.shape
+    assert K.dtype == dtype
+    err = (K.double() - R).abs().max() / scale
+    assert err <= tol, f"relative error {err:.3e} > {tol}"
+
+
+def _cases():
+    torch.manual_seed(1)
+    bn = FrozenBN().double()
+    with torch.no_grad():
+        bn.bn.running_mean.uniform_(-1, 1)
+        bn.bn.running_var.uniform_(0.5, 2)
+        bn.bn.weight.uniform_(0.5, 1.5)
+    bn.eval()
+    return {
+        "mlp": (mlp(), lambda n: torch.randn(n, 6, dtype=torch.float64)),
+        "relu-mlp": (mlp(act=nn.ReLU, seed=3), lambda n: torch.randn(n, 6, dtype=torch.float64)),
+        "cnn": (CNN().double(), lambda n: torch.randn(n, 1, 6, 6, dtype=torch.float64)),
+        "transformer": (TinyTransformer().double().eval(), lambda n: torch.randint(0, 11, (n, 5))),
+        "tied": (Tied().double(), lambda n: torch.randint(0, 7, (n, 4))),
+        "shared-linear": (SharedLinear().double(), lambda n: torch.randn(n, 4, dtype=torch.float64)),
+        "frozen-bn": (bn, lambda n: torch.randn(n, 5, dtype=torch.float64)),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("outputs", OUTPUTS, ids=OUT_IDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_dense_reference_float64(name, outputs):
+    model, make = CASES[name]
+    torch.manual_seed(2)
+    x1, x2 = make(9), make(6)
+    _check(pk.tangent_kernel(model, x1, outputs=outputs), reference_ntk(model, x1, None, outputs),
+           torch.float64)
+    _check(pk.tangent_kernel(model, x1, x2, outputs=outputs, batch_size=4),
+           reference_ntk(model, x1, x2, outputs), torch.float64)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_float32_matches_reference(name):
+    model, make = CASES[name]
+    torch.manual_seed(3)
+    x1, x2 = make(7), make(5)
+    m32 = _float_copy(model)
+    x1f = x1.float() if x1.is_floating_point() else x1
+    x2f = x2.float() if x2.is_floating_point() else x2
+    _check(pk.tangent_kernel(m32, x1f, x2f, outputs="full"), reference_ntk(model, x1, x2, "full"),
+           torch.float32)
+
+
+def _float_copy(model):
+    import copy
+    return copy.deepcopy(model).float()
+
+
+@pytest.mark.parametrize("impl", ["dense", "factored"])
+def test_implementations_agree_on_mlp(impl):
+    model = mlp(seed=5)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    _check(pk.tangent_kernel(model, x, implementation=impl), reference_ntk(model, x), torch.float64)
+
+
+def test_factored_refuses_uncovered_parameters():
+    model, make = CASES["transformer"]
+    with pytest.raises(ValueError, match="implementation: 'factored' covers"):
+        pk.tangent_kernel(model, make(3), implementation="factored")
+
+
+def test_dtype_argument_sets_precision():
+    model = mlp(seed=6)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    K32 = pk.tangent_kernel(model, x, dtype=torch.float32)
+    assert K32.dtype == torch.float32
+    _check(K32, reference_ntk(model, x), torch.float32)
+
+
+def test_symmetric_result_is_symmetric_and_matches_cross():
+    model = mlp(seed=7)
+    x = torch.randn(33, 6, dtype=torch.float64)
+    Ks = pk.tangent_kernel(model, x, outputs="full")
+    Kc = pk.tangent_kernel(model, x, x.clone(), outputs="full")
+    assert torch.allclose(Ks, Kc, rtol=1e-12, atol=1e-12)
+    assert torch.equal(Ks, Ks.permute(1, 0, 3, 2))
