@@ -10,6 +10,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "blas.hpp"
@@ -258,4 +259,14 @@ PYBIND11_MODULE(_native, m) {
         "out[i,j,c1,c2] += alpha * w_j * sum_l sum_{s1,s2} (A1.A2 + beta_l) * (D1.D2); "
         "side2=None is the symmetric mode (side 2 = side 1).");
   m.def("info", &info, "What the native core was built with.");
+  m.def(
+      "_tasks",
+      [](int64_t M, int64_t N, int64_t bm, int64_t bn, bool symmetric, int64_t panel) {
+        if (M < 0 || N < 0 || bm < 1 || bn < 1) fail("_tasks: expected M, N >= 0 and bm, bn >= 1");
+        std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> r;
+        for (const auto& t : pathkernel::make_tasks(M, N, bm, bn, symmetric, panel))
+          r.emplace_back(t.i0, t.m, t.j0, t.n);
+        return r;
+      },
+      "The work list (i0, m, j0, n) of the tiled accumulation (exposed for tests).");
 }

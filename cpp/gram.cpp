@@ -19,12 +19,23 @@ TilePlan plan_tiles(int64_t S1C1, int64_t S2C2, int64_t target, bool symmetric) 
   return p;
 }
 
-std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t row_blocks, int64_t col_blocks,
-                                                    bool symmetric) {
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t r = 0; r < row_blocks; ++r)
-    for (int64_t c = symmetric ? r : 0; c < col_blocks; ++c) tiles.emplace_back(r, c);
-  return tiles;
+std::vector<Task> make_tasks(int64_t M, int64_t N, int64_t bm, int64_t bn, bool symmetric,
+                             int64_t panel) {
+  std::vector<Task> tasks;
+  panel = std::max<int64_t>(1, panel);
+  for (int64_t i0 = 0; i0 < M; i0 += bm) {
+    const int64_t m = std::min(bm, M - i0);
+    for (int64_t j0 = symmetric ? i0 : 0; j0 < N; j0 += bn) {
+      const int64_t n = std::min(bn, N - j0);
+      if (symmetric && j0 == i0) {
+        for (int64_t r = 0; r < m; r += panel)
+          tasks.push_back({i0 + r, std::min(panel, m - r), i0 + r, n - r});
+      } else {
+        tasks.push_back({i0, m, j0, n});
+      }
+    }
+  }
+  return tasks;
 }
 
 namespace {
@@ -84,9 +95,9 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
   for (const auto& t : side1.terms) S1max = std::max(S1max, t.S);
   for (const auto& t : side2.terms) S2max = std::max(S2max, t.S);
   const TilePlan plan = plan_tiles(S1max * C1, S2max * C2, tile_target, symmetric);
-  const int64_t bm = plan.rows_per_tile, bn = plan.cols_per_tile;
-  const auto tiles = make_tiles((M + bm - 1) / bm, (N + bn - 1) / bn, symmetric);
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  const int64_t panel = std::max<int64_t>(1, plan.rows_per_tile / 4);
+  const auto tasks = make_tasks(M, N, plan.rows_per_tile, plan.cols_per_tile, symmetric, panel);
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
   const Tout a_out = static_cast<Tout>(alpha);
 
 #ifdef _OPENMP
@@ -98,9 +109,8 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const int64_t i0 = tiles[t].first * bm, j0 = tiles[t].second * bn;
-      const int64_t m = std::min(bm, M - i0), n = std::min(bn, N - j0);
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const int64_t i0 = tasks[t].i0, j0 = tasks[t].j0, m = tasks[t].m, n = tasks[t].n;
       ws.acc.assign(static_cast<size_t>(m * n * CC), Tout(0));
       for (size_t l = 0; l < side1.terms.size(); ++l) {
         const Term<Tin>& t1 = side1.terms[l];
@@ -120,21 +130,30 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
         epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta), m, n,
                             t1.S, t2.S, C1, C2);
       }
-      // One pass over the output tile (and its mirror image in symmetric mode).
-      const bool mirror = symmetric && tiles[t].first != tiles[t].second;
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) {
+      // One pass over the output tile, then its mirror image (symmetric mode), each walking
+      // the output contiguously.
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t jstart = symmetric ? std::max<int64_t>(0, i0 + i - j0) : 0;
+        for (int64_t j = jstart; j < n; ++j) {
           const Tout* a = ws.acc.data() + (i * n + j) * CC;
-          const Tout wj = col_weights ? col_weights[j0 + j] : Tout(1);
+          const Tout s = a_out * (col_weights ? col_weights[j0 + j] : Tout(1));
           Tout* o = out + ((i0 + i) * N + (j0 + j)) * CC;
-          for (int64_t c = 0; c < CC; ++c) o[c] += a_out * wj * a[c];
-          if (mirror) {
-            const Tout wi = col_weights ? col_weights[i0 + i] : Tout(1);
-            Tout* p = out + ((j0 + j) * N + (i0 + i)) * CC;
+          for (int64_t c = 0; c < CC; ++c) o[c] += s * a[c];
+        }
+      }
+      if (symmetric) {
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t iend = std::min<int64_t>(m, j0 + j - i0);  // rows strictly above j
+          Tout* p = out + (j0 + j) * N * CC;
+          for (int64_t i = 0; i < iend; ++i) {
+            const Tout* a = ws.acc.data() + (i * n + j) * CC;
+            const Tout s = a_out * (col_weights ? col_weights[i0 + i] : Tout(1));
+            Tout* q = p + (i0 + i) * CC;
             for (int64_t c1 = 0; c1 < C1; ++c1)
-              for (int64_t c2 = 0; c2 < C2; ++c2) p[c2 * C1 + c1] += a_out * wi * a[c1 * C2 + c2];
+              for (int64_t c2 = 0; c2 < C2; ++c2) q[c2 * C1 + c1] += s * a[c1 * C2 + c2];
           }
         }
+      }
     }
   }
 }

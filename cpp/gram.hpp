@@ -43,10 +43,20 @@ struct TilePlan {
 // Examples per tile so that each GEMM in the tile has about `target` rows/columns.
 TilePlan plan_tiles(int64_t S1C1, int64_t S2C2, int64_t target, bool symmetric);
 
-// The (row block, column block) pairs to compute. Symmetric grids list the upper triangle
-// only, diagonal included.
-std::vector<std::pair<int64_t, int64_t>> make_tiles(int64_t row_blocks, int64_t col_blocks,
-                                                    bool symmetric);
+// A rectangle of the output to compute as one unit of work: rows [i0, i0 + m), columns
+// [j0, j0 + n).
+struct Task {
+  int64_t i0, m, j0, n;
+};
+
+// The work list for an M x N output in tiles of bm x bn examples. Symmetric grids (M == N,
+// bm == bn) keep tiles on or above the diagonal, and split each diagonal tile into row panels
+// of `panel` rows that start at the diagonal, so little of the lower triangle is computed.
+// Within a task of a symmetric grid, an element (i, j) with j > i is written with its mirror,
+// j == i once, and j < i (left of the diagonal inside a panel) not at all: every output
+// element is then written exactly once.
+std::vector<Task> make_tasks(int64_t M, int64_t N, int64_t bm, int64_t bn, bool symmetric,
+                             int64_t panel);
 
 template <typename Tin, typename Tout>
 void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool symmetric,

@@ -155,3 +155,19 @@ def test_rejects_empty_and_malformed_sides():
         _native.accumulate(out, [(None, np.ones((4, 1, 1, 1)))])
     with pytest.raises(ValueError, match=r"side1\[0\].D: expected 4 dims"):
         _native.accumulate(out, [(None, np.ones((4, 1, 1)), 0.0)])
+
+
+@pytest.mark.parametrize("M,N,bm,bn,sym,panel", [(1, 1, 4, 4, True, 1), (97, 97, 16, 16, True, 4),
+                                                  (100, 100, 33, 33, True, 8), (37, 53, 8, 13, False, 2)])
+def test_task_list_covers_each_element_once(M, N, bm, bn, sym, panel):
+    """Host-side check of the tile index arithmetic (shared with the CUDA launch plan)."""
+    from pathkernel import _native
+    hits = np.zeros((M, N), dtype=int)
+    for i0, m, j0, n in _native._tasks(M, N, bm, bn, sym, panel):
+        for i in range(i0, i0 + m):
+            for j in range(j0, j0 + n):
+                if not sym or j >= i:
+                    hits[i, j] += 1
+                    if sym and j > i:
+                        hits[j, i] += 1
+    assert (hits == 1).all()

@@ -1,0 +1,130 @@
+"""The reference workloads of DESIGN.md section 5 and the peers they are measured against.
+
+Shared by ``pathkernel bench`` and the pytest-benchmark suite in ``bench/``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+
+def mlp(sizes, act=nn.Tanh, seed=0, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype)
+
+
+class DigitsCNN(nn.Module):
+    """conv3x3(16)-conv3x3(32)-linear on 8x8 images (``digits-cnn``)."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32 * 64, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        return self.fc(h.flatten(1))
+
+
+def wide_mlp(n=2048, seed=0, dtype=torch.float32) -> Tuple[nn.Module, torch.Tensor]:
+    model = mlp([128, 1024, 1024, 1], seed=seed, dtype=dtype)
+    x = torch.randn(n, 128, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype)
+    return model, x
+
+
+# ---- peers -------------------------------------------------------------------------------------
+
+def torch_factored_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Hand-written pure-torch factored Gram for MLPs (trace over outputs): forward hooks on
+    each Linear, one backward per output, then (A A^T + 1) * (D D^T) summed over layers."""
+    ins, outs = [], []
+
+    def hook(module, args, out):
+        ins.append(args[0].detach())
+        outs.append(out)
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        f = model(x)
+    finally:
+        for h in hs:
+            h.remove()
+    f = f.reshape(f.shape[0], -1)
+    K = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype)
+    for c in range(f.shape[1]):
+        ds = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=c < f.shape[1] - 1)
+        for a, d in zip(ins, ds):
+            K += (a @ a.T + 1) * (d @ d.T)
+    return K
+
+
+def torch_func_ntk(model: nn.Module, x1: torch.Tensor, x2=None) -> torch.Tensor:
+    """The PyTorch NTK tutorial recipe: vmap(jacrev) Jacobians, contracted (trace)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def single(p, x):
+        return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
+
+    j1 = vmap(jacrev(single), (None, 0))(params, x1)
+    j2 = j1 if x2 is None else vmap(jacrev(single), (None, 0))(params, x2)
+    n1 = x1.shape[0]
+    n2 = n1 if x2 is None else x2.shape[0]
+    return sum(torch.einsum("Naf,Mbf->NMab", a.reshape(n1, -1, a[0, 0].numel()),
+                            b.reshape(n2, -1, b[0, 0].numel())).diagonal(dim1=2, dim2=3).sum(-1)
+               for a, b in zip(j1.values(), j2.values()))
+
+
+def mlp_factored_flops(sizes, n1: int, n2: int, symmetric: bool) -> float:
+    """FLOPs of the factor Grams (2 per multiply-add; bias folded into the epilogue)."""
+    inner = sum(a + b for a, b in zip(sizes[:-1], sizes[1:]))
+    pairs = n1 * (n1 + 1) / 2 if symmetric else n1 * n2
+    return 2.0 * pairs * inner
+
+
+def gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
+    """Measured GEMM FLOP/s (torch.mm, square n)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    return 2.0 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats)
+
+
+def native_gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
+    """GEMM FLOP/s of the native core's own BLAS, through the accumulator with S=C=1 and no
+    epilogue work beyond one add (a dense term): the roofline our kernels run on."""
+    from ._backend import Term, accumulate
+
+    d = torch.randn(n, 1, 1, n, dtype=dtype)
+    out = torch.zeros(n, n, 1, 1, dtype=dtype)
+    side = [Term(None, d, 0.0)]
+    accumulate(out, side, side)
+    return 2.0 * n ** 3 / best_time(lambda: accumulate(out, side, side), repeats)
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+WORKLOADS: Dict[str, str] = {
+    "digits-mlp": "MLP 64-256-256-10 tanh, sklearn digits N=1797, full-batch GD 100 steps",
+    "wide-mlp": "MLP 128-1024-1024-1 tanh, synthetic N=4096, 20 steps",
+    "digits-cnn": "conv3x3(16)-conv3x3(32)-linear on 8x8 digits, 20 steps",
+    "tiny-transformer": "embedding + attention block + LayerNorm, seq 16, N=1024, 10 steps",
+    "large-n": "MLP 64-256-1, 200,000 train x 2,000 query, 10 steps, 2 GB budget",
+}
