@@ -6,6 +6,9 @@ native core that accumulates factored per-layer Grams in tiles.
 __version__ = "0.1.0"
 
 from ._backend import info as backend_info
+from ._machine import KernelMachine
+from ._recorder import PathRecorder, StepMismatchError
 from ._tangent import tangent_kernel
 
-__all__ = ["backend_info", "tangent_kernel", "__version__"]
+__all__ = ["KernelMachine", "PathRecorder", "StepMismatchError", "backend_info", "tangent_kernel",
+           "__version__"]

@@ -69,6 +69,9 @@ def to_terms(plan, b1: Block, b2: Optional[Block]) -> Tuple[List[Term], Optional
     for k in keys:
         f1 = b1.factors[k]
         f2 = f1 if b2 is None else b2.factors[k]
+        if f1.materialized != f2.materialized:  # blocks of different shapes chose differently
+            f1 = f1 if f1.materialized else materialize(plan.group(k), f1)
+            f2 = f2 if f2.materialized else materialize(plan.group(k), f2)
         A1, A2 = f1.A, f2.A
         if A1 is not None and A1.dtype == torch.long:  # embedding: one-hot over the tokens seen
             A1, A2 = _shared_one_hot(A1, A2 if b2 is not None else None, f1.D.dtype)
@@ -138,4 +141,21 @@ def concat_blocks(blocks: List[Block]) -> Block:
         fs = [b.factors[k] for b in blocks]
         A = None if f.A is None else torch.cat([g.A for g in fs])
         out.factors[k] = Factor(A, torch.cat([g.D for g in fs]), f.beta, f.materialized)
+    return out
+
+
+def summed_grads(plan, block: Block) -> Dict[str, torch.Tensor]:
+    """Gradients summed over the block's examples (channel 0), by parameter name, computed
+    from the factors without materializing per-example gradients."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, f in block.factors.items():
+        if f.materialized:
+            out.update(plan.unflatten_group(k, f.D[:, 0, 0].sum(0)))
+            continue
+        g = plan.group(k)
+        D = f.D[:, :, 0]
+        if f.A is not None:
+            out[g.weight] = g.rule.weight_grad_sum(g.modules[0], f.A, D)
+        if f.beta:
+            out[g.bias] = D.sum((0, 1))
     return out

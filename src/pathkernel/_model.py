@@ -136,11 +136,18 @@ class ModelPlan:
         """A parameter-space vector in the order of ``per_example_grads``."""
         return torch.cat([self.flatten_group(k, vec) for k in self.group_keys()])
 
+    def unflatten_group(self, k: int, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out, i = {}, 0
+        for n in self.group_names(k):
+            p = self.params[n]
+            out[n] = flat[..., i:i + p.numel()].reshape(*flat.shape[:-1], *p.shape)
+            i += p.numel()
+        return out
+
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         out, i = {}, 0
         for k in self.group_keys():
-            for n in self.group_names(k):
-                p = self.params[n]
-                out[n] = flat[i:i + p.numel()].reshape(p.shape)
-                i += p.numel()
+            size = self.group_size(k)
+            out.update(self.unflatten_group(k, flat[..., i:i + size]))
+            i += size
         return out

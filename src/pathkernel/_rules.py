@@ -38,6 +38,12 @@ class Rule:
         return torch.einsum("nscd,nsa->ncda", D, A).reshape(D.shape[0], D.shape[2], *w.shape)
 
 
+    def weight_grad_sum(self, module: nn.Module, A: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """The weight gradient summed over examples, from ``A [n, S, da]``, ``D [n, S, dd]``."""
+        w = getattr(module, self.weight_attr)
+        return torch.einsum("nsd,nsa->da", D, A).reshape(w.shape)
+
+
 class LinearRule(Rule):
     def a_factor(self, module, inputs):
         x = inputs[0]
@@ -99,6 +105,11 @@ class EmbeddingRule(Rule):
     def weight_grads(self, module, A, D):
         onehot = self.one_hot(A, module.num_embeddings, D.dtype)
         return torch.einsum("nscd,nsv->ncvd", D, onehot)
+
+    def weight_grad_sum(self, module, A, D):
+        valid = A >= 0
+        out = torch.zeros(module.num_embeddings, D.shape[-1], dtype=D.dtype)
+        return out.index_add_(0, A[valid], D[valid])
 
     @staticmethod
     def one_hot(tokens: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,273 @@
+"""``PathRecorder``: record a real training loop and build its exact kernel machine.
+
+For each step the train side (per-example gradients of the batch loss at ``w_t``) comes from
+the user's own forward/backward through hooks; the query side (per-example Jacobians) is
+evaluated at quadrature nodes on the segment ``w_t -> w_{t+1}`` with ``functional_call``,
+leaving the model and the optimizer untouched. Every step is checked: the update the recorded
+gradients explain must be the update the optimizer made.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import _backend
+from ._backend import Term
+from ._capture import Capture, block_from_recorded, cast_inputs, model_state, probe
+from ._checks import (as_inputs, check_finite_block, check_inputs_match, check_same_features,
+                      resolve_dtype, run_model_once)
+from ._features import dot_params, per_example_grads, summed_grads, to_terms
+from ._machine import KernelMachine
+from ._model import ModelPlan, check_model
+from ._optim import OptimizerModel, quadrature as quadrature_rule
+from ._outputs import OutputSpec, OutputsArg
+from ._tangent import features
+
+_CHUNK = 512
+KERNELS = (None, "batch", "full")
+
+
+class StepMismatchError(RuntimeError):
+    """The optimizer's update is not the one the recorded per-example gradients explain."""
+
+
+class PathRecorder:
+    """Records a training run and yields its kernel machine.
+
+    Use ``with rec.step(idx):`` around each optimizer step of your own loop, where ``idx``
+    are the indices of the step's training examples in ``train``; then ``rec.kernel_machine()``.
+
+    Args:
+        model: the ``nn.Module`` being trained.
+        optimizer: ``torch.optim.SGD`` (any lr schedule, momentum, dampening, nesterov,
+            weight decay), ``Adam`` or ``AdamW``, holding all of the model's trainable parameters.
+        loss_fn: ``loss_fn(model(X[idx]), Y[idx])`` is the loss your loop backpropagates.
+        train: ``(X, Y)``, the training set (X: tensor or tuple of tensors, batch first).
+        query: inputs at which to explain the model (default: the training inputs).
+        quadrature: Gauss-Legendre nodes per step (exact), ``"left"`` (Domingos' left
+            endpoint approximation) or ``"trapezoid"``.
+        kernel: ``None``, ``"batch"`` (path kernel over the pairs whose training example is in
+            the step's batch) or ``"full"`` (every training example at every step).
+        outputs: output mode of the path kernel (as in ``tangent_kernel``).
+        dtype: precision of the query-side features (default: the model's). Accumulators are
+            float64.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, train,
+                 query=None, *, quadrature=4, kernel: Optional[str] = None,
+                 outputs: OutputsArg = "trace", dtype: Optional[torch.dtype] = None):
+        check_model(model)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss(output, target), got {type(loss_fn).__name__}")
+        if not isinstance(train, (tuple, list)) or len(train) != 2:
+            raise TypeError("train: expected a pair (X, Y)")
+        self.X = as_inputs(train[0], "train")
+        self.Y = train[1]
+        if not isinstance(self.Y, torch.Tensor) or self.Y.dim() == 0 or self.Y.shape[0] != self.X[0].shape[0]:
+            raise ValueError(f"train: expected Y with {self.X[0].shape[0]} rows like X, got "
+                             f"{tuple(self.Y.shape) if isinstance(self.Y, torch.Tensor) else type(self.Y).__name__}")
+        check_inputs_match(model, self.X, "train")
+        if query is None:
+            self.Xq = self.X
+        else:
+            self.Xq = as_inputs(query, "query")
+            check_inputs_match(model, self.Xq, "query")
+            check_same_features(self.X, self.Xq, "train", "query")
+        self.nodes, self.weights = quadrature_rule(quadrature)
+        self.quadrature = quadrature
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel: expected None, 'batch' or 'full', got {kernel!r}")
+        self.kernel = kernel
+        self.spec = OutputSpec(outputs)
+        self.full = OutputSpec("full")
+        self.dtype = resolve_dtype(dtype, model)
+        run_model_once(model, self.X, "train")
+        self.model = model
+        self.plan = ModelPlan(model, "auto")
+        probe(self.plan, tuple(t[:4] for t in self.X))
+        self.opt = OptimizerModel(optimizer, {id(p): n for n, p in self.plan.params.items()})
+        self.loss_fn = loss_fn
+
+        self.N, self.M = self.X[0].shape[0], self.Xq[0].shape[0]
+        self.f0 = self._query_outputs()
+        self.C = self.f0.shape[1]
+        self.contributions = torch.zeros(self.M, self.N, self.C, dtype=torch.float64)
+        self.bias = self.f0.clone()
+        self.path_kernel = None
+        if kernel is not None:
+            shape = (self.M, self.N, self.C, self.C) if self.spec.full else (self.M, self.N)
+            self.path_kernel = torch.zeros(shape, dtype=torch.float64)
+        self.dense = not self.opt.sgd_plain
+        if self.dense:
+            names = list(self.plan.unflatten(torch.zeros(sum(
+                self.plan.group_size(k) for k in self.plan.group_keys()))))
+            self.U = {n: torch.zeros(self.N, self.plan.params[n].numel(), dtype=torch.float64)
+                      for n in names}
+            self.U_rest = {n: v.reshape(-1) for n, v in self.opt.init_state(names).items()}
+        self.steps = 0
+        self.step_errors = []
+        self.broken: Optional[str] = None
+
+    # ---- the user's loop ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, idx):
+        """Wrap one optimizer step: forward, backward and ``optimizer.step()`` on ``train[idx]``."""
+        if self.broken:
+            raise RuntimeError(f"PathRecorder: cannot record after a refused step ({self.broken})")
+        idx = self._check_idx(idx)
+        w_t = {n: p.detach().clone() for n, p in self.plan.params.items()}
+        had = {n: self.opt.has_buffer(n) for n in w_t} if self.dense else {}
+        cap = Capture(self.plan, record_grads=True)
+        try:
+            with cap:
+                yield
+        except BaseException:
+            if any(not torch.equal(p.detach(), w_t[n]) for n, p in self.plan.params.items()):
+                self.broken = f"step {self.steps} raised after changing the weights"
+            raise
+        try:
+            self._record(idx, w_t, had, cap)
+        except (StepMismatchError, ValueError) as e:
+            self.broken = str(e)
+            raise
+
+    def _check_idx(self, idx) -> torch.Tensor:
+        t = torch.as_tensor(idx)
+        if t.dim() != 1 or t.numel() == 0 or t.is_floating_point() or t.dtype == torch.bool:
+            raise ValueError(f"idx: expected a non-empty 1-d sequence of integer indices, got "
+                             f"{tuple(t.shape)} {t.dtype}")
+        t = t.long()
+        if (t < 0).any() or (t >= self.N).any():
+            raise ValueError(f"idx: indices must lie in [0, {self.N}), got min {int(t.min())}, "
+                             f"max {int(t.max())}")
+        if t.unique().numel() != t.numel():
+            raise ValueError("idx: contains repeated indices; each example may appear once per step")
+        return t
+
+    def _fail(self, msg: str):
+        raise StepMismatchError(f"step {self.steps}: {msg}")
+
+    def _record(self, idx, w_t, had, cap: Capture) -> None:
+        xb = tuple(x[idx] for x in self.X)
+        if len(cap.root_outputs) != 1:
+            self._fail(f"expected one forward pass of the model inside the block, saw {len(cap.root_outputs)}")
+        xin = cap.root_inputs[0]
+        if len(xin) != len(xb) or not all(isinstance(a, torch.Tensor) and a.shape == b.shape
+                                          and torch.equal(a, b) for a, b in zip(xin, xb)):
+            self._fail("the model was called on inputs other than train[0][idx]")
+        u = cap.root_grads[0]
+        if u is None:
+            self._fail("no backward pass reached the model's output inside the block")
+        f = cap.root_outputs[0].detach()
+        fl = f.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss_fn(fl, self.Y[idx])
+        if not torch.isfinite(loss).all():
+            raise ValueError(f"step {self.steps}: the loss is not finite ({loss.item()})")
+        gl = torch.autograd.grad(loss, fl)[0]
+        gap = (gl - u).norm() / max(gl.norm().item(), 1e-300)
+        if gap > self._tol():
+            self._fail(f"the gradient at the model output is not that of loss_fn(model(X[idx]), Y[idx]) "
+                       f"(relative difference {gap:.2e})")
+
+        state_t = self._state(w_t)
+        train = block_from_recorded(self.plan, cap, state_t, cast_inputs(xb, self.dtype),
+                                    u.to(self.dtype))
+        check_finite_block(train, "train")
+        delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
+        if self.dense:
+            shares, rest = self._dense_shares(idx, train, w_t, had, delta)
+        else:
+            lr, wd = self.opt.lr(), self.opt.weight_decay()
+            gsum = {n: g.double() for n, g in summed_grads(self.plan, train).items()}
+            pred = {n: -lr * (gsum.get(n, 0) + wd * w_t[n].double()) for n in delta}
+            self._check_update(pred, delta)
+            rest = {n: delta[n] + lr * gsum.get(n, 0) for n in delta}
+
+        phibar = None
+        for s, wk in zip(self.nodes.tolist(), self.weights.tolist()):
+            state = self._state({n: w_t[n] + s * (p.detach() - w_t[n]) for n, p in self.plan.params.items()})
+            qb = features(self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), _CHUNK, "query")
+            self.bias += wk * dot_params(self.plan, qb, rest).double()
+            if self.dense:
+                g = per_example_grads(self.plan, qb).double()
+                phibar = wk * g if phibar is None else phibar.add_(wk * g)
+            else:
+                tmp = torch.zeros(self.M, idx.numel(), self.C, 1, dtype=torch.float64)
+                _backend.accumulate(tmp, *to_terms(self.plan, qb, train), alpha=-self.opt.lr() * wk)
+                self.contributions[:, idx] += tmp[..., 0]
+        if self.dense:
+            out = torch.zeros(self.M, self.N, self.C, 1, dtype=torch.float64)
+            _backend.accumulate(out, [Term(None, phibar.unsqueeze(1), 0.0)],
+                                [Term(None, shares[:, None, None, :], 0.0)])
+            self.contributions += out[..., 0]
+        if self.kernel is not None:
+            self._add_path_kernel(idx, state_t)
+        self.steps += 1
+
+    def _dense_shares(self, idx, train, w_t, had, delta):
+        G = per_example_grads(self.plan, train)[:, 0].double()        # [B, P], plan order
+        g = self.plan.unflatten(G)
+        shares, rest = [], {}
+        for n in self.U:
+            share, r = self.opt.step_dense(n, self.U[n], self.U_rest[n], idx,
+                                           g[n].reshape(idx.numel(), -1),
+                                           w_t[n].double().reshape(-1), first=not had[n])
+            shares.append(share)
+            rest[n] = r
+        shares = torch.cat(shares, 1)                                    # [N, P]
+        total = self.plan.unflatten(shares.sum(0))
+        self._check_update({n: total[n] + rest[n].reshape(total[n].shape) for n in delta}, delta)
+        # The part of the actual update that no example carries (weight decay, prior state).
+        return shares, {n: delta[n] - total[n] for n in delta}
+
+    def _add_path_kernel(self, idx, state_t) -> None:
+        lr = self.opt.lr()
+        q = features(self.plan, self.spec, state_t, cast_inputs(self.Xq, self.dtype), _CHUNK, "query")
+        cols = idx if self.kernel == "batch" else torch.arange(self.N)
+        xt = tuple(x[cols] for x in self.X)
+        tb = features(self.plan, self.spec, state_t, cast_inputs(xt, self.dtype), _CHUNK, "train")
+        K = torch.zeros(self.M, cols.numel(), q.C, q.C, dtype=torch.float64)
+        _backend.accumulate(K, *to_terms(self.plan, q, tb), alpha=lr)
+        self.path_kernel[:, cols] += self.spec.finish(K)
+
+    def _check_update(self, pred: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor]) -> None:
+        num = sum(((pred[n] - delta[n]) ** 2).sum() for n in delta).sqrt().item()
+        den = sum((delta[n] ** 2).sum() for n in delta).sqrt().item()
+        err = num / max(den, 1e-300)
+        self.step_errors.append(err)
+        if num > self._tol() * den + 1e-300:
+            self._fail(
+                f"the optimizer's update differs from the one the recorded gradients explain by "
+                f"{err:.2e} (relative). Gradient clipping, an unsupported optimizer option, a loss "
+                "other than loss_fn, or a change to the weights outside the block would do this")
+
+    def _tol(self) -> float:
+        md = next(iter(self.plan.params.values())).dtype
+        return 1e-8 if md == torch.float64 else 1e-4
+
+    def _state(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        state = model_state(self.plan, self.dtype)
+        for n, v in params.items():
+            state[n] = v.detach().to(self.dtype).requires_grad_(True)
+        return state
+
+    def _query_outputs(self) -> torch.Tensor:
+        state = model_state(self.plan, self.dtype)
+        with torch.no_grad():
+            out = functional_call(self.model, state, cast_inputs(self.Xq, self.dtype))
+        return self.full.rows(out).double()
+
+    def kernel_machine(self) -> KernelMachine:
+        """The kernel machine of the steps recorded so far."""
+        if self.broken:
+            raise RuntimeError(f"PathRecorder: a step was refused, so no kernel machine explains "
+                               f"this run ({self.broken})")
+        return KernelMachine(self.contributions.clone(), self.bias.clone(),
+                             None if self.path_kernel is None else self.path_kernel.clone(),
+                             f0=self.f0, fT=self._query_outputs(), steps=self.steps,
+                             quadrature=self.quadrature, step_errors=list(self.step_errors))

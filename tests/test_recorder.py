@@ -1,0 +1,319 @@
+"""PathRecorder and the kernel machine against brute-force float64 references."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+import pathkernel as pk
+from models import CNN, TinyTransformer, mlp
+from reference import jacobians
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def data(n=24, m=7, d=4, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, classes, (n,), generator=g)
+    Xq = torch.randn(m, d, generator=g, dtype=torch.float64)
+    return X, Y, Xq
+
+
+def batches(n, b, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(n, generator=g)[:b] for _ in range(steps)]
+
+
+def train(model, opt, X, Y, idxs, rec=None, loss=LOSS):
+    ws = []
+    for idx in idxs:
+        ws.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        ctx = rec.step(idx) if rec is not None else _null()
+        with ctx:
+            opt.zero_grad()
+            loss(model(X[idx]), Y[idx]).backward()
+            opt.step()
+    ws.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    return ws
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def per_example_loss_grads(model, w, X, Y, idx):
+    """[B, P] gradients of the mean batch loss split by example (1/|B| each), torch.func."""
+    def single(p, x, y):
+        return LOSS(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+    g = vmap(grad(single), in_dims=(None, 0, 0))(w, X[idx], Y[idx])
+    return torch.cat([v.reshape(len(idx), -1) for v in g.values()], 1) / len(idx)
+
+
+def query_jac(model, w, Xq):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(w[n])
+    return jacobians(m, Xq, lambda o: o.reshape(o.shape[0], -1))   # [M, C, P]
+
+
+def brute_force_sgd(model, ws, X, Y, Xq, idxs, lr, n_nodes):
+    """Q_i(x) = sum_t -lr * phibar_t(x) g_{i,t}, with phibar by Gauss-Legendre on torch.func
+    Jacobians; only valid for plain SGD (shares are step-local)."""
+    import numpy as np
+    s, wq = np.polynomial.legendre.leggauss(n_nodes)
+    s, wq = (s + 1) / 2, wq / 2
+    Q = torch.zeros(Xq.shape[0], X.shape[0], 3, dtype=torch.float64)
+    for t, idx in enumerate(idxs):
+        w0, w1 = ws[t], ws[t + 1]
+        phibar = sum(float(b) * query_jac(model, {n: w0[n] + float(a) * (w1[n] - w0[n]) for n in w0}, Xq)
+                     for a, b in zip(s, wq))
+        G = per_example_loss_grads(model, w0, X, Y, idx)
+        Q[:, idx] += -lr * torch.einsum("mcp,bp->mbc", phibar, G)
+    return Q
+
+
+def test_sgd_weight_decay_exact_and_matches_brute_force():
+    X, Y, Xq = data()
+    model = mlp(d_in=4, hidden=(6, 5), d_out=3, seed=3)
+    ref_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.4, weight_decay=0.05)
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
+    idxs = batches(24, 6, 8)
+    ws = train(model, opt, X, Y, idxs, rec)
+    km = rec.kernel_machine()
+    fT = model(Xq).detach()
+    f0 = ref_model(Xq).detach()
+    change = (fT - f0).abs().max()
+    assert (km.predict() - fT).abs().max() <= 1e-10 * change
+    Q = brute_force_sgd(ref_model, ws, X, Y, Xq, idxs, 0.4, 6)
+    assert (km.contributions - Q).abs().max() <= 1e-9 * Q.abs().max()
+    # examples never in a batch contribute nothing
+    unseen = sorted(set(range(24)) - set(torch.cat(idxs).tolist()))
+    if unseen:
+        assert km.contributions[:, unseen].abs().max() == 0
+
+
+def test_momentum_and_nesterov_exact():
+    for kw in [dict(momentum=0.9), dict(momentum=0.8, dampening=0.3), dict(momentum=0.9, nesterov=True)]:
+        X, Y, Xq = data(seed=4)
+        model = mlp(d_in=4, hidden=(6,), d_out=3, seed=5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=0.01, **kw)
+        rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
+        train(model, opt, X, Y, batches(24, 6, 10), rec)
+        km = rec.kernel_machine()
+        assert km.report()["relative_error"] <= 1e-9, kw
+
+
+def test_momentum_contributions_match_brute_force():
+    """Heavy ball: example i's share of step t is -lr * sum_{s<=t} mu^(t-s) g_{i,s}."""
+    X, Y, Xq = data(seed=6)
+    model = mlp(d_in=4, hidden=(5,), d_out=3, seed=7)
+    ref = copy.deepcopy(model)
+    mu, lr = 0.7, 0.3
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mu)
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=5)
+    idxs = batches(24, 8, 6)
+    ws = train(model, opt, X, Y, idxs, rec)
+    import numpy as np
+    s, wq = np.polynomial.legendre.leggauss(5)
+    s, wq = (s + 1) / 2, wq / 2
+    P = sum(p.numel() for p in ref.parameters())
+    U = torch.zeros(24, P, dtype=torch.float64)
+    Q = torch.zeros(7, 24, 3, dtype=torch.float64)
+    for t, idx in enumerate(idxs):
+        U *= mu
+        U[idx] += per_example_loss_grads(ref, ws[t], X, Y, idx)
+        phibar = sum(float(b) * query_jac(ref, {n: ws[t][n] + float(a) * (ws[t + 1][n] - ws[t][n]) for n in ws[t]}, Xq)
+                     for a, b in zip(s, wq))
+        Q += -lr * torch.einsum("mcp,np->mnc", phibar, U)
+    km = rec.kernel_machine()
+    assert (km.contributions - Q).abs().max() <= 1e-9 * Q.abs().max()
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, dict(weight_decay=0.01)),
+                                    (torch.optim.AdamW, dict(weight_decay=0.1)),
+                                    (torch.optim.AdamW, dict(weight_decay=0.1, amsgrad=True))])
+def test_adam_exact(cls, kw):
+    X, Y, Xq = data(seed=8)
+    model = mlp(d_in=4, hidden=(6,), d_out=3, seed=9)
+    opt = cls(model.parameters(), lr=0.05, **kw)
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
+    train(model, opt, X, Y, batches(24, 6, 10), rec)
+    assert rec.kernel_machine().report()["relative_error"] <= 1e-8
+
+
+def test_state_before_recording_goes_to_bias():
+    X, Y, Xq = data(seed=10)
+    model = mlp(d_in=4, hidden=(6,), d_out=3, seed=11)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    train(model, opt, X, Y, batches(24, 6, 3))              # unrecorded warm-up
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
+    train(model, opt, X, Y, batches(24, 6, 5, seed=2), rec)
+    assert rec.kernel_machine().report()["relative_error"] <= 1e-9
+
+
+def test_cnn_and_transformer_exact():
+    torch.manual_seed(0)
+    cnn = CNN().double()
+    X = torch.randn(16, 1, 6, 6, dtype=torch.float64)
+    Y = torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(cnn.parameters(), lr=0.3)
+    rec = pk.PathRecorder(cnn, opt, LOSS, (X, Y), X[:5], quadrature=6)
+    train(cnn, opt, X, Y, batches(16, 4, 5), rec)
+    assert rec.kernel_machine().report()["relative_error"] <= 1e-10
+    tr = TinyTransformer().double().eval()
+    T = torch.randint(0, 11, (12, 5))
+    Yt = torch.randint(0, 2, (12,))
+    opt = torch.optim.AdamW(tr.parameters(), lr=0.01)
+    rec = pk.PathRecorder(tr, opt, LOSS, (T, Yt), quadrature=6)
+    train(tr, opt, T, Yt, batches(12, 4, 4), rec)
+    assert rec.kernel_machine().report()["relative_error"] <= 1e-8
+
+
+def test_path_kernel_and_coefficients():
+    X, Y, Xq = data(seed=12)
+    for kind in ["batch", "full"]:
+        model = mlp(d_in=4, hidden=(5,), d_out=3, seed=13)
+        ref = copy.deepcopy(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=4, kernel=kind)
+        idxs = batches(24, 6, 5)
+        ws = train(model, opt, X, Y, idxs, rec)
+        Kp = torch.zeros(7, 24, dtype=torch.float64)
+        for t, idx in enumerate(idxs):
+            Jq = query_jac(ref, ws[t], Xq)
+            Jt = query_jac(ref, ws[t], X)
+            K = torch.einsum("mcp,ncp->mn", Jq, Jt)
+            cols = idx if kind == "batch" else torch.arange(24)
+            Kp[:, cols] += 0.3 * K[:, cols]
+        km = rec.kernel_machine()
+        assert (km.path_kernel - Kp).abs().max() <= 1e-10 * Kp.abs().max()
+        assert (km.kernel_predict() - km.predict()).abs().max() <= 1e-10 * km.predict().abs().max()
+
+
+def test_left_endpoint_error_shrinks_with_learning_rate():
+    X, Y, Xq = data(seed=14)
+    errs = []
+    for lr, steps in [(0.4, 5), (0.2, 10), (0.1, 20)]:
+        model = mlp(d_in=4, hidden=(6,), d_out=3, seed=15)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature="left")
+        train(model, opt, X, Y, [torch.arange(24)] * steps, rec)
+        errs.append(rec.kernel_machine().report()["max_abs_error"])
+    assert errs[1] <= 0.55 * errs[0] and errs[2] <= 0.55 * errs[1], errs
+
+
+def test_gauss_beats_trapezoid_beats_nothing():
+    X, Y, Xq = data(seed=16)
+    errs = {}
+    for q in ["left", "trapezoid", 2, 4]:
+        model = mlp(d_in=4, hidden=(6,), d_out=3, seed=17)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=q)
+        train(model, opt, X, Y, [torch.arange(24)] * 5, rec)
+        errs[q] = rec.kernel_machine().report()["relative_error"]
+    assert errs[4] < errs[2] < errs["trapezoid"] < errs["left"], errs
+    assert errs[4] < 1e-6
+
+
+def test_top_contributors():
+    X, Y, Xq = data(seed=18)
+    model = mlp(d_in=4, hidden=(6,), d_out=3, seed=19)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=3)
+    train(model, opt, X, Y, batches(24, 8, 4), rec)
+    km = rec.kernel_machine()
+    idx, val = km.top_contributors(3, output=1)
+    Q1 = km.contributions[..., 1]
+    for m in range(7):
+        expect = Q1[m].abs().sort(descending=True).values[:3]
+        assert torch.allclose(val[m].abs(), expect)
+        assert torch.equal(Q1[m, idx[m]], val[m])
+    with pytest.raises(ValueError, match="k: expected an int"):
+        km.top_contributors(0)
+
+
+# ---- refusals ---------------------------------------------------------------------------------
+
+def _setup(seed=20, **kw):
+    X, Y, Xq = data(seed=seed)
+    model = mlp(d_in=4, hidden=(6,), d_out=3, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, **kw)
+    return model, opt, X, Y, Xq
+
+
+def test_clipped_step_is_refused():
+    model, opt, X, Y, Xq = _setup()
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
+    idx = torch.arange(6)
+    with pytest.raises(pk.StepMismatchError, match=r"step 0: the optimizer's update differs .* by"):
+        with rec.step(idx):
+            opt.zero_grad()
+            LOSS(model(X[idx]), Y[idx]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            opt.step()
+    with pytest.raises(RuntimeError, match="a step was refused"):
+        rec.kernel_machine()
+    with pytest.raises(RuntimeError, match="cannot record after a refused step"):
+        with rec.step(idx):
+            pass
+
+
+def test_other_loss_is_refused():
+    model, opt, X, Y, Xq = _setup()
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
+    idx = torch.arange(6)
+    with pytest.raises(pk.StepMismatchError, match="not that of loss_fn"):
+        with rec.step(idx):
+            opt.zero_grad()
+            (2 * LOSS(model(X[idx]), Y[idx])).backward()
+            opt.step()
+
+
+def test_wrong_inputs_are_refused():
+    model, opt, X, Y, Xq = _setup()
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
+    with pytest.raises(pk.StepMismatchError, match=r"inputs other than train\[0\]\[idx\]"):
+        with rec.step(torch.arange(6)):
+            opt.zero_grad()
+            LOSS(model(X[1:7]), Y[1:7]).backward()
+            opt.step()
+
+
+def test_bad_idx_and_arguments():
+    model, opt, X, Y, Xq = _setup()
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
+    with pytest.raises(ValueError, match=r"idx: indices must lie in \[0, 24\)"):
+        with rec.step([0, 24]):
+            pass
+    with pytest.raises(ValueError, match="idx: contains repeated indices"):
+        with rec.step([1, 1]):
+            pass
+    with pytest.raises(ValueError, match=r"query: expected per-example shape \(4,\) like train"):
+        pk.PathRecorder(model, opt, LOSS, (X, Y), torch.randn(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="quadrature: expected a positive int"):
+        pk.PathRecorder(model, opt, LOSS, (X, Y), quadrature=0)
+    with pytest.raises(ValueError, match="kernel: expected None, 'batch' or 'full'"):
+        pk.PathRecorder(model, opt, LOSS, (X, Y), kernel="all")
+    with pytest.raises(ValueError, match="train: expected Y with 24 rows"):
+        pk.PathRecorder(model, opt, LOSS, (X, Y[:5]))
+    with pytest.raises(ValueError, match="optimizer: RMSprop is not supported"):
+        pk.PathRecorder(model, torch.optim.RMSprop(model.parameters()), LOSS, (X, Y))
+
+
+def test_non_finite_loss_is_refused():
+    model, opt, X, Y, Xq = _setup()
+    bad = lambda out, y: LOSS(out, y) * float("inf")
+    rec = pk.PathRecorder(model, opt, bad, (X, Y), Xq)
+    with pytest.raises(ValueError, match="step 0: the loss is not finite"):
+        with rec.step(torch.arange(4)):
+            opt.zero_grad()
+            LOSS(model(X[:4]), Y[:4]).backward()
+            opt.step()
