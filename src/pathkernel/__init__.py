@@ -7,8 +7,9 @@ __version__ = "0.1.0"
 
 from ._backend import info as backend_info
 from ._machine import KernelMachine
+from ._pathkernel import PathKernelPlan, path_kernel, plan
 from ._recorder import PathRecorder, StepMismatchError
 from ._tangent import tangent_kernel
 
-__all__ = ["KernelMachine", "PathRecorder", "StepMismatchError", "backend_info", "tangent_kernel",
+__all__ = ["KernelMachine", "PathKernelPlan", "PathRecorder", "path_kernel", "plan", "StepMismatchError", "backend_info", "tangent_kernel",
            "__version__"]

@@ -1,0 +1,185 @@
+"""path_kernel: tiled, out-of-core, resumable; against float64 references."""
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pathkernel as pk
+from models import CNN, mlp
+from reference import reference_ntk
+
+
+def checkpoints(model, T=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    out = []
+    for t in range(T):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        out.append((copy.deepcopy(m.state_dict()), 0.1 * (t + 1)))
+    return out
+
+
+def reference(model, ckpts, xq, xt, outputs="trace"):
+    R = 0
+    for sd, w in ckpts:
+        m = copy.deepcopy(model)
+        m.load_state_dict(sd)
+        R = R + w * reference_ntk(m, xq, xt, outputs)
+    return R
+
+
+def small_budget(*args, **kw):
+    """The largest budget (in steps of 10%) whose plan has several tiles."""
+    budget = 1_000_000
+    while budget > 1000:
+        try:
+            if len(pk.plan(*args, memory_budget=budget, **kw).tiles) > 2:
+                return budget
+        except ValueError:
+            break
+        budget = int(budget * 0.9)
+    raise AssertionError("no budget gives a tiled plan")
+
+
+@pytest.mark.parametrize("outputs", ["trace", "full", 2])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_tiled_matches_reference(outputs, symmetric):
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model)
+    X = torch.randn(50, 4, dtype=torch.float64)
+    Xq = None if symmetric else torch.randn(23, 4, dtype=torch.float64)
+    budget = small_budget(model, ck, X, Xq, outputs=outputs, dtype=torch.float64)
+    K = pk.path_kernel(model, ck, X, Xq, outputs=outputs, memory_budget=budget,
+                       dtype=torch.float64, progress=False)
+    R = reference(model, ck, X if symmetric else Xq, X, outputs)
+    assert (K - R).abs().max() <= 1e-10 * R.abs().max()
+
+
+def test_float32_grams_accumulate_in_float64_and_cnn():
+    torch.manual_seed(0)
+    model = CNN().double()
+    ck = checkpoints(model, T=2)
+    X = torch.randn(12, 1, 6, 6, dtype=torch.float64)
+    R = reference(model, ck, X, X)
+    m32 = copy.deepcopy(model).float()
+    ck32 = [({k: v.float() for k, v in sd.items()}, w) for sd, w in ck]
+    K = pk.path_kernel(m32, ck32, X.float(), progress=False)
+    assert K.dtype == torch.float32
+    assert (K.double() - R).abs().max() <= 1e-4 * R.abs().max()
+
+
+def test_file_store_equals_in_memory(tmp_path):
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model)
+    X = torch.randn(40, 4, dtype=torch.float64)
+    Xq = torch.randn(17, 4, dtype=torch.float64)
+    mem = pk.path_kernel(model, ck, X, Xq, memory_budget=150_000, progress=False)
+    path = tmp_path / "k.npy"
+    ret = pk.path_kernel(model, ck, X, Xq, out=str(path), memory_budget=150_000, progress=False)
+    assert ret == str(path)
+    disk = np.load(path, mmap_mode="r")
+    assert disk.dtype == np.float32 and disk.shape == (17, 40)
+    assert np.array_equal(np.asarray(disk), mem.numpy())
+
+
+def test_checkpoint_paths_and_numpy_inputs(tmp_path):
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model, T=2)
+    paths = []
+    for i, (sd, w) in enumerate(ck):
+        torch.save(sd, tmp_path / f"c{i}.pt")
+        paths.append((str(tmp_path / f"c{i}.pt"), w))
+    X = torch.randn(9, 4, dtype=torch.float64)
+    a = pk.path_kernel(model, ck, X, dtype=torch.float64, progress=False)
+    b = pk.path_kernel(model, paths, X.numpy(), dtype=torch.float64, progress=False)
+    assert torch.equal(a, b)
+
+
+def test_dataset_input():
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model, T=2)
+    X = torch.randn(11, 4, dtype=torch.float64)
+    ds = torch.utils.data.TensorDataset(X, torch.zeros(11))
+    K = pk.path_kernel(model, ck, ds, dtype=torch.float64, progress=False,
+                       collate=lambda items: torch.stack([x for x, _ in items]))
+    assert torch.allclose(K, reference(model, ck, X, X), rtol=1e-10, atol=0)
+
+
+def test_resume_mismatch_is_refused_and_nothing_overwritten(tmp_path):
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    path = str(tmp_path / "k.npy")
+    pk.path_kernel(model, ck, X, out=path, memory_budget=150_000, progress=False)
+    before = open(path, "rb").read()
+    with pytest.raises(ValueError, match=r"out: .* holds a run with other arguments \(differs in: checkpoints"):
+        pk.path_kernel(model, ck[:2], X, out=path, memory_budget=150_000, progress=False)
+    with pytest.raises(ValueError, match=r"differs in: .*train"):
+        pk.path_kernel(model, ck, X + 1, out=path, memory_budget=150_000, progress=False)
+    assert open(path, "rb").read() == before
+
+
+def test_bad_arguments():
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    X = torch.randn(5, 4, dtype=torch.float64)
+    ck = checkpoints(model, T=1)
+    with pytest.raises(ValueError, match="checkpoints: expected at least one"):
+        pk.path_kernel(model, [], X)
+    with pytest.raises(TypeError, match=r"checkpoints\[0\]: expected a pair"):
+        pk.path_kernel(model, [ck[0][0]], X)
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]: weight must be a finite number"):
+        pk.path_kernel(model, [(ck[0][0], float("nan"))], X)
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]: no file at"):
+        pk.path_kernel(model, [("/nonexistent.pt", 1.0)], X)
+    bad = dict(ck[0][0])
+    bad["0.weight"] = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"checkpoints\[0\]: '0.weight' has shape \(2, 2\)"):
+        pk.path_kernel(model, [(bad, 1.0)], X)
+    with pytest.raises(ValueError, match="memory_budget: expected a positive number"):
+        pk.path_kernel(model, ck, X, memory_budget="lots")
+    with pytest.raises(ValueError, match="out: the kernel needs"):
+        pk.path_kernel(model, ck, torch.randn(3000, 4, dtype=torch.float64), memory_budget="8MB")
+    with pytest.raises(ValueError, match="out: expected a path ending in .npy"):
+        pk.path_kernel(model, ck, X, out="/tmp/kernel.bin")
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch, pathkernel as pk
+    sys.path.insert(0, {tests!r})
+    from test_path_kernel import checkpoints
+    from models import mlp
+    model = mlp(d_in=8, hidden=(256,), d_out=2, dtype=torch.float32)
+    X = torch.randn(3000, 8, generator=torch.Generator().manual_seed(0))
+    pk.path_kernel(model, checkpoints(model, T=4), X, out={out!r}, memory_budget="20MB",
+                   progress=False)
+""")
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    tests = os.path.dirname(__file__)
+    full = str(tmp_path / "full.npy")
+    part = str(tmp_path / "part.npy")
+    subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests, out=full)], check=True)
+    n_tiles = len(open(full + ".journal").read().splitlines()) - 1
+    assert n_tiles >= 6
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(tests=tests, out=part)])
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(part + ".journal") and len(open(part + ".journal").read().splitlines()) - 1 >= n_tiles // 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(open(part + ".journal").read().splitlines()) - 1
+    assert 0 < done < n_tiles, "the kill should land mid-run"
+    subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests, out=part)], check=True)
+    assert open(full, "rb").read() == open(part, "rb").read()
