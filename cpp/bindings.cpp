@@ -254,7 +254,7 @@ PYBIND11_MODULE(_native, m) {
   m.doc() = "pathkernel native CPU core: tiled Gram accumulation with fused epilogues";
   pathkernel::blas_single_threaded();
   m.def("accumulate", &accumulate, py::arg("out"), py::arg("side1"), py::arg("side2") = py::none(),
-        py::arg("alpha") = 1.0, py::arg("col_weights") = py::none(), py::arg("tile") = 256,
+        py::arg("alpha") = 1.0, py::arg("col_weights") = py::none(), py::arg("tile") = 512,
         py::arg("threads") = 0,
         "out[i,j,c1,c2] += alpha * w_j * sum_l sum_{s1,s2} (A1.A2 + beta_l) * (D1.D2); "
         "side2=None is the symmetric mode (side 2 = side 1).");

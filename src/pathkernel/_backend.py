@@ -57,7 +57,7 @@ def _side(terms: Sequence[Term], name: str) -> list:
 
 def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequence[Term]] = None,
                *, alpha: float = 1.0, col_weights: Optional[torch.Tensor] = None,
-               tile: int = 256, threads: int = 0) -> torch.Tensor:
+               tile: int = 512, threads: int = 0) -> torch.Tensor:
     """``out[i,j,c1,c2] += alpha * w_j * sum_l sum_{s,s'} (A1.A2 + beta_l)(D1.D2)`` in place.
 
     ``side2=None`` means side 2 is side 1 (symmetric: only the upper half is computed).

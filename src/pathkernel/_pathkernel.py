@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import _backend
-from ._capture import cast_inputs, extract, probe
+from ._capture import CHUNK, cast_inputs, extract, probe
 from ._checkpoints import check_checkpoints, checkpoint_state
 from ._checks import check_inputs_match, check_same_features, resolve_dtype, run_model_once, as_inputs
 from ._features import Block, concat_blocks, to_terms
@@ -30,7 +30,6 @@ from ._progress import progress_bar
 from ._sources import Source
 from ._store import open_store, parse_bytes
 
-_CHUNK = 512          # examples per forward/backward pass
 _GEMM_GUESS = 150e9   # FLOP/s used only for the plan's time estimate
 
 
@@ -137,7 +136,9 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
     # Memory: model states, then row features (all checkpoints), a column block's features,
     # the float64 tile and the extraction scratch (a chunk's activations, several times fb).
     state_bytes = T * sum(p.numel() for p in model.parameters()) * (4 if dtype == torch.float32 else 8)
-    usable = budget - state_bytes - 8 * min(_CHUNK, max(M, N)) * fb
+    # a chunk's autograd scratch is a few times its features: keep it to ~1/8 of the budget
+    chunk = max(16, min(CHUNK, max(M, N), budget // (64 * fb)))
+    usable = budget - state_bytes - 8 * chunk * fb
     if out is None:
         kbytes = int(np.prod(shape)) * (4 if dtype == torch.float32 else 8)
         if kbytes > budget // 2:
@@ -172,7 +173,7 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
         budget_bytes=budget, gram_flops=pairs * T * pair, extractions=extractions, est_seconds=est,
         store="RAM" if out is None else str(out),
         _ctx=dict(mplan=mplan, spec=spec, dtype=dtype, rows=rows, cols=cols, states=states,
-                  weights=[w for _, w in ckpts], out=out, outputs=outputs))
+                  weights=[w for _, w in ckpts], out=out, outputs=outputs, chunk=chunk))
 
 
 def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
@@ -227,8 +228,8 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
 
     def feats(src: Source, lo: int, hi: int, state) -> Block:
         blocks = []
-        for a in range(lo, hi, _CHUNK):
-            x = as_inputs(src.get(a, min(hi, a + _CHUNK)), src.name)
+        for a in range(lo, hi, c["chunk"]):
+            x = as_inputs(src.get(a, min(hi, a + c["chunk"])), src.name)
             blocks.append(extract(mplan, spec, state, cast_inputs(x, dtype)))
         return concat_blocks(blocks)
 

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from . import _backend
 from ._backend import Term
-from ._capture import Capture, block_from_recorded, cast_inputs, model_state, probe
+from ._capture import CHUNK, Capture, block_from_recorded, cast_inputs, model_state, probe
 from ._checks import (as_inputs, check_finite_block, check_inputs_match, check_same_features,
                       resolve_dtype, run_model_once)
 from ._features import dot_params, per_example_grads, summed_grads, to_terms
@@ -27,7 +27,6 @@ from ._optim import OptimizerModel, quadrature as quadrature_rule
 from ._outputs import OutputSpec, OutputsArg
 from ._tangent import features
 
-_CHUNK = 512
 KERNELS = (None, "batch", "full")
 
 
@@ -191,7 +190,7 @@ class PathRecorder:
         phibar = None
         for s, wk in zip(self.nodes.tolist(), self.weights.tolist()):
             state = self._state({n: w_t[n] + s * (p.detach() - w_t[n]) for n, p in self.plan.params.items()})
-            qb = features(self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), _CHUNK, "query")
+            qb = features(self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
             self.bias += wk * dot_params(self.plan, qb, rest).double()
             if self.dense:
                 g = per_example_grads(self.plan, qb).double()
@@ -227,10 +226,10 @@ class PathRecorder:
 
     def _add_path_kernel(self, idx, state_t) -> None:
         lr = self.opt.lr()
-        q = features(self.plan, self.spec, state_t, cast_inputs(self.Xq, self.dtype), _CHUNK, "query")
+        q = features(self.plan, self.spec, state_t, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
         cols = idx if self.kernel == "batch" else torch.arange(self.N)
         xt = tuple(x[cols] for x in self.X)
-        tb = features(self.plan, self.spec, state_t, cast_inputs(xt, self.dtype), _CHUNK, "train")
+        tb = features(self.plan, self.spec, state_t, cast_inputs(xt, self.dtype), CHUNK, "train")
         K = torch.zeros(self.M, cols.numel(), q.C, q.C, dtype=torch.float64)
         _backend.accumulate(K, *to_terms(self.plan, q, tb), alpha=lr)
         self.path_kernel[:, cols] += self.spec.finish(K)

@@ -7,14 +7,12 @@ import torch
 from torch import nn
 
 from . import _backend
-from ._capture import cast_inputs, extract, model_state, probe
+from ._capture import CHUNK, cast_inputs, extract, model_state, probe
 from ._checks import (as_inputs, check_batch_size, check_finite_block, check_inputs_match,
                       check_same_features, resolve_dtype, run_model_once)
 from ._features import Block, concat_blocks, to_terms
 from ._model import ModelPlan, check_model
 from ._outputs import OutputSpec, OutputsArg
-
-_EXTRACT_CHUNK = 512  # examples per forward/backward when batch_size is not given
 
 
 def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype,
@@ -70,7 +68,7 @@ def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trac
     """
     plan, spec, dtype, x1, x2 = prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
     state = model_state(plan, dtype)
-    chunk = batch_size or _EXTRACT_CHUNK
+    chunk = batch_size or CHUNK
     b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1")
     b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2")
     n2 = b1.n if b2 is None else b2.n

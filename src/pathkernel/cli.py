@@ -1,0 +1,50 @@
+"""Command line: ``pathkernel demo | bench | info``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _quadrature(s: str):
+    return s if s in ("left", "trapezoid") else int(s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="pathkernel", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="explain a digits classifier by its kernel machine")
+    d.add_argument("--out", default="pathkernel-demo", help="folder for the PNGs")
+    d.add_argument("--steps", type=int, default=300, help="SGD steps to record")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quadrature", type=_quadrature, default=4,
+                   help="Gauss-Legendre nodes per step, 'left' or 'trapezoid'")
+    d.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("bench", help="reference workloads against peers, as ratios")
+    b.add_argument("--quick", action="store_true", help="about one minute")
+    b.add_argument("--only", nargs="*", help="workload names")
+    sub.add_parser("info", help="what the native core was built with")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "demo":
+        from ._demo import format_report, run_demo
+
+        if args.steps < 1:
+            ap.error("--steps must be positive")
+        s = run_demo(out=args.out, steps=args.steps, seed=args.seed, quadrature=args.quadrature,
+                     progress=not args.no_progress)
+        print(format_report(s))
+        return 0
+    if args.cmd == "bench":
+        from ._bench import run_bench
+
+        print(run_bench(quick=args.quick, only=args.only))
+        return 0
+    from . import backend_info
+
+    print(json.dumps(backend_info(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
