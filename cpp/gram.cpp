@@ -84,6 +84,24 @@ void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, int64_t m, int
     }
 }
 
+// acc[i, j] += (AG[i, j] + beta) * d1[i] * d2[j]   (S = 1, C = 1, dd = 1)
+template <typename Tin, typename Tout>
+void rank_one_epilogue(Tout* acc, const Tin* ag, const Tin* d1, const Tin* d2, Tout beta,
+                       int64_t m, int64_t n) {
+  for (int64_t i = 0; i < m; ++i) {
+    Tout* a = acc + i * n;
+    const Tout di = Tout(d1[i]);
+    if (ag) {
+      const Tin* g = ag + i * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) a[j] += (Tout(g[j]) + beta) * di * Tout(d2[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) a[j] += di * Tout(d2[j]);
+    }
+  }
+}
+
 }  // namespace
 
 template <typename Tin, typename Tout>
@@ -123,10 +141,17 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
                        ws.ag.data());
           agp = ws.ag.data();
         }
+        const Tin* d1 = t1.D + i0 * t1.S * C1 * t1.dd;
+        const Tin* d2 = t2.D + j0 * t2.S * C2 * t2.dd;
+        if (t1.dd == 1 && t1.S == 1 && t2.S == 1 && C1 * C2 == 1) {
+          // A scalar output factor (a network with one output): D D'^T is rank one, so it is
+          // applied in the epilogue instead of being formed by a GEMM.
+          rank_one_epilogue<Tin, Tout>(ws.acc.data(), agp, d1, d2, static_cast<Tout>(t1.beta), m, n);
+          continue;
+        }
         const int64_t rows_d = rows_a * C1, cols_d = cols_a * C2;
         ws.dg.resize(static_cast<size_t>(rows_d * cols_d));
-        gemm_nt<Tin>(rows_d, cols_d, t1.dd, t1.D + i0 * t1.S * C1 * t1.dd,
-                     t2.D + j0 * t2.S * C2 * t2.dd, ws.dg.data());
+        gemm_nt<Tin>(rows_d, cols_d, t1.dd, d1, d2, ws.dg.data());
         epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta), m, n,
                             t1.S, t2.S, C1, C2);
       }

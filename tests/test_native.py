@@ -45,6 +45,7 @@ SHAPES = [
     (11, 5, 3, 2, [(2, 4, 3, 1.0), (1, None, 7, 0.0)]),  # channels, S > 1, a dense term
     (37, 41, 1, 1, [(3, 6, 5, 1.0), (5, 2, 7, 0.0)]),   # S differs between terms
     (23, 23, 1, 1, [(1, None, 19, 0.0)]),
+    (19, 31, 1, 1, [(1, None, 1, 0.0), (1, 3, 1, 1.0)]),        # rank-one output factors
 ]
 
 

@@ -154,11 +154,11 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
         # R*T*fb (row cache) + R*fb (column features) + R*R*cc (tile) <= usable
         a, b = cc, (T + 1) * fb
         R = int((-b + math.sqrt(b * b + 4 * a * usable)) / (2 * a))
-        R = max(1, min(N, R))
+        R = max(1, min(N, chunk, R))  # a column block is extracted in one pass: no concat
         Cb = R
     else:
         R = max(1, min(M, int(0.4 * usable) // (T * fb)))
-        Cb = max(1, min(N, int(usable - R * T * fb) // (R * cc + fb)))
+        Cb = max(1, min(N, chunk, int(usable - R * T * fb) // (R * cc + fb)))
     tiles = [(i, j) for i in range(math.ceil(M / R))
              for j in range(i if symmetric else 0, math.ceil(N / Cb))]
     pair = _pair_flops(sample)
