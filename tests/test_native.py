@@ -172,3 +172,28 @@ def test_task_list_covers_each_element_once(M, N, bm, bn, sym, panel):
                     if sym and j > i:
                         hits[j, i] += 1
     assert (hits == 1).all()
+
+
+@pytest.mark.parametrize("rb,cb,sym", [(1, 1, True), (5, 5, True), (3, 7, False), (1, 4, False)])
+def test_cuda_tile_plan_on_host(rb, cb, sym):
+    """The CUDA kernels' tile enumeration, compiled for the host: every tile once."""
+    from pathkernel import _native
+    seen = [_native._cuda_tile_coords(t, rb, cb, sym) for t in range(_native._cuda_tile_count(rb, cb, sym))]
+    expect = [(r, c) for r in range(rb) for c in range(r if sym else 0, cb)]
+    assert seen == expect
+
+
+def test_cuda_epilogue_and_ownership_on_host():
+    from pathkernel import _native
+    assert _native._cuda_fuse(1.0, 2.0, 3.0, 1.0, True) == 1.0 + (2.0 + 1.0) * 3.0
+    assert _native._cuda_fuse(1.0, 2.0, 3.0, 1.0, False) == 4.0
+    n = 6
+    hits = np.zeros((n, n), dtype=int)
+    for i in range(n):
+        for j in range(n):
+            if _native._cuda_owns(i, j, True):
+                hits[i, j] += 1
+            if _native._cuda_mirrors(i, j, True):
+                hits[j, i] += 1
+    assert (hits == 1).all()
+    assert _native._cuda_owns(3, 1, False) and not _native._cuda_mirrors(1, 3, False)
