@@ -154,7 +154,7 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
     if C == 1:
         gs = torch.autograd.grad(f.sum(), ys, allow_unused=True)
         return [torch.zeros_like(y) if g is None else g for y, g in zip(ys, gs)]
-    eye = torch.eye(C, dtype=f.dtype).unsqueeze(1).expand(C, n, C)
+    eye = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
     try:
         gs = torch.autograd.grad(f, ys, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
     except RuntimeError:  # an op without a batching rule: one pass per channel
@@ -162,7 +162,7 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
                for c in range(C)]
         gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
               for i in range(len(ys))]
-    return [torch.zeros((C,) + tuple(y.shape), dtype=y.dtype) if g is None else g
+    return [torch.zeros((C,) + tuple(y.shape), dtype=y.dtype, device=y.device) if g is None else g
             for y, g in zip(ys, gs)]
 
 
@@ -222,7 +222,7 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: expected the model to return a tensor, got {type(out).__name__}")
     gen = torch.Generator().manual_seed(seed)
-    r = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    r = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
     names = [n for g in plan.groups for n in (g.weight, g.bias) if n is not None]
     ys = [u.y for u in cap.uses]
     grads = torch.autograd.grad((out * r).sum(), ys + [state[n] for n in names], allow_unused=True)

@@ -100,7 +100,8 @@ def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
 def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor:
     """``[n, C]``: each example's per-channel Jacobian applied to a parameter-space vector
     ``vec`` (a dict name -> tensor shaped like the parameter; missing names count as 0)."""
-    total = torch.zeros(block.n, block.C, dtype=next(iter(block.factors.values())).D.dtype)
+    ref = next(iter(block.factors.values())).D
+    total = torch.zeros(block.n, block.C, dtype=ref.dtype, device=ref.device)
     for k, f in block.factors.items():
         if f.materialized:
             flat = plan.flatten_group(k, vec).to(f.D.dtype)
@@ -123,8 +124,9 @@ def per_example_grads(plan, block: Block) -> torch.Tensor:
     for k in plan.group_keys():
         f = block.factors.get(k)
         if f is None:
-            parts.append(torch.zeros(block.n, block.C, plan.group_size(k),
-                                     dtype=next(iter(block.factors.values())).D.dtype))
+            ref = next(iter(block.factors.values())).D
+            parts.append(torch.zeros(block.n, block.C, plan.group_size(k), dtype=ref.dtype,
+                                     device=ref.device))
             continue
         if not f.materialized:
             f = materialize(plan.group(k), f)

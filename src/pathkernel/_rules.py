@@ -100,7 +100,7 @@ class EmbeddingRule(Rule):
 
     def apply_weight(self, module, A, w):
         valid = (A >= 0).unsqueeze(-1)
-        return torch.where(valid, w[A.clamp(min=0)], torch.zeros((), dtype=w.dtype))
+        return torch.where(valid, w[A.clamp(min=0)], torch.zeros((), dtype=w.dtype, device=w.device))
 
     def weight_grads(self, module, A, D):
         onehot = self.one_hot(A, module.num_embeddings, D.dtype)
@@ -108,7 +108,7 @@ class EmbeddingRule(Rule):
 
     def weight_grad_sum(self, module, A, D):
         valid = A >= 0
-        out = torch.zeros(module.num_embeddings, D.shape[-1], dtype=D.dtype)
+        out = torch.zeros(module.num_embeddings, D.shape[-1], dtype=D.dtype, device=D.device)
         return out.index_add_(0, A[valid], D[valid])
 
     @staticmethod

@@ -72,7 +72,7 @@ def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trac
     b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1")
     b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2")
     n2 = b1.n if b2 is None else b2.n
-    out = torch.zeros(b1.n, n2, b1.C, b1.C, dtype=dtype)
+    out = torch.zeros(b1.n, n2, b1.C, b1.C, dtype=dtype, device=x1[0].device)
     side1, side2 = to_terms(plan, b1, b2)
     _backend.accumulate(out, side1, side2)
     return spec.finish(out)

@@ -1,0 +1,44 @@
+// CUDA Gram accumulation: the same primitive as cpp/gram.hpp, on device pointers.
+//
+//   out[i, j, c1, c2] += alpha * w_j * sum_l sum_{s1, s2} (A1.A2 + beta_l) (D1.D2)
+//
+// Plain C++ interface (no pybind11, no torch): the binding validates and hands pointers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace pathkernel {
+namespace cuda {
+
+enum class DType { f16, bf16, f32, f64 };
+enum class Precision { tf32, tf32x3, exact };  // tensor-core TF32, 3xTF32, or CUDA cores
+
+struct DTerm {
+  const void* A = nullptr;  // [n, S, da] or nullptr
+  const void* D = nullptr;  // [n, S, C, dd]
+  int64_t S = 1, da = 0, dd = 0;
+  double beta = 0.0;
+};
+
+struct DSide {
+  int64_t n = 0, C = 1;
+  std::vector<DTerm> terms;
+};
+
+// Which kernel a call will use (for tests and backend_info).
+std::string kernel_for(DType in, const DSide& s1, const DSide& s2, Precision p);
+
+// Launches on `stream` (a cudaStream_t passed as an integer); never synchronizes the device.
+// Throws std::runtime_error naming the kernel on a CUDA error.
+void accumulate(void* out, DType out_t, DType in_t, const DSide& s1, const DSide& s2,
+                bool symmetric, double alpha, const void* col_weights, Precision precision,
+                std::uintptr_t stream);
+
+// Runtime facts: device count (0 without a driver or GPU), compiled architectures.
+int device_count();
+std::string compiled_arches();
+
+}  // namespace cuda
+}  // namespace pathkernel

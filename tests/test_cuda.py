@@ -1,0 +1,94 @@
+"""CUDA backend: every kernel against a float64 reference on the GPU (skipped without one)."""
+import numpy as np
+import pytest
+import torch
+
+import pathkernel as pk
+from pathkernel._backend import Term, accumulate
+
+pytestmark = pytest.mark.cuda
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU")
+
+
+def test_module_built_when_a_gpu_is_present():
+    if not HAS_GPU:
+        pytest.skip("no CUDA GPU")
+    info = pk.backend_info()
+    assert info["cuda"], ("a GPU is present but pathkernel._native_cuda was not built: "
+                          "reinstall with nvcc on the PATH (PATHKERNEL_CUDA=ON)")
+    assert info["cuda_devices"] >= 1
+
+
+def _side(g, n, C, specs, dtype, device):
+    terms = []
+    for S, da, dd, beta in specs:
+        A = None if da is None else torch.randn(n, S, da, generator=g, dtype=torch.float64)
+        D = torch.randn(n, S, C, dd, generator=g, dtype=torch.float64)
+        terms.append(Term(A, D, beta))
+    gpu = [Term(None if t.A is None else t.A.to(device, dtype), t.D.to(device, dtype), t.beta)
+           for t in terms]
+    return terms, gpu
+
+
+CASES = [  # n1, n2, C, specs: tensor-core tiles (S = C = 1) and the generic kernel
+    (33, 47, 1, [(1, 31, 17, 1.0), (1, 70, 1, 0.0)]),
+    (64, 64, 1, [(1, 128, 96, 1.0)]),
+    (100, 37, 1, [(1, None, 45, 0.0), (1, 9, 33, 1.0)]),
+    (19, 23, 3, [(2, 5, 7, 1.0), (1, None, 4, 0.0)]),
+]
+TOL = {torch.float32: {"3xtf32": 1e-5, "tf32": 5e-3, "exact": 1e-5},
+       torch.float16: {"3xtf32": 5e-3}, torch.bfloat16: {"3xtf32": 3e-2},
+       torch.float64: {"exact": 1e-12}}
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype,precision", [(d, p) for d, ps in TOL.items() for p in ps])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kernels_against_float64(case, dtype, precision, out_dtype, symmetric):
+    from test_native import reference
+    n1, n2, C, specs = CASES[case]
+    if symmetric:
+        n2 = n1
+    g = torch.Generator().manual_seed(case)
+    s1, g1 = _side(g, n1, C, specs, dtype, "cuda")
+    s2, g2 = (s1, None) if symmetric else _side(g, n2, C, specs, dtype, "cuda")
+    w = torch.rand(n2, generator=g, dtype=torch.float64) + 0.5
+    # a poisoned start: every element must receive exactly its own increment
+    init = torch.randn(n1, n2, C, C, generator=g, dtype=torch.float64)
+    out = init.to("cuda", out_dtype)
+    accumulate(out, g1, g2, alpha=0.75, col_weights=w.to("cuda", out_dtype), precision=precision)
+    torch.cuda.synchronize()
+    # the reference sees the inputs as rounded to the compute dtype
+    r1 = [Term(None if t.A is None else t.A.to(dtype).double(), t.D.to(dtype).double(), t.beta) for t in s1]
+    r2 = None if symmetric else [Term(None if t.A is None else t.A.to(dtype).double(), t.D.to(dtype).double(), t.beta) for t in s2]
+    ref = init.numpy() + reference(r1, r2, 0.75, w)
+    got = (out.double().cpu() if out_dtype == torch.float64 else out.cpu().double()).numpy()
+    tol = max(TOL[dtype][precision], 1e-6 if out_dtype == torch.float32 else 0)
+    scale = np.abs(ref - init.numpy()).max()
+    assert np.abs(got - ref).max() <= tol * scale
+
+
+@needs_gpu
+def test_tangent_kernel_pipeline_on_gpu_matches_cpu():
+    from models import CNN, mlp
+    for model, x in [(mlp(), torch.randn(40, 6, dtype=torch.float64)),
+                     (CNN().double(), torch.randn(12, 1, 6, 6, dtype=torch.float64))]:
+        cpu = pk.tangent_kernel(model, x, outputs="full")
+        gpu = pk.tangent_kernel(model.cuda(), x.cuda(), outputs="full")
+        assert gpu.device.type == "cuda"
+        assert torch.allclose(gpu.cpu(), cpu, rtol=1e-10, atol=1e-12)
+
+
+@needs_gpu
+def test_bad_cuda_arguments():
+    out = torch.zeros(4, 4, 1, 1, device="cuda")
+    side = [Term(None, torch.ones(4, 1, 1, 2, device="cuda"), 0.0)]
+    with pytest.raises(ValueError, match="out: all tensors must be on one device"):
+        accumulate(out, [Term(None, torch.ones(4, 1, 1, 2), 0.0)])
+    with pytest.raises(ValueError, match="precision: expected"):
+        accumulate(out, side, precision="fast")
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 4, 1, 1\)"):
+        accumulate(torch.zeros(4, 5, 1, 1, device="cuda"), side)
