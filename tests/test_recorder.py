@@ -317,3 +317,19 @@ def test_non_finite_loss_is_refused():
             opt.zero_grad()
             LOSS(model(X[:4]), Y[:4]).backward()
             opt.step()
+
+
+def test_out_store_matches_in_memory(tmp_path):
+    import numpy as np
+    kms = []
+    for out in [None, tmp_path / "rec"]:
+        X, Y, Xq = data(seed=21)
+        model = mlp(d_in=4, hidden=(6,), d_out=3, seed=21)
+        opt = torch.optim.SGD(model.parameters(), lr=0.3)
+        rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=3, kernel="batch", out=out)
+        train(model, opt, X, Y, batches(24, 6, 4), rec)
+        kms.append(rec.kernel_machine())
+    assert torch.equal(kms[0].contributions, kms[1].contributions)
+    assert torch.equal(kms[0].path_kernel, kms[1].path_kernel)
+    disk = np.load(tmp_path / "rec" / "contributions.npy", mmap_mode="r")
+    assert np.array_equal(np.asarray(disk), kms[0].contributions.numpy())

@@ -13,8 +13,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ._workloads import (DigitsCNN, best_time, gemm_rate, mlp, mlp_factored_flops,
-                         native_gemm_rate, torch_factored_ntk, torch_func_ntk, wide_mlp)
+from ._workloads import (DigitsCNN, best_time, gemm_rate, linear_factors, mlp,
+                         mlp_factored_flops, native_gemm_rate, torch_factored_ntk, torch_func_ntk,
+                         wide_mlp)
 
 
 class Row:
@@ -118,23 +119,8 @@ def _checkpoint_path(quick: bool) -> List[Row]:
 
 def _torch_factored_cross(model: nn.Module, xq: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
     """Pure-torch factored Gram between two input sets (single output)."""
-    def factors(x):
-        ins, outs = [], []
-
-        def hook(mod, a, o):
-            ins.append(a[0].detach())
-            outs.append(o)
-
-        hs = [mod.register_forward_hook(hook) for mod in model.modules() if isinstance(mod, nn.Linear)]
-        try:
-            f = model(x)
-        finally:
-            for h in hs:
-                h.remove()
-        return ins, torch.autograd.grad(f.sum(), outs)
-
-    aq, dq = factors(xq)
-    at, dt = factors(xt)
+    aq, (dq,) = linear_factors(model, xq, lambda f: [f.sum()])
+    at, (dt,) = linear_factors(model, xt, lambda f: [f.sum()])
     return sum((a @ b.T + 1) * (d @ e.T) for a, b, d, e in zip(aq, at, dq, dt))
 
 
@@ -179,7 +165,7 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
         Q = torch.zeros(M, N, 10)
         for idx in idxs:
             w0 = [p.detach().clone() for p in model.parameters()]
-            at, dt = _loss_factors(model, X[idx], Y[idx], loss_fn)
+            at, (dt,) = linear_factors(model, X[idx], lambda f: [loss_fn(f, Y[idx])])
             opt.zero_grad()
             loss_fn(model(X[idx]), Y[idx]).backward()
             opt.step()
@@ -189,8 +175,8 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
                 with torch.no_grad():
                     for p, a, b in zip(node.parameters(), w0, w1):
                         p.copy_(a + float(sk) * (b - a))
-                for c in range(10):
-                    aq, dq = _output_factors(node, Xq, c)
+                aq, dqs = linear_factors(node, Xq, lambda f: f.sum(0))
+                for c, dq in enumerate(dqs):
                     Kc = sum((a @ b.T + 1) * (d @ e.T) for a, b, d, e in zip(aq, at, dq, dt))
                     Q[:, idx, c] += -0.1 * float(wk) * Kc
         return Q
@@ -201,38 +187,6 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
     return [Row("digits-mlp", "recorded SGD step, n=4 (s/step)", t_ours,
                 {"torch factored recorder": t_torch, "plain step (overhead)": t_plain},
                 "ratio < 1 on the plain step is the recording overhead factor's inverse")]
-
-
-def _loss_factors(model, x, y, loss_fn):
-    ins, outs = [], []
-
-    def hook(mod, a, o):
-        ins.append(a[0].detach())
-        outs.append(o)
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        loss = loss_fn(model(x), y)
-    finally:
-        for h in hs:
-            h.remove()
-    return ins, torch.autograd.grad(loss, outs)
-
-
-def _output_factors(model, x, c):
-    ins, outs = [], []
-
-    def hook(mod, a, o):
-        ins.append(a[0].detach())
-        outs.append(o)
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        f = model(x)
-    finally:
-        for h in hs:
-            h.remove()
-    return ins, torch.autograd.grad(f[:, c].sum(), outs)
 
 
 def _tiny_transformer(quick: bool) -> List[Row]:

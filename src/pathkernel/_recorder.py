@@ -9,6 +9,7 @@ gradients explain must be the update the optimizer made.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Dict, Optional
 
 import torch
@@ -54,11 +55,15 @@ class PathRecorder:
         outputs: output mode of the path kernel (as in ``tangent_kernel``).
         dtype: precision of the query-side features (default: the model's). Accumulators are
             float64.
+        out: a folder: the ``[M, N, C]`` contributions (and the path kernel) are kept in
+            ``contributions.npy`` / ``path_kernel.npy`` there (numpy memmaps, readable with
+            ``np.load(..., mmap_mode="r")``) instead of RAM; the kernel machine shares them.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, train,
                  query=None, *, quadrature=4, kernel: Optional[str] = None,
-                 outputs: OutputsArg = "trace", dtype: Optional[torch.dtype] = None):
+                 outputs: OutputsArg = "trace", dtype: Optional[torch.dtype] = None,
+                 out=None):
         check_model(model)
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss(output, target), got {type(loss_fn).__name__}")
@@ -94,12 +99,13 @@ class PathRecorder:
         self.N, self.M = self.X[0].shape[0], self.Xq[0].shape[0]
         self.f0 = self._query_outputs()
         self.C = self.f0.shape[1]
-        self.contributions = torch.zeros(self.M, self.N, self.C, dtype=torch.float64)
+        self.out = out
+        self.contributions = self._accumulator("contributions", (self.M, self.N, self.C))
         self.bias = self.f0.clone()
         self.path_kernel = None
         if kernel is not None:
             shape = (self.M, self.N, self.C, self.C) if self.spec.full else (self.M, self.N)
-            self.path_kernel = torch.zeros(shape, dtype=torch.float64)
+            self.path_kernel = self._accumulator("path_kernel", shape)
         self.dense = not self.opt.sgd_plain
         if self.dense:
             names = list(self.plan.unflatten(torch.zeros(sum(
@@ -110,6 +116,16 @@ class PathRecorder:
         self.steps = 0
         self.step_errors = []
         self.broken: Optional[str] = None
+
+    def _accumulator(self, name: str, shape) -> torch.Tensor:
+        """A float64 zero tensor in RAM, or backed by ``<out>/<name>.npy``."""
+        if self.out is None:
+            return torch.zeros(shape, dtype=torch.float64)
+        import numpy as np
+
+        os.makedirs(self.out, exist_ok=True)
+        path = os.path.join(os.fspath(self.out), f"{name}.npy")
+        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape))
 
     # ---- the user's loop ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -266,7 +282,9 @@ class PathRecorder:
         if self.broken:
             raise RuntimeError(f"PathRecorder: a step was refused, so no kernel machine explains "
                                f"this run ({self.broken})")
-        return KernelMachine(self.contributions.clone(), self.bias.clone(),
-                             None if self.path_kernel is None else self.path_kernel.clone(),
+        # with out= the machine shares the stores instead of copying them into RAM
+        own = (lambda t: t) if self.out is not None else (lambda t: t.clone())
+        return KernelMachine(own(self.contributions), self.bias.clone(),
+                             None if self.path_kernel is None else own(self.path_kernel),
                              f0=self.f0, fT=self._query_outputs(), steps=self.steps,
                              quadrature=self.quadrature, step_errors=list(self.step_errors))

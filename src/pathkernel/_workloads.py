@@ -45,9 +45,9 @@ def wide_mlp(n=2048, seed=0, dtype=torch.float32) -> Tuple[nn.Module, torch.Tens
 
 # ---- peers -------------------------------------------------------------------------------------
 
-def torch_factored_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Hand-written pure-torch factored Gram for MLPs (trace over outputs): forward hooks on
-    each Linear, one backward per output, then (A A^T + 1) * (D D^T) summed over layers."""
+def linear_factors(model: nn.Module, x: torch.Tensor, scalars):
+    """Pure-torch peer helper: inputs of every nn.Linear (forward hooks) and the gradients of
+    each scalar ``scalars(output)`` yields w.r.t. their outputs: ``(ins, [grads per scalar])``."""
     ins, outs = [], []
 
     def hook(module, args, out):
@@ -60,10 +60,16 @@ def torch_factored_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     finally:
         for h in hs:
             h.remove()
-    f = f.reshape(f.shape[0], -1)
+    ss = list(scalars(f))
+    return ins, [torch.autograd.grad(s, outs, retain_graph=k < len(ss) - 1) for k, s in enumerate(ss)]
+
+
+def torch_factored_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Hand-written pure-torch factored Gram for MLPs (trace over outputs): forward hooks on
+    each Linear, one backward per output, then (A A^T + 1) * (D D^T) summed over layers."""
+    ins, grads = linear_factors(model, x, lambda f: f.reshape(f.shape[0], -1).sum(0))
     K = torch.zeros(x.shape[0], x.shape[0], dtype=x.dtype)
-    for c in range(f.shape[1]):
-        ds = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=c < f.shape[1] - 1)
+    for ds in grads:
         for a, d in zip(ins, ds):
             K += (a @ a.T + 1) * (d @ d.T)
     return K
