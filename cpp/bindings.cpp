@@ -58,6 +58,7 @@ Side<T> typed(const SideDesc& r) {
     t.da = rt.da;
     t.dd = rt.dd;
     t.beta = rt.beta;
+    t.scale = rt.scale;
     s.terms.push_back(t);
   }
   return s;
@@ -122,7 +123,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("accumulate", &accumulate, py::arg("out"), py::arg("side1"), py::arg("side2") = py::none(),
         py::arg("alpha") = 1.0, py::arg("col_weights") = py::none(), py::arg("tile") = 512,
         py::arg("threads") = 0,
-        "out[i,j,c1,c2] += alpha * w_j * sum_l sum_{s1,s2} (A1.A2 + beta_l) * (D1.D2); "
+        "out[i,j,c1,c2] += alpha * w_j * sum_l scale_l sum_{s1,s2} (A1.A2 + beta_l) * (D1.D2); "
         "side2=None is the symmetric mode (side 2 = side 1).");
   m.def("info", &info, "What the native core was built with.");
   m.def(

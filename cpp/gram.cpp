@@ -46,11 +46,11 @@ struct Workspace {
   std::vector<Tout> acc;
 };
 
-// acc[i, j, c1, c2] += sum_{s1,s2} (AG[(i,s1),(j,s2)] + beta) * DG[(i,s1,c1),(j,s2,c2)]
+// acc[i, j, c1, c2] += scale sum_{s1,s2} (AG[(i,s1),(j,s2)] + beta) DG[(i,s1,c1),(j,s2,c2)]
 // for one term on an m x n tile. AG == nullptr means the A factor is 1.
 template <typename Tin, typename Tout>
-void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, int64_t m, int64_t n,
-              int64_t S1, int64_t S2, int64_t C1, int64_t C2) {
+void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, Tout scale, int64_t m,
+              int64_t n, int64_t S1, int64_t S2, int64_t C1, int64_t C2) {
   const int64_t ld_ag = n * S2, ld_dg = n * S2 * C2, CC = C1 * C2;
   if (S1 == 1 && S2 == 1 && CC == 1) {  // the MLP case: a plain fused multiply-add
     for (int64_t i = 0; i < m; ++i) {
@@ -59,10 +59,10 @@ void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, int64_t m, int
       if (ag) {
         const Tin* g = ag + i * ld_ag;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) a[j] += (Tout(g[j]) + beta) * Tout(d[j]);
+        for (int64_t j = 0; j < n; ++j) a[j] += scale * (Tout(g[j]) + beta) * Tout(d[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) a[j] += Tout(d[j]);
+        for (int64_t j = 0; j < n; ++j) a[j] += scale * Tout(d[j]);
       }
     }
     return;
@@ -75,7 +75,7 @@ void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, int64_t m, int
         for (int64_t j = 0; j < n; ++j) {
           Tout* a = acc + (i * n + j) * CC + c1 * C2;
           for (int64_t s2 = 0; s2 < S2; ++s2) {
-            const Tout f = g ? Tout(g[j * S2 + s2]) + beta : Tout(1);
+            const Tout f = g ? scale * (Tout(g[j * S2 + s2]) + beta) : scale;
             const Tin* dj = d + (j * S2 + s2) * C2;
             for (int64_t c2 = 0; c2 < C2; ++c2) a[c2] += f * Tout(dj[c2]);
           }
@@ -84,13 +84,13 @@ void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, int64_t m, int
     }
 }
 
-// acc[i, j] += (AG[i, j] + beta) * d1[i] * d2[j]   (S = 1, C = 1, dd = 1)
+// acc[i, j] += scale (AG[i, j] + beta) * d1[i] * d2[j]   (S = 1, C = 1, dd = 1)
 template <typename Tin, typename Tout>
 void rank_one_epilogue(Tout* acc, const Tin* ag, const Tin* d1, const Tin* d2, Tout beta,
-                       int64_t m, int64_t n) {
+                       Tout scale, int64_t m, int64_t n) {
   for (int64_t i = 0; i < m; ++i) {
     Tout* a = acc + i * n;
-    const Tout di = Tout(d1[i]);
+    const Tout di = scale * Tout(d1[i]);
     if (ag) {
       const Tin* g = ag + i * n;
 #pragma omp simd
@@ -146,14 +146,15 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
         if (t1.dd == 1 && t1.S == 1 && t2.S == 1 && C1 * C2 == 1) {
           // A scalar output factor (a network with one output): D D'^T is rank one, so it is
           // applied in the epilogue instead of being formed by a GEMM.
-          rank_one_epilogue<Tin, Tout>(ws.acc.data(), agp, d1, d2, static_cast<Tout>(t1.beta), m, n);
+          rank_one_epilogue<Tin, Tout>(ws.acc.data(), agp, d1, d2, static_cast<Tout>(t1.beta),
+                                       static_cast<Tout>(t1.scale), m, n);
           continue;
         }
         const int64_t rows_d = rows_a * C1, cols_d = cols_a * C2;
         ws.dg.resize(static_cast<size_t>(rows_d * cols_d));
         gemm_nt<Tin>(rows_d, cols_d, t1.dd, d1, d2, ws.dg.data());
-        epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta), m, n,
-                            t1.S, t2.S, C1, C2);
+        epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta),
+                            static_cast<Tout>(t1.scale), m, n, t1.S, t2.S, C1, C2);
       }
       // One pass over the output tile, then its mirror image (symmetric mode), each walking
       // the output contiguously.

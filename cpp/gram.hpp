@@ -2,7 +2,7 @@
 //
 // One call adds, into out[M, N, C1, C2],
 //
-//   out[i, j, c1, c2] += alpha * w_j * sum_l sum_{s1, s2}
+//   out[i, j, c1, c2] += alpha * w_j * sum_l scale_l * sum_{s1, s2}
 //                        (A1_l[i, s1] . A2_l[j, s2] + beta_l) * (D1_l[i, s1, c1] . D2_l[j, s2, c2])
 //
 // where a term without A factors (a dense per-example block G = D) uses 1 in place of
@@ -26,6 +26,7 @@ struct Term {
   const T* D = nullptr;  // [n, S, C, dd] row-major
   int64_t S = 1, da = 0, dd = 0;
   double beta = 0.0;
+  double scale = 1.0;  // the term's weight (a checkpoint's learning rate, a quadrature weight)
 };
 
 template <typename T>

@@ -42,7 +42,7 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
 struct TermDesc {
   bool hasA = false;
   ArrayDesc A, D;
-  double beta = 0.0;
+  double beta = 0.0, scale = 1.0;
   int64_t S = 1, da = 0, dd = 0;
 };
 
@@ -124,6 +124,7 @@ inline void check_pairing(const SideDesc& s1, const SideDesc& s2) {
       fail(tn + ".D: expected feature size " + std::to_string(a.dd) + " like side1, got " +
            std::to_string(b.dd));
     if (a.beta != b.beta) fail(tn + ": beta differs from side1's");
+    if (a.scale != b.scale) fail(tn + ": scale differs from side1's");
   }
 }
 

@@ -82,7 +82,8 @@ pc::DSide to_side(const SideDesc& r) {
   s.C = r.C;
   for (const auto& t : r.terms)
     s.terms.push_back(pc::DTerm{t.hasA ? reinterpret_cast<const void*>(t.A.ptr) : nullptr,
-                                reinterpret_cast<const void*>(t.D.ptr), t.S, t.da, t.dd, t.beta});
+                                reinterpret_cast<const void*>(t.D.ptr), t.S, t.da, t.dd, t.beta,
+                                t.scale});
   return s;
 }
 

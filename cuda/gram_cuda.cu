@@ -40,7 +40,7 @@ struct TermArgs {
   const void* A2;
   const void* D2;
   int64_t S1, S2, da, dd;
-  double beta;
+  double beta, scale;
   int hasA;
 };
 
@@ -182,10 +182,11 @@ __global__ void __launch_bounds__(128) fused_tc_kernel(TOut* out, Args args) {
                     args.N, t.da, i0, j0, s1, s2, wr, wc);
     gram<TIn, X3>(dg, static_cast<const TIn*>(t.D1), args.M, static_cast<const TIn*>(t.D2),
                   args.N, t.dd, i0, j0, s1, s2, wr, wc);
-    const float beta = static_cast<float>(t.beta);
+    const float beta = static_cast<float>(t.beta), scale = static_cast<float>(t.scale);
 #pragma unroll
     for (int e = 0; e < acc.num_elements; ++e)
-      acc.x[e] = tiles::fuse<float>(acc.x[e], t.hasA ? ag.x[e] : 0.f, dg.x[e], beta, t.hasA != 0);
+      acc.x[e] = tiles::fuse<float>(acc.x[e], t.hasA ? ag.x[e] : 0.f, scale * dg.x[e], beta,
+                                    t.hasA != 0);
   }
   wmma::store_matrix_sync(cst + wr * 16 * LDC + wc * 16, acc, LDC, wmma::mem_row_major);
   __syncthreads();
@@ -230,7 +231,7 @@ __global__ void __launch_bounds__(256) generic_kernel(TOut* out, Args args) {
           const TIn* d = D1 + ((i * t.S1 + s1) * args.C1 + c1) * t.dd;
           const TIn* e = D2 + ((j * t.S2 + s2) * args.C2 + c2) * t.dd;
           for (int64_t k = 0; k < t.dd; ++k) dg += to_d(d[k]) * to_d(e[k]);
-          acc = tiles::fuse<double>(acc, ag, dg, t.beta, t.hasA != 0);
+          acc = tiles::fuse<double>(acc, ag, t.scale * dg, t.beta, t.hasA != 0);
         }
     }
     const double v = args.alpha * acc;
@@ -264,7 +265,8 @@ void launch(void* out, const DSide& s1, const DSide& s2, bool symmetric, double 
     a.nterms = static_cast<int>(std::min<size_t>(kMaxTerms, s1.terms.size() - first));
     for (int l = 0; l < a.nterms; ++l) {
       const DTerm &t1 = s1.terms[first + l], &t2 = s2.terms[first + l];
-      a.t[l] = TermArgs{t1.A, t1.D, t2.A, t2.D, t1.S, t2.S, t1.da, t1.dd, t1.beta, t1.A != nullptr};
+      a.t[l] = TermArgs{t1.A, t1.D, t2.A, t2.D, t1.S, t2.S, t1.da, t1.dd, t1.beta, t1.scale,
+                        t1.A != nullptr};
     }
     a.M = s1.n;
     a.N = s2.n;

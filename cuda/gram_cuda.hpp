@@ -1,6 +1,6 @@
 // CUDA Gram accumulation: the same primitive as cpp/gram.hpp, on device pointers.
 //
-//   out[i, j, c1, c2] += alpha * w_j * sum_l sum_{s1, s2} (A1.A2 + beta_l) (D1.D2)
+//   out[i, j, c1, c2] += alpha * w_j * sum_l scale_l sum_{s1, s2} (A1.A2 + beta_l) (D1.D2)
 //
 // Plain C++ interface (no pybind11, no torch): the binding validates and hands pointers.
 #pragma once
@@ -20,6 +20,7 @@ struct DTerm {
   const void* D = nullptr;  // [n, S, C, dd]
   int64_t S = 1, da = 0, dd = 0;
   double beta = 0.0;
+  double scale = 1.0;
 };
 
 struct DSide {

@@ -14,7 +14,7 @@ def reference(side1, side2, alpha, weights):
     C1, C2 = side1[0].D.shape[2], side2[0].D.shape[2]
     K = np.zeros((n1, n2, C1, C2))
     for t1, t2 in zip(side1, side2):
-        D1, D2 = t1.D.double().numpy(), t2.D.double().numpy()
+        D1, D2 = t1.D.double().numpy() * t1.scale, t2.D.double().numpy()
         if t1.A is None:
             F1, F2 = D1.sum(1), D2.sum(1)                    # [n, C, dd]
             K += np.einsum("icd,jed->ijce", F1, F2)
@@ -30,10 +30,10 @@ def reference(side1, side2, alpha, weights):
 
 def make_side(rng, n, C, specs, dtype):
     terms = []
-    for S, da, dd, beta in specs:
+    for l, (S, da, dd, beta) in enumerate(specs):
         A = None if da is None else torch.from_numpy(rng.standard_normal((n, S, da))).to(dtype)
         D = torch.from_numpy(rng.standard_normal((n, S, C, dd))).to(dtype)
-        terms.append(Term(A, D, beta))
+        terms.append(Term(A, D, beta, 0.5 + 0.75 * l))   # per-term weights
     return terms
 
 
@@ -154,6 +154,8 @@ def test_rejects_empty_and_malformed_sides():
         _native.accumulate(out, [])
     with pytest.raises(ValueError, match=r"side1\[0\]: expected a tuple"):
         _native.accumulate(out, [(None, np.ones((4, 1, 1, 1)))])
+    with pytest.raises(ValueError, match=r"side1\[0\]: beta and scale must be finite"):
+        _native.accumulate(out, [(None, np.ones((4, 1, 1, 1)), 0.0, float("nan"))])
     with pytest.raises(ValueError, match=r"side1\[0\].D: expected 4 dims"):
         _native.accumulate(out, [(None, np.ones((4, 1, 1)), 0.0)])
 

@@ -99,3 +99,26 @@ def test_symmetric_result_is_symmetric_and_matches_cross():
     Kc = pk.tangent_kernel(model, x, x.clone(), outputs="full")
     assert torch.allclose(Ks, Kc, rtol=1e-12, atol=1e-12)
     assert torch.equal(Ks, Ks.permute(1, 0, 3, 2))
+
+
+class TwoInputs(nn.Module):
+    """Two input tensors, a scalar output of shape [n], a module that is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(2, 4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x, z):
+        h = torch.tanh(self.a(x) + self.b(z))
+        return (self.out(h) + self.out(torch.sin(h)))[:, 0]
+
+
+def test_tuple_inputs_and_vector_output():
+    torch.manual_seed(4)
+    model = TwoInputs().double()
+    x = (torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64))
+    y = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
+    _check(pk.tangent_kernel(model, x, y), reference_ntk(model, x, y), torch.float64)
+    _check(pk.tangent_kernel(model, x), reference_ntk(model, x), torch.float64)

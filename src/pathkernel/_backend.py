@@ -33,11 +33,13 @@ except ImportError:
 
 
 class Term(NamedTuple):
-    """One per-layer factor pair of one side: ``A [n, S, da]`` (or None), ``D [n, S, C, dd]``."""
+    """One per-layer factor pair of one side: ``A [n, S, da]`` (or None), ``D [n, S, C, dd]``;
+    ``scale`` weights the term (a checkpoint's learning rate, a quadrature weight)."""
 
     A: Optional[torch.Tensor]
     D: torch.Tensor
     beta: float = 0.0
+    scale: float = 1.0
 
 
 def _as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
@@ -46,7 +48,7 @@ def _as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
 
 def _side(terms: Sequence[Term], name: str, conv) -> list:
     return [(None if t.A is None else conv(t.A, f"{name}[{i}].A"), conv(t.D, f"{name}[{i}].D"),
-             float(t.beta)) for i, t in enumerate(terms)]
+             float(t.beta), float(t.scale)) for i, t in enumerate(terms)]
 
 
 def _cuda_desc(keep: list):
@@ -63,7 +65,7 @@ def _cuda_desc(keep: list):
 def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequence[Term]] = None,
                *, alpha: float = 1.0, col_weights: Optional[torch.Tensor] = None,
                tile: int = 512, threads: int = 0, precision: str = "3xtf32") -> torch.Tensor:
-    """``out[i,j,c1,c2] += alpha * w_j * sum_l sum_{s,s'} (A1.A2 + beta_l)(D1.D2)`` in place.
+    """``out[i,j,c1,c2] += alpha * w_j * sum_l scale_l sum_{s,s'} (A1.A2 + beta_l)(D1.D2)``.
 
     ``side2=None`` means side 2 is side 1 (symmetric: only the upper half is computed).
     ``out`` must be a contiguous tensor of shape ``[n1, n2, C1, C2]``; CPU tensors go to the

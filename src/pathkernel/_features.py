@@ -61,8 +61,10 @@ def choose_form(group, f: Factor) -> Factor:
     return materialize(group, f) if mat < fac else f
 
 
-def to_terms(plan, b1: Block, b2: Optional[Block]) -> Tuple[List[Term], Optional[List[Term]]]:
-    """Native terms for the pair of blocks (``b2 = None``: b1 against itself)."""
+def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0
+             ) -> Tuple[List[Term], Optional[List[Term]]]:
+    """Native terms for the pair of blocks (``b2 = None``: b1 against itself), each weighted
+    by ``scale``."""
     s1: List[Term] = []
     s2: List[Term] = []
     keys = sorted(b1.factors) if b2 is None else sorted(set(b1.factors) & set(b2.factors))
@@ -75,8 +77,8 @@ def to_terms(plan, b1: Block, b2: Optional[Block]) -> Tuple[List[Term], Optional
         A1, A2 = f1.A, f2.A
         if A1 is not None and A1.dtype == torch.long:  # embedding: one-hot over the tokens seen
             A1, A2 = _shared_one_hot(A1, A2 if b2 is not None else None, f1.D.dtype)
-        s1.append(Term(A1, f1.D, f1.beta))
-        s2.append(Term(A2, f2.D, f2.beta))
+        s1.append(Term(A1, f1.D, f1.beta, scale))
+        s2.append(Term(A2, f2.D, f2.beta, scale))
     if not s1:
         raise ValueError("model: no trainable parameter reaches the output; the kernel is empty")
     return s1, (None if b2 is None else s2)

@@ -150,15 +150,17 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
         raise ValueError(f"memory_budget: {_fmt_bytes(budget)} is too small for this model and "
                          f"{T} checkpoint(s){'' if out is not None else ' with the kernel in memory (pass out=)'}")
     cc = 8 * C * C
+    # The column block's features are held for every checkpoint at once, so one native call
+    # accumulates a tile over the whole path with the tile in cache.
     if symmetric:
-        # R*T*fb (row cache) + R*fb (column features) + R*R*cc (tile) <= usable
-        a, b = cc, (T + 1) * fb
+        # R*T*fb (row cache) + R*T*fb (column features) + R*R*cc (tile) <= usable
+        a, b = cc, 2 * T * fb
         R = int((-b + math.sqrt(b * b + 4 * a * usable)) / (2 * a))
         R = max(1, min(N, chunk, R))  # a column block is extracted in one pass: no concat
         Cb = R
     else:
         R = max(1, min(M, int(0.4 * usable) // (T * fb)))
-        Cb = max(1, min(N, chunk, int(usable - R * T * fb) // (R * cc + fb)))
+        Cb = max(1, min(N, chunk, int(usable - R * T * fb) // (R * cc + T * fb)))
     tiles = [(i, j) for i in range(math.ceil(M / R))
              for j in range(i if symmetric else 0, math.ceil(N / Cb))]
     pair = _pair_flops(sample)
@@ -242,14 +244,15 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
                 cached_row = (i, [feats(rows, r0, r1, s) for s in states])
             C = p.shape[2] if len(p.shape) == 4 else 1
             acc4 = torch.zeros(r1 - r0, c1 - c0, C, C, dtype=torch.float64)
+            diagonal = p.symmetric and i == j
+            side1, side2 = [], []
             for t, (s, w) in enumerate(zip(states, weights)):
-                rb = cached_row[1][t]
-                if p.symmetric and i == j:
-                    _backend.accumulate(acc4, *to_terms(mplan, rb, None), alpha=w)
-                else:
-                    cb = feats(cols, c0, c1, s)
-                    _backend.accumulate(acc4, *to_terms(mplan, rb, cb), alpha=w)
+                cb = None if diagonal else feats(cols, c0, c1, s)
+                a, b = to_terms(mplan, cached_row[1][t], cb, scale=w)
+                side1 += a
+                side2 += b or []
                 bar.update(1)
+            _backend.accumulate(acc4, side1, None if diagonal else side2)
             tile = spec.finish(acc4).to(dtype)
             store.write(r0, c0, tile)
             if p.symmetric and i != j:
