@@ -204,6 +204,7 @@ class PathRecorder:
             rest = {n: delta[n] + lr * gsum.get(n, 0) for n in delta}
 
         phibar = None
+        side1, side2 = [], []  # factored: the query at every node against the step's batch
         for s, wk in zip(self.nodes.tolist(), self.weights.tolist()):
             state = self._state({n: w_t[n] + s * (p.detach() - w_t[n]) for n, p in self.plan.params.items()})
             qb = features(self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
@@ -212,10 +213,14 @@ class PathRecorder:
                 g = per_example_grads(self.plan, qb).double()
                 phibar = wk * g if phibar is None else phibar.add_(wk * g)
             else:
-                tmp = torch.zeros(self.M, idx.numel(), self.C, 1, dtype=torch.float64)
-                _backend.accumulate(tmp, *to_terms(self.plan, qb, train), alpha=-self.opt.lr() * wk)
-                self.contributions[:, idx] += tmp[..., 0]
-        if self.dense:
+                a, b = to_terms(self.plan, qb, train, scale=wk)
+                side1 += a
+                side2 += b
+        if not self.dense:
+            tmp = torch.zeros(self.M, idx.numel(), self.C, 1, dtype=torch.float64)
+            _backend.accumulate(tmp, side1, side2, alpha=-self.opt.lr())
+            self.contributions[:, idx] += tmp[..., 0]
+        else:
             out = torch.zeros(self.M, self.N, self.C, 1, dtype=torch.float64)
             _backend.accumulate(out, [Term(None, phibar.unsqueeze(1), 0.0)],
                                 [Term(None, shares[:, None, None, :], 0.0)])
