@@ -104,6 +104,9 @@ def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequenc
 
 
 def info() -> dict:
+    """What the native core was built with: ``version``, ``blas``, ``openmp``, ``threads``,
+    ``cuda`` (whether ``_native_cuda`` was built) and, if so, ``cuda_devices`` and
+    ``cuda_arches``."""
     from . import __version__
 
     d = dict(_native.info())

@@ -8,7 +8,7 @@ per-example shares of their first-moment buffer from step to step, so they keep 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -126,7 +126,7 @@ class OptimizerModel:
         return -precond * U, rest
 
 
-def quadrature(rule) -> (torch.Tensor, torch.Tensor):
+def quadrature(rule) -> Tuple[torch.Tensor, torch.Tensor]:
     """Nodes and weights on [0, 1]: an int n (Gauss-Legendre), 'left' or 'trapezoid'."""
     import numpy as np
 

@@ -220,11 +220,10 @@ class PathRecorder:
             tmp = torch.zeros(self.M, idx.numel(), self.C, 1, dtype=torch.float64)
             _backend.accumulate(tmp, side1, side2, alpha=-self.opt.lr())
             self.contributions[:, idx] += tmp[..., 0]
-        else:
-            out = torch.zeros(self.M, self.N, self.C, 1, dtype=torch.float64)
-            _backend.accumulate(out, [Term(None, phibar.unsqueeze(1), 0.0)],
+        else:  # straight into the accumulator: no per-step M x N temporary
+            _backend.accumulate(self.contributions.view(self.M, self.N, self.C, 1),
+                                [Term(None, phibar.unsqueeze(1), 0.0)],
                                 [Term(None, shares[:, None, None, :], 0.0)])
-            self.contributions += out[..., 0]
         if self.kernel is not None:
             self._add_path_kernel(idx, state_t)
         self.steps += 1
