@@ -132,10 +132,6 @@ class ModelPlan:
                          else v.reshape(-1))
         return torch.cat(parts)
 
-    def flatten(self, vec: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """A parameter-space vector in the order of ``per_example_grads``."""
-        return torch.cat([self.flatten_group(k, vec) for k in self.group_keys()])
-
     def unflatten_group(self, k: int, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         out, i = {}, 0
         for n in self.group_names(k):

@@ -9,9 +9,6 @@ class _Silent:
     def close(self) -> None:
         pass
 
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
 
 def progress_bar(enabled: bool, **kw):
     if enabled:
