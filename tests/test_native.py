@@ -199,3 +199,39 @@ def test_cuda_epilogue_and_ownership_on_host():
                 hits[j, i] += 1
     assert (hits == 1).all()
     assert _native._cuda_owns(3, 1, False) and not _native._cuda_mirrors(1, 3, False)
+
+
+def test_random_valid_and_invalid_calls_never_crash():
+    """Random shapes, dtypes, layouts and a few corruptions: a correct result or a ValueError."""
+    from pathkernel import _native
+    rng = np.random.default_rng(7)
+    for trial in range(150):
+        n1, n2, C = int(rng.integers(0, 9)), int(rng.integers(0, 9)), int(rng.integers(1, 3))
+        dt = np.float32 if rng.random() < 0.5 else np.float64
+        specs = [(int(rng.integers(1, 3)), None if rng.random() < 0.3 else int(rng.integers(0, 6)),
+                  int(rng.integers(0, 6)), float(rng.integers(0, 2))) for _ in range(int(rng.integers(1, 4)))]
+
+        def side(n):
+            return [(None if da is None else rng.standard_normal((n, S, da)).astype(dt),
+                     rng.standard_normal((n, S, C, dd)).astype(dt), beta) for S, da, dd, beta in specs]
+
+        s1, s2 = side(n1), side(n2)
+        out = np.zeros((n1, n2, C, C), dtype=dt)
+        corrupt = rng.integers(0, 6)
+        if corrupt == 1:
+            out = np.zeros((n1 + 1, n2, C, C), dtype=dt)
+        elif corrupt == 2 and s2:
+            A, D, b = s2[0]
+            s2[0] = (A, D[:, :, :, :-1] if D.shape[3] else D.astype(np.int64), b)
+        elif corrupt == 3:
+            A, D, b = s1[0]
+            s1[0] = (A, np.asfortranarray(D) if D.ndim == 4 and D.size > 1 and min(D.shape) > 1 else D.astype(np.float16), b)
+        try:
+            _native.accumulate(out, s1, s2)
+        except ValueError:
+            assert corrupt in (1, 2, 3)
+            continue
+        ref = reference([Term(None if a is None else torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(d)), b) for a, d, b in s1],
+                        [Term(None if a is None else torch.from_numpy(a), torch.from_numpy(d), b) for a, d, b in s2], 1.0, None)
+        tol = 1e-4 if dt == np.float32 else 1e-10
+        np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max(initial=0)))
