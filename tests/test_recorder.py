@@ -333,3 +333,12 @@ def test_out_store_matches_in_memory(tmp_path):
     assert torch.equal(kms[0].path_kernel, kms[1].path_kernel)
     disk = np.load(tmp_path / "rec" / "contributions.npy", mmap_mode="r")
     assert np.array_equal(np.asarray(disk), kms[0].contributions.numpy())
+
+
+def test_dense_shares_that_cannot_fit_are_refused(monkeypatch):
+    import os
+    model, opt, X, Y, Xq = _setup(momentum=0.9)
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda k: 1 if k == "SC_PHYS_PAGES" else real(k))
+    with pytest.raises(ValueError, match=r"optimizer: SGD with momentum or moments needs per-example shares"):
+        pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)

@@ -108,6 +108,7 @@ class PathRecorder:
             self.path_kernel = self._accumulator("path_kernel", shape)
         self.dense = not self.opt.sgd_plain
         if self.dense:
+            self._check_dense_memory()
             names = list(self.plan.unflatten(torch.zeros(sum(
                 self.plan.group_size(k) for k in self.plan.group_keys()))))
             self.U = {n: torch.zeros(self.N, self.plan.params[n].numel(), dtype=torch.float64)
@@ -116,6 +117,22 @@ class PathRecorder:
         self.steps = 0
         self.step_errors = []
         self.broken: Optional[str] = None
+
+    def _check_dense_memory(self) -> None:
+        """Momentum and Adam(W) keep every example's share of the first moment ([N, P] float64,
+        and a step's shares as much again): refuse up front what cannot fit."""
+        P = sum(p.numel() for p in self.plan.params.values())
+        need = 2 * self.N * P * 8
+        try:
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        if need > ram // 2:
+            raise ValueError(
+                f"optimizer: {self.opt.kind} with momentum or moments needs per-example shares of "
+                f"the update, 2 x N x P float64 = {need / 2**30:.1f} GiB for N={self.N}, P={P}, "
+                f"more than half this machine's memory ({ram / 2**30:.1f} GiB); record plain SGD "
+                "(factored, no such buffer), fewer training examples, or a smaller model")
 
     def _accumulator(self, name: str, shape) -> torch.Tensor:
         """A float64 zero tensor in RAM, or backed by ``<out>/<name>.npy``."""
