@@ -107,14 +107,57 @@ def _checkpoint_path(quick: bool) -> List[Row]:
 
     peer = best_time(torch_ckpt, 2)
     peers = {"torch factored": peer}
+    note = ""
     try:
-        import captum  # noqa: F401
-        peers["captum TracInCP"] = None
-        note = "captum installed but not wired into this bench"
+        peers.update(_captum_tracincp(model, ckpts, X, Xq))
     except ImportError:
         note = "captum not installed"
     return [Row("checkpoint-path", f"MLP 64-256-1, {n} train x {m} query, {T} checkpoints", ours,
                 peers, note)]
+
+
+def _captum_tracincp(model, ckpts, X, Xq) -> Dict[str, float]:
+    """Captum's TracInCP with the summed output as its loss: the same checkpoint path kernel
+    (checked against pathkernel's before timing). Both of its per-example gradient modes."""
+    import os
+    import tempfile
+
+    from captum.influence import TracInCP
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from . import path_kernel
+
+    class SummedOutput(nn.Module):
+        def __init__(self, reduction):
+            super().__init__()
+            self.reduction = reduction
+
+        def forward(self, out, y):
+            return out.sum() if self.reduction == "sum" else out.reshape(-1)
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for t, (sd, w) in enumerate(ckpts):
+            paths.append(os.path.join(d, f"ckpt{t}.pt"))
+            torch.save(sd, paths[-1])
+        weight = {p: w for p, (_, w) in zip(paths, ckpts)}
+
+        def load(m, path):
+            m.load_state_dict(torch.load(path, weights_only=True))
+            return weight[path]
+
+        data = DataLoader(TensorDataset(X, torch.zeros(len(X))), batch_size=1000)
+        ref = path_kernel(model, ckpts, X, Xq, progress=False)
+        for label, sample_wise, red in [("captum TracInCP (hooks)", True, "sum"),
+                                        ("captum TracInCP (per-example)", False, "none")]:
+            tr = TracInCP(copy.deepcopy(model), data, paths, load, loss_fn=SummedOutput(red),
+                          batch_size=1000, sample_wise_grads_per_batch=sample_wise)
+            K = tr.influence((Xq, torch.zeros(len(Xq))))
+            if (K - ref).abs().max() > 1e-4 * ref.abs().max():
+                raise AssertionError(f"{label} disagrees with path_kernel")
+            out[label] = best_time(lambda: tr.influence((Xq, torch.zeros(len(Xq)))), 1)
+    return out
 
 
 def _torch_factored_cross(model: nn.Module, xq: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
