@@ -56,3 +56,12 @@ def test_sklearn_orientation_and_svc_round_trip():
     assert svm.score(K_fit, y) > 0.8
     with pytest.raises(ValueError, match="outputs: sklearn's precomputed kernels are scalar"):
         pk.sklearn_kernels(model, ck, X, outputs="full")
+
+
+def test_bench_table_smoke():
+    """`pathkernel bench` prints a ratio row per peer (one quick workload)."""
+    from pathkernel._bench import run_bench
+    text = run_bench(quick=True, only=["digits-cnn"])
+    assert "ratio" in text and "digits-cnn" in text and "torch.func" in text
+    with pytest.raises(SystemExit, match="unknown workloads"):
+        run_bench(quick=True, only=["nope"])
