@@ -111,9 +111,11 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
 
 def format_report(s: dict) -> str:
     ytr, yte, c = s["labels"]
+    q = s["quadrature"]
+    rule = f"Gauss-Legendre n={q}" if isinstance(q, int) else f"{q} rule (approximate)"
     lines = [
         f"pathkernel demo: digits-mlp (64-256-256-10 tanh), {s['train']} train / {s['test']} "
-        f"held-out digits, {s['steps']} SGD steps, Gauss-Legendre n={s['quadrature']}",
+        f"held-out digits, {s['steps']} SGD steps, {rule}",
         "",
         f"  network test accuracy             {s['network_accuracy']:.3f}",
         f"  kernel machine vs network         max |error| {s['km_max_abs_error']:.2e} "
