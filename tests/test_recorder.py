@@ -342,3 +342,26 @@ def test_dense_shares_that_cannot_fit_are_refused(monkeypatch):
     monkeypatch.setattr(os, "sysconf", lambda k: 1 if k == "SC_PHYS_PAGES" else real(k))
     with pytest.raises(ValueError, match=r"optimizer: SGD with momentum or moments needs per-example shares"):
         pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.3, weight_decay=0.1),
+                                      lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, weight_decay=0.1),
+                                      lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1)])
+def test_parameter_without_gradient_is_skipped_like_torch(make_opt):
+    """torch optimizers leave a parameter with no gradient untouched (no weight decay either)."""
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp(d_in=4, hidden=(6,), d_out=3, seed=22)
+            self.unused = nn.Parameter(torch.ones(5, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.net(x)
+
+    X, Y, Xq = data(seed=22)
+    model = WithUnused()
+    opt = make_opt(model.parameters())
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
+    train(model, opt, X, Y, batches(24, 6, 4), rec)
+    assert torch.equal(model.unused.detach(), torch.ones(5, dtype=torch.float64))
+    assert rec.kernel_machine().report()["relative_error"] <= 1e-8

@@ -211,12 +211,15 @@ class PathRecorder:
                                     u.to(self.dtype))
         check_finite_block(train, "train")
         delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
+        # torch optimizers skip parameters that got no gradient (weight decay included)
+        skipped = {n for n, p in self.plan.params.items() if p.grad is None}
         if self.dense:
-            shares, rest = self._dense_shares(idx, train, w_t, had, delta)
+            shares, rest = self._dense_shares(idx, train, w_t, had, delta, skipped)
         else:
             lr, wd = self.opt.lr(), self.opt.weight_decay()
             gsum = {n: g.double() for n, g in summed_grads(self.plan, train).items()}
-            pred = {n: -lr * (gsum.get(n, 0) + wd * w_t[n].double()) for n in delta}
+            pred = {n: torch.zeros_like(delta[n]) if n in skipped else
+                    -lr * (gsum.get(n, 0) + wd * w_t[n].double()) for n in delta}
             self._check_update(pred, delta)
             rest = {n: delta[n] + lr * gsum.get(n, 0) for n in delta}
 
@@ -245,11 +248,15 @@ class PathRecorder:
             self._add_path_kernel(idx, state_t)
         self.steps += 1
 
-    def _dense_shares(self, idx, train, w_t, had, delta):
+    def _dense_shares(self, idx, train, w_t, had, delta, skipped):
         G = per_example_grads(self.plan, train)[:, 0].double()        # [B, P], plan order
         g = self.plan.unflatten(G)
         shares, rest = [], {}
         for n in self.U:
+            if n in skipped:
+                shares.append(torch.zeros_like(self.U[n]))
+                rest[n] = torch.zeros(self.U[n].shape[1], dtype=torch.float64)
+                continue
             share, r = self.opt.step_dense(n, self.U[n], self.U_rest[n], idx,
                                            g[n].reshape(idx.numel(), -1),
                                            w_t[n].double().reshape(-1), first=not had[n])
