@@ -365,3 +365,22 @@ def test_parameter_without_gradient_is_skipped_like_torch(make_opt):
     train(model, opt, X, Y, batches(24, 6, 4), rec)
     assert torch.equal(model.unused.detach(), torch.ones(5, dtype=torch.float64))
     assert rec.kernel_machine().report()["relative_error"] <= 1e-8
+
+
+def test_scheduler_inside_the_block_and_step_count():
+    X, Y, Xq = data(seed=23)
+    model = mlp(d_in=4, hidden=(6,), d_out=3, seed=23)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
+    for idx in batches(24, 6, 5):
+        with rec.step(idx):
+            opt.zero_grad()
+            LOSS(model(X[idx]), Y[idx]).backward()
+            opt.step()
+            sched.step()          # changes the lr before the recorder reads it
+    assert rec.kernel_machine().report()["relative_error"] <= 1e-10
+    with pytest.raises(pk.StepMismatchError, match=r"expected one optimizer.step\(\) inside the block, saw 0"):
+        with rec.step(torch.arange(3)):
+            opt.zero_grad()
+            LOSS(model(X[:3]), Y[:3]).backward()

@@ -46,17 +46,25 @@ class OptimizerModel:
         self.sgd_plain = (self.kind == "SGD" and all(float(g["momentum"]) == 0 for g in self.hyper.values())
                           and len(lrs) == 1 and len(wds) == 1)
 
+        self.snapshot()
+
     @staticmethod
     def _lr(g) -> float:
         lr = g["lr"]
         return float(lr.item() if isinstance(lr, torch.Tensor) else lr)
 
+    def snapshot(self) -> None:
+        """Freeze the hyper-parameters the next step uses (called from the optimizer's step
+        pre-hook, so a scheduler stepped inside the recorded block cannot confuse the step)."""
+        self.current = {n: {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+                            for k, v in g.items() if k != "params"} for n, g in self.hyper.items()}
+
     def lr(self) -> float:
         """The step's learning rate (the first group's: ε_t of the path kernel)."""
-        return self._lr(next(iter(self.hyper.values())))
+        return self._lr(next(iter(self.current.values())))
 
     def weight_decay(self) -> float:
-        return float(next(iter(self.hyper.values())).get("weight_decay", 0.0))
+        return float(next(iter(self.current.values())).get("weight_decay", 0.0))
 
     # ---- dense shares (momentum, Adam, AdamW, per-group hyper-parameters) ---------------------
     def init_state(self, names: List[str]) -> Dict[str, torch.Tensor]:
@@ -82,7 +90,7 @@ class OptimizerModel:
         """Advance one parameter's shares by one step and return (share matrix [N, p] of Δ,
         rest vector [p] of Δ). ``U [N, p]``, ``U_rest [p]`` are updated in place; ``g [B, p]``
         per-example gradients of the batch loss; ``w`` the weights before the step."""
-        h = self.hyper[name]
+        h = self.current[name]
         lr = self._lr(h)
         wd = float(h.get("weight_decay", 0.0))
         p = self._param(name)

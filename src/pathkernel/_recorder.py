@@ -154,6 +154,13 @@ class PathRecorder:
         w_t = {n: p.detach().clone() for n, p in self.plan.params.items()}
         had = {n: self.opt.has_buffer(n) for n in w_t} if self.dense else {}
         cap = Capture(self.plan, record_grads=True)
+        steps = []
+
+        def before_step(opt, args, kwargs):  # must return None: a value would replace the args
+            steps.append(1)
+            self.opt.snapshot()
+
+        hook = self.opt.opt.register_step_pre_hook(before_step)
         try:
             with cap:
                 yield
@@ -161,7 +168,11 @@ class PathRecorder:
             if any(not torch.equal(p.detach(), w_t[n]) for n, p in self.plan.params.items()):
                 self.broken = f"step {self.steps} raised after changing the weights"
             raise
+        finally:
+            hook.remove()
         try:
+            if len(steps) != 1:
+                self._fail(f"expected one optimizer.step() inside the block, saw {len(steps)}")
             self._record(idx, w_t, had, cap)
         except (StepMismatchError, ValueError) as e:
             self.broken = str(e)
