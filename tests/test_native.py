@@ -235,3 +235,13 @@ def test_random_valid_and_invalid_calls_never_crash():
                         [Term(None if a is None else torch.from_numpy(a), torch.from_numpy(d), b) for a, d, b in s2], 1.0, None)
         tol = 1e-4 if dt == np.float32 else 1e-10
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max(initial=0)))
+
+
+@pytest.mark.parametrize("tensor_cores", [True, False])
+def test_cuda_selfcheck_logic_runs_on_the_cpu(tensor_cores):
+    """The GPU self-check's reference/rounding/tolerance code, exercised with CPU tensors."""
+    from pathkernel import _backend
+    _backend._CUDA_CHECKED.clear()
+    _backend._cuda_selfcheck(torch.float32, torch.float32, "3xtf32", torch.device("cpu"), tensor_cores)
+    assert _backend._CUDA_CHECKED[("torch.float32", "torch.float32", "3xtf32", "cpu", tensor_cores)] is True
+    _backend._CUDA_CHECKED.clear()
