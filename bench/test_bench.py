@@ -85,3 +85,32 @@ def test_digits_mlp_recorded_steps(benchmark):
                 opt.step()
 
     benchmark.pedantic(run, rounds=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from pathkernel._workloads import tiny_transformer
+    return tiny_transformer(512)
+
+
+@pytest.mark.benchmark(group="tiny-transformer NTK N=512")
+def test_tiny_transformer_pathkernel(benchmark, tiny):
+    model, x = tiny
+    benchmark.pedantic(pk.tangent_kernel, args=(model, x), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="tiny-transformer NTK N=512")
+def test_tiny_transformer_torch_func(benchmark, tiny):
+    model, x = tiny
+    benchmark.pedantic(torch_func_ntk, args=(model, x), rounds=2, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="large-n (reduced: 20000 x 500, 3 checkpoints, 2 GB)")
+def test_large_n_reduced(benchmark, tmp_path):
+    model = mlp([64, 256, 1], seed=0)
+    g = torch.Generator().manual_seed(0)
+    X, Xq = torch.randn(20000, 64, generator=g), torch.randn(500, 64, generator=g)
+    ck = [(copy.deepcopy(model.state_dict()), 0.1)] * 3
+    out = str(tmp_path / "k.npy")
+    benchmark.pedantic(pk.path_kernel, args=(model, ck, X, Xq),
+                       kwargs=dict(out=out, memory_budget="2GB", resume=False, progress=False), rounds=2)

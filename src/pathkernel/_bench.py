@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ._workloads import (DigitsCNN, best_time, gemm_rate, linear_factors, mlp,
-                         mlp_factored_flops, native_gemm_rate, torch_factored_ntk, torch_func_ntk,
-                         wide_mlp)
+                         mlp_factored_flops, native_gemm_rate, tiny_transformer, torch_factored_ntk,
+                         torch_func_ntk, wide_mlp)
 
 
 class Row:
@@ -235,24 +235,8 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
 def _tiny_transformer(quick: bool) -> List[Row]:
     from . import tangent_kernel
 
-    class Tiny(nn.Module):
-        def __init__(self, vocab=64, d=32, seq=16):
-            super().__init__()
-            self.emb = nn.Embedding(vocab, d)
-            self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
-            self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
-            self.norm = nn.LayerNorm(d)
-            self.head = nn.Linear(d, 1)
-
-        def forward(self, t):
-            h = self.emb(t) + self.pos
-            a, _ = self.attn(h, h, h, need_weights=False)
-            return self.head(self.norm(h + a).mean(1))
-
     n = 128 if quick else 512
-    torch.manual_seed(0)
-    model = Tiny().eval()
-    x = torch.randint(0, 64, (n, 16))
+    model, x = tiny_transformer(n)
     ours = best_time(lambda: tangent_kernel(model, x), 2)
     peer = best_time(lambda: torch_func_ntk(model, x), 1)
     return [Row("tiny-transformer", f"NTK N={n}, seq 16", ours, {"torch.func": peer},

@@ -43,6 +43,29 @@ def wide_mlp(n=2048, seed=0, dtype=torch.float32) -> Tuple[nn.Module, torch.Tens
     return model, x
 
 
+class TinyTransformer(nn.Module):
+    """embedding + one attention block + LayerNorm over 16 tokens (``tiny-transformer``)."""
+
+    def __init__(self, vocab=64, d=32, seq=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, t):
+        h = self.emb(t) + self.pos
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.head(self.norm(h + a).mean(1))
+
+
+def tiny_transformer(n=1024, seed=0) -> Tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = TinyTransformer().eval()
+    return model, torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(seed + 1))
+
+
 # ---- peers -------------------------------------------------------------------------------------
 
 def linear_factors(model: nn.Module, x: torch.Tensor, scalars):
