@@ -34,8 +34,12 @@ class Block:
 
 
 def pair_cost(S1: int, S2: int, da: int, dd: int, C: int) -> Tuple[float, float]:
-    """(factored, materialized) multiply-adds for one pair of examples of one group."""
-    factored = S1 * S2 * (da + C * C * dd + C * C)
+    """(factored, materialized) multiply-adds for one pair of examples of one group.
+
+    A scalar output factor (S = C = dd = 1) costs no GEMM in the native core (rank one).
+    """
+    rank_one = S1 == S2 == 1 and C == 1 and dd == 1
+    factored = S1 * S2 * (da + (0 if rank_one else C * C * dd) + C * C)
     materialized = C * C * dd * (da + 1)
     return factored, materialized
 
@@ -58,7 +62,8 @@ def choose_form(group, f: Factor) -> Factor:
     S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
     da = group.vocab if group.kind == "embedding" else f.A.shape[2]
     fac, mat = pair_cost(S, S, da, dd, C)
-    return materialize(group, f) if mat < fac else f
+    # materializing costs a copy per example too: only worth it by a clear margin
+    return materialize(group, f) if mat < 0.8 * fac else f
 
 
 def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0
