@@ -50,19 +50,20 @@ struct Workspace {
 // for one term on an m x n tile. AG == nullptr means the A factor is 1.
 template <typename Tin, typename Tout>
 void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, Tout scale, int64_t m,
-              int64_t n, int64_t S1, int64_t S2, int64_t C1, int64_t C2) {
+              int64_t n, int64_t S1, int64_t S2, int64_t C1, int64_t C2, bool upper) {
   const int64_t ld_ag = n * S2, ld_dg = n * S2 * C2, CC = C1 * C2;
   if (S1 == 1 && S2 == 1 && CC == 1) {  // the MLP case: a plain fused multiply-add
     for (int64_t i = 0; i < m; ++i) {
       Tout* a = acc + i * n;
       const Tin* d = dg + i * ld_dg;
+      const int64_t j0 = upper ? i : 0;  // diagonal tiles: the upper triangle only
       if (ag) {
         const Tin* g = ag + i * ld_ag;
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) a[j] += scale * (Tout(g[j]) + beta) * Tout(d[j]);
+        for (int64_t j = j0; j < n; ++j) a[j] += scale * (Tout(g[j]) + beta) * Tout(d[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) a[j] += scale * Tout(d[j]);
+        for (int64_t j = j0; j < n; ++j) a[j] += scale * Tout(d[j]);
       }
     }
     return;
@@ -87,17 +88,18 @@ void epilogue(Tout* acc, const Tin* ag, const Tin* dg, Tout beta, Tout scale, in
 // acc[i, j] += scale (AG[i, j] + beta) * d1[i] * d2[j]   (S = 1, C = 1, dd = 1)
 template <typename Tin, typename Tout>
 void rank_one_epilogue(Tout* acc, const Tin* ag, const Tin* d1, const Tin* d2, Tout beta,
-                       Tout scale, int64_t m, int64_t n) {
+                       Tout scale, int64_t m, int64_t n, bool upper) {
   for (int64_t i = 0; i < m; ++i) {
     Tout* a = acc + i * n;
     const Tout di = scale * Tout(d1[i]);
+    const int64_t j0 = upper ? i : 0;
     if (ag) {
       const Tin* g = ag + i * n;
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) a[j] += (Tout(g[j]) + beta) * di * Tout(d2[j]);
+      for (int64_t j = j0; j < n; ++j) a[j] += (Tout(g[j]) + beta) * di * Tout(d2[j]);
     } else {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) a[j] += di * Tout(d2[j]);
+      for (int64_t j = j0; j < n; ++j) a[j] += di * Tout(d2[j]);
     }
   }
 }
@@ -113,7 +115,10 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
   for (const auto& t : side1.terms) S1max = std::max(S1max, t.S);
   for (const auto& t : side2.terms) S2max = std::max(S2max, t.S);
   const TilePlan plan = plan_tiles(S1max * C1, S2max * C2, tile_target, symmetric);
-  const int64_t panel = std::max<int64_t>(1, plan.rows_per_tile / 4);
+  // Diagonal tiles of a symmetric S = C = 1 kernel are whole tasks computed as triangles
+  // (gemmt); otherwise they are split into row panels that start at the diagonal.
+  const bool triangular = symmetric && S1max == 1 && C1 == 1;
+  const int64_t panel = triangular ? plan.rows_per_tile : std::max<int64_t>(1, plan.rows_per_tile / 4);
   const auto tasks = make_tasks(M, N, plan.rows_per_tile, plan.cols_per_tile, symmetric, panel);
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   const Tout a_out = static_cast<Tout>(alpha);
@@ -129,6 +134,7 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
 #endif
     for (int64_t t = 0; t < ntasks; ++t) {
       const int64_t i0 = tasks[t].i0, j0 = tasks[t].j0, m = tasks[t].m, n = tasks[t].n;
+      const bool tri = triangular && i0 == j0;  // a diagonal tile: upper triangle only
       ws.acc.assign(static_cast<size_t>(m * n * CC), Tout(0));
       for (size_t l = 0; l < side1.terms.size(); ++l) {
         const Term<Tin>& t1 = side1.terms[l];
@@ -137,8 +143,11 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
         const Tin* agp = nullptr;
         if (t1.A) {
           ws.ag.resize(static_cast<size_t>(rows_a * cols_a));
-          gemm_nt<Tin>(rows_a, cols_a, t1.da, t1.A + i0 * t1.S * t1.da, t2.A + j0 * t2.S * t2.da,
-                       ws.ag.data());
+          if (tri)
+            gram_upper<Tin>(m, t1.da, t1.A + i0 * t1.da, ws.ag.data());
+          else
+            gemm_nt<Tin>(rows_a, cols_a, t1.da, t1.A + i0 * t1.S * t1.da, t2.A + j0 * t2.S * t2.da,
+                         ws.ag.data());
           agp = ws.ag.data();
         }
         const Tin* d1 = t1.D + i0 * t1.S * C1 * t1.dd;
@@ -147,14 +156,17 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
           // A scalar output factor (a network with one output): D D'^T is rank one, so it is
           // applied in the epilogue instead of being formed by a GEMM.
           rank_one_epilogue<Tin, Tout>(ws.acc.data(), agp, d1, d2, static_cast<Tout>(t1.beta),
-                                       static_cast<Tout>(t1.scale), m, n);
+                                       static_cast<Tout>(t1.scale), m, n, tri);
           continue;
         }
         const int64_t rows_d = rows_a * C1, cols_d = cols_a * C2;
         ws.dg.resize(static_cast<size_t>(rows_d * cols_d));
-        gemm_nt<Tin>(rows_d, cols_d, t1.dd, d1, d2, ws.dg.data());
+        if (tri)
+          gram_upper<Tin>(m, t1.dd, d1, ws.dg.data());
+        else
+          gemm_nt<Tin>(rows_d, cols_d, t1.dd, d1, d2, ws.dg.data());
         epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta),
-                            static_cast<Tout>(t1.scale), m, n, t1.S, t2.S, C1, C2);
+                            static_cast<Tout>(t1.scale), m, n, t1.S, t2.S, C1, C2, tri);
       }
       // One pass over the output tile, then its mirror image (symmetric mode), each walking
       // the output contiguously.

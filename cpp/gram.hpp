@@ -9,7 +9,8 @@
 // (A . A' + beta). For every (row block, column block) tile the two factor Grams of each
 // term are formed by BLAS GEMM in cache-sized workspaces, multiplied elementwise and summed
 // into a tile accumulator; the output is touched once per tile. In symmetric mode (side 2 is
-// side 1) only tiles on or above the diagonal are computed and mirrored.
+// side 1) only tiles on or above the diagonal are computed and mirrored; diagonal tiles are
+// triangles (BLAS gemmt) when every term has S = C = 1, row panels otherwise.
 //
 // No Python or torch headers here: the binding validates and hands plain pointers.
 #pragma once

@@ -245,3 +245,17 @@ def test_cuda_selfcheck_logic_runs_on_the_cpu(tensor_cores):
     _backend._cuda_selfcheck(torch.float32, torch.float32, "3xtf32", torch.device("cpu"), tensor_cores)
     assert _backend._CUDA_CHECKED[("torch.float32", "torch.float32", "3xtf32", "cpu", tensor_cores)] is True
     _backend._CUDA_CHECKED.clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("n,tile", [(1, 4), (97, 16), (130, 64), (300, 512)])
+def test_symmetric_triangular_diagonal_tiles(n, tile, dtype):
+    """S = C = 1: diagonal tiles are computed as triangles (gemmt), every element once."""
+    rng = np.random.default_rng(n + tile)
+    side = make_side(rng, n, 1, [(1, 9, 4, 1.0), (1, None, 6, 0.0), (1, 5, 1, 1.0)], dtype)
+    w = torch.from_numpy(rng.uniform(0.5, 2.0, n)).to(dtype)
+    init = torch.from_numpy(rng.standard_normal((n, n, 1, 1))).to(dtype)
+    got = _backend.accumulate(init.clone(), side, None, alpha=0.5, col_weights=w, tile=tile)
+    ref = init.double().numpy() + reference(side, None, 0.5, w)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
