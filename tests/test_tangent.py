@@ -122,3 +122,13 @@ def test_tuple_inputs_and_vector_output():
     y = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))
     _check(pk.tangent_kernel(model, x, y), reference_ntk(model, x, y), torch.float64)
     _check(pk.tangent_kernel(model, x), reference_ntk(model, x), torch.float64)
+
+
+def test_inplace_activation_after_a_layer():
+    """An in-place op on a covered layer's output must not corrupt the captured gradients."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 4), nn.Tanh(),
+                          nn.Linear(4, 2)).double()
+    x = torch.randn(9, 5, dtype=torch.float64)
+    _check(pk.tangent_kernel(model, x, outputs="full"), reference_ntk(model, x, None, "full"),
+           torch.float64)

@@ -32,15 +32,17 @@ class Use:
     module: torch.nn.Module
     a: Optional[torch.Tensor]
     y: torch.Tensor
+    version: int = 0                     # y._version when recorded (in-place ops bump it)
     grad: Optional[torch.Tensor] = None  # filled by a tensor hook in recording mode
 
 
 class Capture:
     """Context manager: hooks on every module of the plan (and the root in recording mode)."""
 
-    def __init__(self, plan: ModelPlan, record_grads: bool = False):
+    def __init__(self, plan: ModelPlan, record_grads: bool = False, copy_outputs: bool = True):
         self.plan = plan
         self.record_grads = record_grads
+        self.copy_outputs = copy_outputs
         self.uses: List[Use] = []
         self.root_outputs: List[torch.Tensor] = []
         self.root_inputs: List[tuple] = []
@@ -69,13 +71,13 @@ class Capture:
             if not torch.is_grad_enabled():
                 return None
             a = g.rule.a_factor(module, args).detach() if g.weight is not None else None
-            use = Use(k, module, a, output)
+            use = Use(k, module, a, output, output._version)
             self.uses.append(use)
             if self.record_grads and output.requires_grad:
                 output.register_hook(lambda grad, u=use: setattr(u, "grad", grad.detach()))
-            # Downstream code gets a copy, so an in-place op after the module cannot change
-            # the tensor whose gradient we read.
-            return output.clone()
+            # With copies, an in-place op after the module cannot change the tensor whose
+            # gradient we read; without, the caller checks the versions and retries.
+            return output.clone() if self.copy_outputs else None
 
         return hook
 
@@ -180,8 +182,11 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
 
 def extract(plan: ModelPlan, spec, state: Dict[str, torch.Tensor], x: tuple) -> Block:
     """Features of one block of examples: one backward pass per output channel."""
-    with Capture(plan) as cap, torch.enable_grad():
+    with Capture(plan, copy_outputs=False) as cap, torch.enable_grad():
         out = functional_call(plan.model, state, x)
+    if any(u.y._version != u.version for u in cap.uses):  # modified in place downstream
+        with Capture(plan) as cap, torch.enable_grad():
+            out = functional_call(plan.model, state, x)
     f = spec.rows(out)
     n, C = f.shape
     uses = cap.uses
