@@ -5,31 +5,21 @@
                                                    # kill -9 halfway, resume, compare with a clean run
 """
 import os
-import resource
 import signal
 import subprocess
 import sys
 import time
 
-import torch
 
 RUN = """
 import resource, sys, time, torch, pathkernel as pk
-from pathkernel._workloads import mlp
+from pathkernel._workloads import checkpoint_path
 kind, out, budget = sys.argv[1], sys.argv[2], sys.argv[3]
-model = mlp([64, 256, 1], seed=0)
-g = torch.Generator().manual_seed(0)
-ckpts = []
-m = mlp([64, 256, 1], seed=0)
-for t in range(10):
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=g))
-    ckpts.append(({k: v.clone() for k, v in m.state_dict().items()}, 0.1))
 if kind == "large-n":
-    X, Xq = torch.randn(200000, 64, generator=g), torch.randn(2000, 64, generator=g)
+    model, ckpts, X, Xq = checkpoint_path(200000, 2000, 10)
 else:
-    X, Xq = torch.randn(50000, 64, generator=g), None
+    model, ckpts, X, _ = checkpoint_path(50000, 1, 10)
+    Xq = None
 print(pk.plan(model, ckpts, X, Xq, out=out, memory_budget=budget), flush=True)
 t = time.perf_counter()
 pk.path_kernel(model, ckpts, X, Xq, out=out, memory_budget=budget, progress=False)

@@ -4,14 +4,13 @@ Each workload is timed for pathkernel and its peers in the same session; compare
 of one run (``--benchmark-group-by=group``), not absolute seconds across machines.
 The ratio table with the GEMM roofline comes from ``pathkernel bench``.
 """
-import copy
 
 import pytest
 import torch
 from torch import nn
 
 import pathkernel as pk
-from pathkernel._workloads import (DigitsCNN, mlp, torch_factored_ntk, torch_func_ntk, wide_mlp)
+from pathkernel._workloads import (DigitsCNN, checkpoint_path, mlp, torch_factored_ntk, torch_func_ntk, wide_mlp)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +57,7 @@ def test_digits_cnn_pathkernel(benchmark, cnn):
 
 @pytest.mark.benchmark(group="checkpoint path 20000x200")
 def test_checkpoint_path_pathkernel(benchmark):
-    model = mlp([64, 256, 1], seed=0)
-    g = torch.Generator().manual_seed(0)
-    X, Xq = torch.randn(20000, 64, generator=g), torch.randn(200, 64, generator=g)
-    ck = [(copy.deepcopy(model.state_dict()), 0.1)] * 3
+    model, ck, X, Xq = checkpoint_path(20000, 200, 3)
     benchmark.pedantic(pk.path_kernel, args=(model, ck, X, Xq), kwargs=dict(progress=False),
                        rounds=2, warmup_rounds=1)
 
@@ -107,10 +103,7 @@ def test_tiny_transformer_torch_func(benchmark, tiny):
 
 @pytest.mark.benchmark(group="large-n (reduced: 20000 x 500, 3 checkpoints, 2 GB)")
 def test_large_n_reduced(benchmark, tmp_path):
-    model = mlp([64, 256, 1], seed=0)
-    g = torch.Generator().manual_seed(0)
-    X, Xq = torch.randn(20000, 64, generator=g), torch.randn(500, 64, generator=g)
-    ck = [(copy.deepcopy(model.state_dict()), 0.1)] * 3
+    model, ck, X, Xq = checkpoint_path(20000, 500, 3)
     out = str(tmp_path / "k.npy")
     benchmark.pedantic(pk.path_kernel, args=(model, ck, X, Xq),
                        kwargs=dict(out=out, memory_budget="2GB", resume=False, progress=False), rounds=2)

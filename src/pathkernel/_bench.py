@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ._workloads import (DigitsCNN, best_time, gemm_rate, linear_factors, mlp,
+from ._workloads import (DigitsCNN, best_time, checkpoint_path, gemm_rate, linear_factors, mlp,
                          mlp_factored_flops, native_gemm_rate, tiny_transformer, torch_factored_ntk,
                          torch_func_ntk, wide_mlp)
 
@@ -85,17 +85,8 @@ def _checkpoint_path(quick: bool) -> List[Row]:
     from . import path_kernel
 
     n, m, T = (5000, 100, 3) if quick else (20000, 200, 3)
-    model = mlp([64, 256, 1], seed=0)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(n, 64, generator=g)
-    Xq = torch.randn(m, 64, generator=g)
-    ckpts = []
+    model, ckpts, X, Xq = checkpoint_path(n, m, T)
     mm = copy.deepcopy(model)
-    for t in range(T):
-        with torch.no_grad():
-            for p in mm.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=g))
-        ckpts.append(({k: v.clone() for k, v in mm.state_dict().items()}, 0.1))
     ours = best_time(lambda: path_kernel(model, ckpts, X, Xq, progress=False), 2)
 
     def torch_ckpt():
@@ -250,11 +241,7 @@ def _large_n(quick: bool) -> List[Row]:
     from . import path_kernel
 
     n, m, T = (20000, 500, 3) if quick else (200000, 2000, 10)
-    model = mlp([64, 256, 1], seed=0)
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(n, 64, generator=g)
-    Xq = torch.randn(m, 64, generator=g)
-    ckpts = [({k: v.clone() for k, v in model.state_dict().items()}, 0.1) for _ in range(T)]
+    model, ckpts, X, Xq = checkpoint_path(n, m, T)
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/k.npy"
         t = best_time(lambda: path_kernel(model, ckpts, X, Xq, out=out, memory_budget="2GB",

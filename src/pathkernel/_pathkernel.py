@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -23,12 +22,13 @@ from . import _backend
 from ._capture import CHUNK, cast_inputs, extract, probe
 from ._checkpoints import check_checkpoints, checkpoint_state
 from ._checks import check_inputs_match, check_same_features, resolve_dtype, run_model_once, as_inputs
-from ._features import Block, concat_blocks, to_terms
+from ._features import Block, to_terms
 from ._model import ModelPlan, check_model
 from ._outputs import OutputSpec, OutputsArg
 from ._progress import progress_bar
 from ._sources import Source
 from ._store import open_store, parse_bytes
+from ._tangent import features
 
 _GEMM_GUESS = 150e9   # FLOP/s used only for the plan's time estimate
 
@@ -229,11 +229,8 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
     bar = progress_bar(progress, total=len(todo) * len(states), desc="path kernel", unit="tile-ckpt")
 
     def feats(src: Source, lo: int, hi: int, state) -> Block:
-        blocks = []
-        for a in range(lo, hi, c["chunk"]):
-            x = as_inputs(src.get(a, min(hi, a + c["chunk"])), src.name)
-            blocks.append(extract(mplan, spec, state, cast_inputs(x, dtype)))
-        return concat_blocks(blocks)
+        x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
+        return features(mplan, spec, state, x, c["chunk"], src.name)
 
     try:
         cached_row = None

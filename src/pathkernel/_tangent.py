@@ -1,7 +1,7 @@
 """``tangent_kernel``: the empirical tangent kernel of a PyTorch model."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn

@@ -43,6 +43,23 @@ def wide_mlp(n=2048, seed=0, dtype=torch.float32) -> Tuple[nn.Module, torch.Tens
     return model, x
 
 
+def checkpoint_path(n: int, m: int, T: int, seed: int = 0, step: float = 0.01, lr: float = 0.1):
+    """The checkpoint-path workload: MLP 64-256-1, n train x m query inputs, T checkpoints of
+    randomly perturbed weights (each with weight ``lr``). Returns (model, ckpts, X, Xq)."""
+    model = mlp([64, 256, 1], seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 64, generator=g)
+    Xq = torch.randn(m, 64, generator=g)
+    walker = mlp([64, 256, 1], seed=seed)
+    ckpts = []
+    for _ in range(T):
+        with torch.no_grad():
+            for p in walker.parameters():
+                p.add_(step * torch.randn(p.shape, generator=g))
+        ckpts.append(({k: v.clone() for k, v in walker.state_dict().items()}, lr))
+    return model, ckpts, X, Xq
+
+
 class TinyTransformer(nn.Module):
     """embedding + one attention block + LayerNorm over 16 tokens (``tiny-transformer``)."""
 
