@@ -137,9 +137,9 @@ PYBIND11_MODULE(_native, m) {
       },
       "The work list (i0, m, j0, n) of the tiled accumulation (exposed for tests).");
   // The CUDA launch plan's index arithmetic and epilogue, compiled for the host (tests).
-  m.def("_cuda_tile_coords", [](int64_t t, int64_t rb, int64_t cb, bool symmetric) {
+  m.def("_cuda_tile_coords", [](int64_t t, int64_t rb, int64_t cb, bool symmetric, int64_t group) {
     int64_t r = 0, c = 0;
-    pathkernel::tiles::coords(t, rb, cb, symmetric, &r, &c);
+    pathkernel::tiles::coords(t, rb, cb, symmetric, group, &r, &c);
     return std::make_pair(r, c);
   });
   m.def("_cuda_tile_count", &pathkernel::tiles::count);

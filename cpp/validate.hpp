@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstdint>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,12 +30,12 @@ struct ArrayDesc {
   std::uintptr_t end() const { return ptr + static_cast<std::uintptr_t>(numel() * itemsize); }
 };
 
+// Plain string building, no iostreams: an ostringstream in _native_cuda crashed (SIGSEGV in
+// basic_ostream::_M_insert<long>) inside the GPU image's torch process.
 inline std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream o;
-  o << "(";
-  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
-  o << (s.size() == 1 ? ",)" : ")");
-  return o.str();
+  std::string o = "(";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + (s.size() == 1 ? ",)" : ")");
 }
 
 struct TermDesc {

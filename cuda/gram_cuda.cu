@@ -1,20 +1,15 @@
 // CUDA kernels for the factored Gram accumulation (see gram_cuda.hpp).
 //
-// fused_tc_kernel: tensor-core tiles (WMMA) for the common case S = 1, C = 1. One block of
-// four warps owns a 32 x 32 tile of examples; for every term it reduces both factor Grams
-// A_I A_J^T and D_I D_J^T on chip into accumulator fragments (inputs staged through shared
-// memory, zero-padded, converted to fp16 / bf16 / TF32), multiplies them elementwise into a
-// running accumulator fragment (accumulator fragments of one type share their element
-// mapping), and touches the output once at the end. Neither Gram ever reaches global memory.
+// fused_mma_kernel: tensor cores (mma.sync, cp.async pipeline) for S = 1, C = 1; see below.
 //
 // generic_kernel: CUDA cores, any S and C, float64 accumulation; the reference path for
 // positions / channels, float64 inputs and precision="exact".
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -26,12 +21,6 @@ namespace pathkernel {
 namespace cuda {
 namespace {
 
-using namespace nvcuda;
-
-constexpr int BT = 32;        // examples per tile side
-constexpr int KC = 32;        // K chunk staged in shared memory
-constexpr int LDS = KC + 8;   // shared-memory row stride (elements), keeps 32-byte alignment
-constexpr int LDC = BT + 4;   // row stride of the staged result tile
 constexpr int kMaxTerms = 16; // terms per launch; more are split over launches (additive)
 
 struct TermArgs {
@@ -42,6 +31,7 @@ struct TermArgs {
   int64_t S1, S2, da, dd;
   double beta, scale;
   int hasA;
+  int alignedA, alignedD;  // 16-byte rows: staged with cp.async, else element by element
 };
 
 struct Args {
@@ -73,135 +63,312 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Tensor-core shapes per input type: fp16 / bf16 use m16n16k16, float uses TF32 m16n16k8.
-template <typename TIn>
-struct Tc;
-template <>
-struct Tc<__half> {
-  using S = __half;
-  static constexpr int WK = 16;
-  using AF = wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major>;
-  using BF = wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major>;
-  using CF = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-};
-template <>
-struct Tc<__nv_bfloat16> {
-  using S = __nv_bfloat16;
-  static constexpr int WK = 16;
-  using AF = wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major>;
-  using BF = wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major>;
-  using CF = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-};
-template <>
-struct Tc<float> {
-  using S = float;
-  static constexpr int WK = 8;
-  using AF = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-  using BF = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-  using CF = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
+// ---------------------------------------------------------------------------------------
+// fused_mma_kernel: tensor-core tiles (mma.sync) for the common case S = 1, C = 1. A block
+// of 8 warps owns a 128 x 128 tile of examples; warps form a 2 x 4 grid of 64 x 32 warp tiles
+// (4 x 4 mma tiles of m16 n8). Operands stream through a cp.async pipeline of K chunks of CW
+// 32-bit words per row (rows padded by 16 bytes: conflict-free fragment loads). For each term
+// the A-Gram is reduced into registers and parked in shared memory (thread-private slots),
+// then the D-Gram is reduced into the same registers and fused into the running accumulator:
+// neither Gram reaches global memory. The tile goes through shared memory once at the end so
+// that both the direct and the mirrored (transposed) writes are coalesced.
+namespace fm {
+constexpr int BM = 128;               // examples per tile side
+constexpr int NTHREADS = 256;         // 8 warps
+constexpr int WM = 64, WN = 32;       // warp tile
+constexpr int MT = WM / 16, NT = WN / 8;
+constexpr int PARK_WORDS = MT * NT * 4 * NTHREADS;
+constexpr int LDT = BM + 1;           // row stride of the result tile (conflict-free columns)
+constexpr int GROUP = 8;              // row blocks per L2 group
+
+// Pipeline shape: CW words of K per staged row, STAGES chunks in flight.
+template <int CW_, int STAGES_>
+struct Cfg {
+  static constexpr int CW = CW_, STAGES = STAGES_, SW = CW + 4, OPW = BM * SW;
+  static constexpr int STAGE_WORDS = STAGES * 2 * OPW;
+  static constexpr size_t SMEM_BYTES = 4 * static_cast<size_t>(STAGE_WORDS + PARK_WORDS);
+  static_assert(BM * LDT <= STAGE_WORDS + PARK_WORDS, "result tile must fit the staging space");
 };
 
-// Rows [r0, r0 + BT) x columns [k0, k0 + KC) of a row-major [rows, K] matrix into shared
-// memory, converted and zero-padded outside the matrix.
-template <typename TIn, typename S>
-__device__ __forceinline__ void stage(S* dst, const TIn* src, int64_t rows, int64_t K, int64_t r0,
-                                      int64_t k0) {
-  for (int e = threadIdx.x; e < BT * KC; e += blockDim.x) {
-    const int r = e / KC, k = e % KC;
-    const int64_t gr = r0 + r, gk = k0 + k;
-    const float v = (gr < rows && gk < K) ? to_f(src[gr * K + gk]) : 0.f;
-    dst[r * LDS + k] = from_f<S>(v);
-  }
+__device__ __forceinline__ void cp_async16(uint32_t* dst, const void* src, bool valid) {
+  const unsigned saddr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? 16 : 0;  // 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// acc = X1[i0:i0+32] X2[j0:j0+32]^T on this warp's 16 x 16 quarter (wr, wc).
-template <typename TIn, bool X3>
-__device__ void gram(typename Tc<TIn>::CF& acc, const TIn* X1, int64_t n1, const TIn* X2,
-                     int64_t n2, int64_t K, int64_t i0, int64_t j0, typename Tc<TIn>::S* s1,
-                     typename Tc<TIn>::S* s2, int wr, int wc) {
-  using T = Tc<TIn>;
-  wmma::fill_fragment(acc, 0.f);
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    stage(s1, X1, n1, K, i0, k0);
-    stage(s2, X2, n2, K, j0, k0);
-    __syncthreads();
+// Four 8 x 8 matrices of 16-byte rows; lane l gives the address of row l % 8 of matrix l / 8
+// and receives word l % 4 of row l / 4 of each matrix.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint32_t* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <typename T>
+__device__ __forceinline__ void mma_16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void mma_16<__half>(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void mma_16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                       const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Rows [r0, r0 + BM) x one K chunk from k0 of a row-major [n, K] matrix into one staged
+// operand tile, zero outside the matrix. Aligned rows go by cp.async (completed by the
+// pipeline's wait), others element by element.
+template <typename C, typename TIn>
+__device__ __forceinline__ void load_tile(uint32_t* dst, const TIn* X, int64_t n, int64_t K,
+                                          int64_t r0, int64_t k0, bool aligned) {
+  constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));  // elements per staged row
+  constexpr int EPC = 16 / static_cast<int>(sizeof(TIn));        // elements per 16-byte chunk
+  constexpr int CPR = C::CW / 4;                                 // chunks per row
+  if (aligned) {
 #pragma unroll
-    for (int kk = 0; kk < KC; kk += T::WK) {
-      typename T::AF a;
-      typename T::BF b;
-      wmma::load_matrix_sync(a, s1 + wr * 16 * LDS + kk, LDS);
-      wmma::load_matrix_sync(b, s2 + wc * 16 * LDS + kk, LDS);
-      if constexpr (std::is_same<TIn, float>::value) {
-        if constexpr (X3) {  // 3xTF32: x = big + small, drop small * small
-          typename T::AF a_small;
-          typename T::BF b_small;
-#pragma unroll
-          for (int t = 0; t < a.num_elements; ++t) {
-            const float big = wmma::__float_to_tf32(a.x[t]);
-            a_small.x[t] = wmma::__float_to_tf32(a.x[t] - big);
-            a.x[t] = big;
-          }
-#pragma unroll
-          for (int t = 0; t < b.num_elements; ++t) {
-            const float big = wmma::__float_to_tf32(b.x[t]);
-            b_small.x[t] = wmma::__float_to_tf32(b.x[t] - big);
-            b.x[t] = big;
-          }
-          wmma::mma_sync(acc, a_small, b, acc);
-          wmma::mma_sync(acc, a, b_small, acc);
-        } else {
-#pragma unroll
-          for (int t = 0; t < a.num_elements; ++t) a.x[t] = wmma::__float_to_tf32(a.x[t]);
-#pragma unroll
-          for (int t = 0; t < b.num_elements; ++t) b.x[t] = wmma::__float_to_tf32(b.x[t]);
-        }
-      }
-      wmma::mma_sync(acc, a, b, acc);
+    for (int it = 0; it < BM * CPR / NTHREADS; ++it) {
+      const int id = threadIdx.x + it * NTHREADS, r = id / CPR, cc = id % CPR;
+      const int64_t gr = r0 + r, gk = k0 + cc * EPC;
+      const bool ok = gr < n && gk < K;
+      cp_async16(dst + r * C::SW + cc * 4, ok ? X + gr * K + gk : X, ok);
     }
-    __syncthreads();
+  } else {
+    TIn* d = reinterpret_cast<TIn*>(dst);
+    constexpr int EPW = 4 / static_cast<int>(sizeof(TIn));
+    for (int id = threadIdx.x; id < BM * KC; id += NTHREADS) {
+      const int r = id / KC, k = id % KC;
+      const int64_t gr = r0 + r, gk = k0 + k;
+      d[r * C::SW * EPW + k] = (gr < n && gk < K) ? X[gr * K + gk] : from_f<TIn>(0.f);
+    }
   }
 }
 
-template <typename TIn, typename TOut, bool X3>
-__global__ void __launch_bounds__(128) fused_tc_kernel(TOut* out, Args args) {
-  using T = Tc<TIn>;
-  __shared__ __align__(32) typename T::S s1[BT * LDS];
-  __shared__ __align__(32) typename T::S s2[BT * LDS];
-  __shared__ __align__(32) float cst[BT * LDC];
-  int64_t r, c;
-  tiles::coords(blockIdx.x, args.rb, args.cb, args.symmetric != 0, &r, &c);
-  const int64_t i0 = r * BT, j0 = c * BT;
-  const int warp = threadIdx.x / 32, wr = warp / 2, wc = warp % 2;
-
-  typename T::CF acc, ag, dg;
-  wmma::fill_fragment(acc, 0.f);
-  for (int l = 0; l < args.nterms; ++l) {
-    const TermArgs& t = args.t[l];
-    if (t.hasA)
-      gram<TIn, X3>(ag, static_cast<const TIn*>(t.A1), args.M, static_cast<const TIn*>(t.A2),
-                    args.N, t.da, i0, j0, s1, s2, wr, wc);
-    gram<TIn, X3>(dg, static_cast<const TIn*>(t.D1), args.M, static_cast<const TIn*>(t.D2),
-                  args.N, t.dd, i0, j0, s1, s2, wr, wc);
-    const float beta = static_cast<float>(t.beta), scale = static_cast<float>(t.scale);
+// One staged K chunk into this warp's 64 x 32 accumulators. sa / sb point at the warp's
+// first row of the staged X1 / X2 tiles. Every mma k-step spans 8 words of a row (16 halves
+// or 8 floats); with g = lane / 4, t = lane % 4, fragment register e of A holds row g (+8
+// for odd e), word t (+4 for e >= 2), and register e of B column g, word t (+4 for e = 1):
+// exactly what ldmatrix gives from the row-major staging of X1 and X2, for 16-bit and
+// 32-bit elements alike (an 8 x 4-word matrix).
+template <typename C, typename TIn, bool X3>
+__device__ __forceinline__ void mma_chunk(float (&c)[MT][NT][4], const uint32_t* sa,
+                                          const uint32_t* sb, int lane) {
+  constexpr int SW = C::SW;
+  const int q = lane / 8, rq = lane % 8;  // ldmatrix: matrix q, row rq
 #pragma unroll
-    for (int e = 0; e < acc.num_elements; ++e)
-      acc.x[e] = tiles::fuse<float>(acc.x[e], t.hasA ? ag.x[e] : 0.f, scale * dg.x[e], beta,
-                                    t.hasA != 0);
+  for (int ks = 0; ks < C::CW / 8; ++ks) {
+    const int kw = ks * 8;
+    uint32_t a[MT][4], b[NT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      ldsm_x4(a[mt], sa + (mt * 16 + rq + (q & 1) * 8) * SW + kw + (q >> 1) * 4);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t r[4];
+      ldsm_x4(r, sb + ((2 * np + (q >> 1)) * 8 + rq) * SW + kw + (q & 1) * 4);
+      b[2 * np][0] = r[0];
+      b[2 * np][1] = r[1];
+      b[2 * np + 1][0] = r[2];
+      b[2 * np + 1][1] = r[3];
+    }
+    if constexpr (std::is_same<TIn, float>::value) {
+      // m16n8k8 TF32 on single words. 3xTF32 splits each operand into a TF32 head and a TF32
+      // tail and drops tail x tail.
+      uint32_t ah[MT][4], bh[NT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = __uint_as_float(a[mt][e]);
+          ah[mt][e] = to_tf32(x);
+          if constexpr (X3) a[mt][e] = to_tf32(x - __uint_as_float(ah[mt][e]));
+        }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float x = __uint_as_float(b[nt][e]);
+          bh[nt][e] = to_tf32(x);
+          if constexpr (X3) b[nt][e] = to_tf32(x - __uint_as_float(bh[nt][e]));
+        }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if constexpr (X3) {
+            mma_tf32(c[mt][nt], a[mt], bh[nt]);
+            mma_tf32(c[mt][nt], ah[mt], b[nt]);
+          }
+          mma_tf32(c[mt][nt], ah[mt], bh[nt]);
+        }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16<TIn>(c[mt][nt], a[mt], b[nt]);
+    }
   }
-  wmma::store_matrix_sync(cst + wr * 16 * LDC + wc * 16, acc, LDC, wmma::mem_row_major);
+}
+
+// c = X1[i0 : i0 + 128] X2[j0 : j0 + 128]^T, this warp's part, through the cp.async pipeline.
+template <typename C, typename TIn, bool X3>
+__device__ __forceinline__ void gram(float (&c)[MT][NT][4], const TIn* X1, int64_t n1, const TIn* X2,
+                                     int64_t n2, int64_t K, int64_t i0, int64_t j0, bool aligned,
+                                     uint32_t* stages) {
+  constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));
+  constexpr int S = C::STAGES, OPW = C::OPW;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / 4, wn = warp % 4;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[mt][nt][e] = 0.f;
+  const int64_t nk = (K + KC - 1) / KC;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nk) {
+      load_tile<C>(stages + (2 * s) * OPW, X1, n1, K, i0, s * KC, aligned);
+      load_tile<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, s * KC, aligned);
+    }
+    cp_commit();
+  }
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    cp_wait<S - 2>();  // chunk kt has landed (this thread's copies)
+    __syncthreads();   // ... everyone's; and chunk kt - 1's stage is free again
+    const int64_t nxt = kt + S - 1;
+    if (nxt < nk) {
+      const int s = static_cast<int>(nxt % S);
+      load_tile<C>(stages + (2 * s) * OPW, X1, n1, K, i0, nxt * KC, aligned);
+      load_tile<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, nxt * KC, aligned);
+    }
+    cp_commit();
+    const uint32_t* st = stages + 2 * static_cast<int>(kt % S) * OPW;
+    mma_chunk<C, TIn, X3>(c, st + wm * WM * C::SW, st + OPW + wn * WN * C::SW, lane);
+  }
+  cp_wait<0>();
+  __syncthreads();  // the stages are reused by the next Gram
+}
+
+template <typename C, typename TIn, typename TOut, bool X3>
+__global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args args) {
+  extern __shared__ __align__(16) uint32_t smem[];
+  uint32_t* stages = smem;
+  float* park = reinterpret_cast<float*>(smem + C::STAGE_WORDS);
+  const bool sym = args.symmetric != 0;
+  int64_t r, c;
+  tiles::coords(blockIdx.x, args.rb, args.cb, sym, GROUP, &r, &c);
+  const int64_t i0 = r * BM, j0 = c * BM;
+  const int tid = threadIdx.x;
+
+  float acc[MT][NT][4], cur[MT][NT][4];
+#define PK_SLOT(mt, nt, e) ((((mt) * NT + (nt)) * 4 + (e)) * NTHREADS + tid)  // conflict-free
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+  for (int l = 0; l < args.nterms; ++l) {
+    const TermArgs& tm = args.t[l];
+    if (tm.hasA) {
+      gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
+                       args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) park[PK_SLOT(mt, nt, e)] = cur[mt][nt][e];
+    }
+    gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
+                     args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
+    const float beta = static_cast<float>(tm.beta), scale = static_cast<float>(tm.scale);
+    const bool hasA = tm.hasA != 0;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float ag = hasA ? park[PK_SLOT(mt, nt, e)] : 0.f;
+          acc[mt][nt][e] = tiles::fuse<float>(acc[mt][nt][e], ag, scale * cur[mt][nt][e], beta, hasA);
+        }
+  }
+#undef PK_SLOT
+
+  // Result tile through shared memory (it overlays the stages: wait for every warp).
+  __syncthreads();
+  float* ct = reinterpret_cast<float*>(smem);
+  {
+    const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int wm = warp / 4, wn = warp % 4;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int row = wm * WM + mt * 16 + g, col = wn * WN + nt * 8 + 2 * t;
+        ct[row * LDT + col] = acc[mt][nt][0];
+        ct[row * LDT + col + 1] = acc[mt][nt][1];
+        ct[(row + 8) * LDT + col] = acc[mt][nt][2];
+        ct[(row + 8) * LDT + col + 1] = acc[mt][nt][3];
+      }
+  }
   __syncthreads();
   const TOut* w = static_cast<const TOut*>(args.w);
-  const bool sym = args.symmetric != 0;
-  for (int e = threadIdx.x; e < BT * BT; e += blockDim.x) {
-    const int li = e / BT, lj = e % BT;
+  for (int e = tid; e < BM * BM; e += NTHREADS) {  // direct: consecutive threads along a row
+    const int li = e / BM, lj = e % BM;
     const int64_t gi = i0 + li, gj = j0 + lj;
     if (gi >= args.M || gj >= args.N || !tiles::owns(gi, gj, sym)) continue;
-    const double v = args.alpha * static_cast<double>(cst[li * LDC + lj]);
+    const double v = args.alpha * static_cast<double>(ct[li * LDT + lj]);
     out[gi * args.N + gj] += static_cast<TOut>(v * (w ? static_cast<double>(w[gj]) : 1.0));
-    if (tiles::mirrors(gi, gj, sym))
-      out[gj * args.N + gi] += static_cast<TOut>(v * (w ? static_cast<double>(w[gi]) : 1.0));
+  }
+  if (!sym) return;
+  for (int e = tid; e < BM * BM; e += NTHREADS) {  // mirrored: consecutive threads along a column
+    const int lj = e / BM, li = e % BM;
+    const int64_t gi = i0 + li, gj = j0 + lj;
+    if (gi >= args.M || gj >= args.N || !tiles::mirrors(gi, gj, sym)) continue;
+    const double v = args.alpha * static_cast<double>(ct[li * LDT + lj]);
+    out[gj * args.N + gi] += static_cast<TOut>(v * (w ? static_cast<double>(w[gi]) : 1.0));
   }
 }
+
+// Measured on an H200 (bench/RESULTS.md): 128-byte chunks beat 64-byte ones by ~12%; other
+// shapes tried (32-bit fragment loads instead of ldmatrix, the accumulator in shared memory)
+// were no faster.
+using Ldm16 = Cfg<16, 4>;  // 64-byte chunks, 4 stages: 144 KB (fits sm_80's 163 KB)
+using Ldm32 = Cfg<32, 3>;  // 128-byte chunks, 3 stages: 172 KB (sm_90)
+}  // namespace fm
 
 template <typename TIn, typename TOut>
 __global__ void __launch_bounds__(256) generic_kernel(TOut* out, Args args) {
@@ -257,6 +424,53 @@ bool tensor_core_case(DType in, const DSide& s1, const DSide& s2, Precision p) {
   return true;
 }
 
+// Rows of a row-major [n, K] operand can go by 16-byte cp.async when the base is 16-byte
+// aligned and a row is a whole number of 16-byte chunks.
+bool rows_aligned(const void* p, int64_t K, size_t itemsize) {
+  return p != nullptr && reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (K * static_cast<int64_t>(itemsize)) % 16 == 0;
+}
+
+// The largest pipeline that fits the device's shared memory; PATHKERNEL_CUDA_FUSED=ldm16 or
+// ldm32 forces one (tests and benchmarks cover both on one GPU).
+std::string fused_variant(int device_smem) {
+  const char* v = std::getenv("PATHKERNEL_CUDA_FUSED");
+  if (v != nullptr && *v) return v;
+  return device_smem >= static_cast<int>(fm::Ldm32::SMEM_BYTES) ? "ldm32" : "ldm16";
+}
+
+int device_smem_optin() {
+  int dev = 0, v = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+template <typename C, typename TIn, typename TOut, bool X3>
+void launch_mma(const char* name, TOut* out, const Args& a, cudaStream_t stream) {
+  const int64_t blocks = tiles::count(a.rb, a.cb, a.symmetric != 0);
+  if (blocks == 0) return;
+  auto kernel = fm::fused_mma_kernel<C, TIn, TOut, X3>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(C::SMEM_BYTES)) != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("pathkernel CUDA kernel ") + name + ": needs " +
+                             std::to_string(C::SMEM_BYTES) + " bytes of shared memory per block");
+  }
+  kernel<<<static_cast<unsigned>(blocks), fm::NTHREADS, C::SMEM_BYTES, stream>>>(out, a);
+  check_launch(name);
+}
+
+template <typename C, typename TIn, typename TOut>
+void launch_fused(Precision p, TOut* out, const Args& a, cudaStream_t stream) {
+  if constexpr (std::is_same<TIn, float>::value) {
+    if (p == Precision::tf32x3) return launch_mma<C, TIn, TOut, true>("fused_mma_kernel (3xTF32)", out, a, stream);
+  }
+  launch_mma<C, TIn, TOut, false>("fused_mma_kernel", out, a, stream);
+}
+
 template <typename TIn, typename TOut>
 void launch(void* out, const DSide& s1, const DSide& s2, bool symmetric, double alpha,
             const void* w, Precision p, cudaStream_t stream, bool tc) {
@@ -265,8 +479,10 @@ void launch(void* out, const DSide& s1, const DSide& s2, bool symmetric, double 
     a.nterms = static_cast<int>(std::min<size_t>(kMaxTerms, s1.terms.size() - first));
     for (int l = 0; l < a.nterms; ++l) {
       const DTerm &t1 = s1.terms[first + l], &t2 = s2.terms[first + l];
-      a.t[l] = TermArgs{t1.A, t1.D, t2.A, t2.D, t1.S, t2.S, t1.da, t1.dd, t1.beta, t1.scale,
-                        t1.A != nullptr};
+      const bool hasA = t1.A != nullptr;
+      a.t[l] = TermArgs{t1.A, t1.D, t2.A, t2.D, t1.S, t2.S, t1.da, t1.dd, t1.beta, t1.scale, hasA,
+                        hasA && rows_aligned(t1.A, t1.da, sizeof(TIn)) && rows_aligned(t2.A, t1.da, sizeof(TIn)),
+                        rows_aligned(t1.D, t1.dd, sizeof(TIn)) && rows_aligned(t2.D, t1.dd, sizeof(TIn))};
     }
     a.M = s1.n;
     a.N = s2.n;
@@ -279,19 +495,16 @@ void launch(void* out, const DSide& s1, const DSide& s2, bool symmetric, double 
       if constexpr (std::is_same<TIn, double>::value) {
         throw std::logic_error("tensor-core path for float64 inputs");
       } else {
-        a.rb = (a.M + BT - 1) / BT;
-        a.cb = (a.N + BT - 1) / BT;
-        const int64_t blocks = tiles::count(a.rb, a.cb, symmetric);
-        if (blocks == 0) return;
-        if (p == Precision::tf32x3 && std::is_same<TIn, float>::value) {
-          fused_tc_kernel<TIn, TOut, true><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(
-              static_cast<TOut*>(out), a);
-          check_launch("fused_tc_kernel (3xTF32)");
-        } else {
-          fused_tc_kernel<TIn, TOut, false><<<static_cast<unsigned>(blocks), 128, 0, stream>>>(
-              static_cast<TOut*>(out), a);
-          check_launch("fused_tc_kernel");
-        }
+        a.rb = (a.M + fm::BM - 1) / fm::BM;
+        a.cb = (a.N + fm::BM - 1) / fm::BM;
+        TOut* o = static_cast<TOut*>(out);
+        const std::string v = fused_variant(device_smem_optin());
+        if (v == "ldm16")
+          launch_fused<fm::Ldm16, TIn>(p, o, a, stream);
+        else if (v == "ldm32")
+          launch_fused<fm::Ldm32, TIn>(p, o, a, stream);
+        else
+          throw std::runtime_error("PATHKERNEL_CUDA_FUSED: expected ldm16 or ldm32, got " + v);
       }
     } else {
       const int64_t total = a.M * a.N * a.C1 * a.C2;
@@ -317,7 +530,7 @@ void dispatch_out(void* out, DType out_t, const DSide& s1, const DSide& s2, bool
 
 std::string kernel_for(DType in, const DSide& s1, const DSide& s2, Precision p) {
   if (!tensor_core_case(in, s1, s2, p)) return "generic_kernel";
-  return p == Precision::tf32x3 && in == DType::f32 ? "fused_tc_kernel (3xTF32)" : "fused_tc_kernel";
+  return p == Precision::tf32x3 && in == DType::f32 ? "fused_mma_kernel (3xTF32)" : "fused_mma_kernel";
 }
 
 void accumulate(void* out, DType out_t, DType in_t, const DSide& s1, const DSide& s2,

@@ -21,22 +21,41 @@ PK_HD int64_t count(int64_t rb, int64_t cb, bool symmetric) {
   return symmetric ? rb * (rb + 1) / 2 : rb * cb;
 }
 
-// The (row block, column block) of linear tile t. Symmetric grids enumerate the upper
-// triangle row by row: row r holds tiles (r, r), (r, r + 1), ..., (r, nb - 1).
-PK_HD void coords(int64_t t, int64_t rb, int64_t cb, bool symmetric, int64_t* r, int64_t* c) {
+// The (row block, column block) of linear tile t. Tiles are enumerated in groups of `group`
+// row blocks, column by column inside a group, so that the blocks running at one time share
+// a few row and column panels in L2. Symmetric grids cover the upper triangle (c >= r): in
+// a group of h rows starting at r0, columns r0 .. r0 + h - 2 hold 1, 2, ..., h - 1 tiles
+// (the triangle), every later column h tiles.
+PK_HD void coords(int64_t t, int64_t rb, int64_t cb, bool symmetric, int64_t group, int64_t* r,
+                  int64_t* c) {
   if (!symmetric) {
-    *r = t / cb;
-    *c = t % cb;
+    const int64_t per = group * cb, g = t / per, r0 = g * group;
+    const int64_t h = rb - r0 < group ? rb - r0 : group, u = t - g * per;
+    *r = r0 + u % h;
+    *c = u / h;
     return;
   }
-  // Tiles before row r: r * nb - r (r - 1) / 2. Walk rows (nb is small: N / tile).
-  int64_t row = 0, start = 0;
-  while (start + (rb - row) <= t) {
-    start += rb - row;
-    ++row;
+  int64_t r0 = 0, start = 0;
+  for (;;) {  // at most rb / group groups
+    const int64_t h = rb - r0 < group ? rb - r0 : group;
+    const int64_t tri = h * (h - 1) / 2, n = h * (rb - r0) - tri;
+    if (t < start + n) {
+      int64_t u = t - start;
+      if (u < tri) {  // column k of the triangle holds k + 1 rows
+        int64_t k = 0;
+        while ((k + 1) * (k + 2) / 2 <= u) ++k;
+        *c = r0 + k;
+        *r = r0 + (u - k * (k + 1) / 2);
+      } else {
+        u -= tri;
+        *c = r0 + h - 1 + u / h;
+        *r = r0 + u % h;
+      }
+      return;
+    }
+    start += n;
+    r0 += h;
   }
-  *r = row;
-  *c = row + (t - start);
 }
 
 // Whether output element (i, j) of a symmetric kernel is owned by the tile it was computed

@@ -36,6 +36,8 @@ CASES = [  # n1, n2, C, specs: tensor-core tiles (S = C = 1) and the generic ker
     (64, 64, 1, [(1, 128, 96, 1.0)]),
     (100, 37, 1, [(1, None, 45, 0.0), (1, 9, 33, 1.0)]),
     (19, 23, 3, [(2, 5, 7, 1.0), (1, None, 4, 0.0)]),
+    (300, 261, 1, [(1, 64, 40, 1.0), (1, None, 8, 0.0), (1, 24, 1, 1.0)]),  # several tiles
+    (40, 50, 1, [(1, 3, 5, 1.0)] * 18),  # more terms than one launch takes
 ]
 TOL = {torch.float32: {"3xtf32": 1e-5, "tf32": 5e-3, "exact": 1e-5},
        torch.float16: {"3xtf32": 5e-3}, torch.bfloat16: {"3xtf32": 3e-2},

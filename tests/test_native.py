@@ -176,13 +176,22 @@ def test_task_list_covers_each_element_once(M, N, bm, bn, sym, panel):
     assert (hits == 1).all()
 
 
-@pytest.mark.parametrize("rb,cb,sym", [(1, 1, True), (5, 5, True), (3, 7, False), (1, 4, False)])
-def test_cuda_tile_plan_on_host(rb, cb, sym):
-    """The CUDA kernels' tile enumeration, compiled for the host: every tile once."""
+@pytest.mark.parametrize("rb,cb,sym", [(1, 1, True), (5, 5, True), (17, 17, True), (3, 7, False),
+                                       (1, 4, False), (19, 5, False)])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_cuda_tile_plan_on_host(rb, cb, sym, group):
+    """The CUDA kernels' grouped tile enumeration, compiled for the host: every tile of the
+    grid (its upper triangle when symmetric) exactly once, and consecutive tiles inside one
+    group of row blocks."""
     from pathkernel import _native
-    seen = [_native._cuda_tile_coords(t, rb, cb, sym) for t in range(_native._cuda_tile_count(rb, cb, sym))]
-    expect = [(r, c) for r in range(rb) for c in range(r if sym else 0, cb)]
-    assert seen == expect
+    seen = [_native._cuda_tile_coords(t, rb, cb, sym, group)
+            for t in range(_native._cuda_tile_count(rb, cb, sym))]
+    expect = {(r, c) for r in range(rb) for c in range(r if sym else 0, cb)}
+    assert len(seen) == len(expect) and set(seen) == expect
+    groups = [r // group for r, _ in seen]
+    assert groups == sorted(groups)
+    if group == 1:  # plain row-major order
+        assert seen == sorted(expect)
 
 
 def test_cuda_epilogue_and_ownership_on_host():

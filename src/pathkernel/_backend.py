@@ -116,7 +116,8 @@ _CUDA_CHECKED: dict = {}
 def _cuda_selfcheck(out_dtype, in_dtype, precision, device, tensor_cores: bool) -> None:
     """Once per process and configuration, run the CUDA kernel that a call will use on a small
     problem and compare it with the CPU core in float64: a wrong GPU kernel raises here
-    instead of returning a silently wrong kernel."""
+    instead of returning a silently wrong kernel. (CI has no GPU, so tests/test_cuda.py runs
+    only where a GPU is lent; this guards every other machine.)"""
     key = (str(out_dtype), str(in_dtype), precision, str(device), tensor_cores)
     if key in _CUDA_CHECKED:
         return
