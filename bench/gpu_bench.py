@@ -47,7 +47,7 @@ def main():
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--pipeline-n", type=int, default=4096)
     ap.add_argument("--out", default="bench/RESULTS.md")
-    ap.add_argument("--variants", default=os.environ.get("GPU_BENCH_VARIANTS", "ldm16 ldm32").replace(" ", ","))
+    ap.add_argument("--variants", default=os.environ.get("GPU_BENCH_VARIANTS", "ldm32 wg32").replace(" ", ","))
     ap.add_argument("--profile", default=None,
                     help="launch the bf16 fused kernel of this variant once (under ncu) and exit")
     args = ap.parse_args()

@@ -72,6 +72,11 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return
 // then the D-Gram is reduced into the same registers and fused into the running accumulator:
 // neither Gram reaches global memory. The tile goes through shared memory once at the end so
 // that both the direct and the mirrored (transposed) writes are coalesced.
+//
+// The Wg32 configuration (opt-in, sm_90a) reduces each Gram with wgmma instead: both operands
+// read by the tensor cores from unswizzled K-major core matrices, one chunk's MMAs completed
+// before the next barrier. Correct on an H200, but slower than Ldm32 as it stands (no
+// swizzle, no MMA/copy overlap across chunks); TF32 operands are truncated, not rounded.
 namespace fm {
 constexpr int BM = 128;               // examples per tile side
 constexpr int NTHREADS = 256;         // 8 warps
@@ -82,9 +87,12 @@ constexpr int LDT = BM + 1;           // row stride of the result tile (conflict
 constexpr int GROUP = 8;              // row blocks per L2 group
 
 // Pipeline shape: CW words of K per staged row, STAGES chunks in flight.
-template <int CW_, int STAGES_>
+template <int CW_, int STAGES_, bool WG_ = false>
 struct Cfg {
-  static constexpr int CW = CW_, STAGES = STAGES_, SW = CW + 4, OPW = BM * SW;
+  // WG: wgmma (sm_90a) reading K-major core matrices: operand tiles stored as
+  // [16-byte K column][row][16 bytes], no padding. Otherwise rows padded by 16 bytes.
+  static constexpr bool WG = WG_;
+  static constexpr int CW = CW_, STAGES = STAGES_, SW = WG ? CW : CW + 4, OPW = BM * SW;
   static constexpr int STAGE_WORDS = STAGES * 2 * OPW;
   static constexpr size_t SMEM_BYTES = 4 * static_cast<size_t>(STAGE_WORDS + PARK_WORDS);
   static_assert(BM * LDT <= STAGE_WORDS + PARK_WORDS, "result tile must fit the staging space");
@@ -280,6 +288,159 @@ __device__ __forceinline__ void gram(float (&c)[MT][NT][4], const TIn* X1, int64
   __syncthreads();  // the stages are reused by the next Gram
 }
 
+// ---- wgmma path (sm_90a): two warpgroups, each m64 x n128 of the tile per instruction ----
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define PK_WGMMA 1
+#endif
+
+// Rows [r0, r0 + BM) x one K chunk into the core-matrix layout [c][row][16 bytes].
+template <typename C, typename TIn>
+__device__ __forceinline__ void load_tile_wg(uint32_t* dst, const TIn* X, int64_t n, int64_t K,
+                                             int64_t r0, int64_t k0, bool aligned) {
+  constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));
+  constexpr int EPC = 16 / static_cast<int>(sizeof(TIn));
+  constexpr int CPR = C::CW / 4;
+  if (aligned) {
+#pragma unroll
+    for (int it = 0; it < BM * CPR / NTHREADS; ++it) {
+      const int id = threadIdx.x + it * NTHREADS, r = id / CPR, cc = id % CPR;
+      const int64_t gr = r0 + r, gk = k0 + cc * EPC;
+      const bool ok = gr < n && gk < K;
+      cp_async16(dst + (cc * BM + r) * 4, ok ? X + gr * K + gk : X, ok);
+    }
+  } else {
+    TIn* d = reinterpret_cast<TIn*>(dst);
+    for (int id = threadIdx.x; id < BM * KC; id += NTHREADS) {
+      const int r = id / KC, k = id % KC;
+      const int64_t gr = r0 + r, gk = k0 + k;
+      d[((k / EPC) * BM + r) * EPC + k % EPC] = (gr < n && gk < K) ? X[gr * K + gk] : from_f<TIn>(0.f);
+    }
+  }
+}
+
+// Shared-memory matrix descriptor, K-major, no swizzle: core matrices of 8 rows x 16 bytes;
+// the next 16-byte K column is BM * 16 bytes further (leading byte offset), the next 8 rows
+// 128 bytes further (stride byte offset).
+__device__ __forceinline__ uint64_t wg_desc(const uint32_t* p) {
+  const uint64_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return ((a & 0x3FFFF) >> 4) | (static_cast<uint64_t>((BM * 16) >> 4) << 16) |
+         (static_cast<uint64_t>(128 >> 4) << 32);
+}
+
+__device__ __forceinline__ void wg_fence() {
+#ifdef PK_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit_wait() {
+#ifdef PK_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving accumulator accesses across the asynchronous MMAs.
+__device__ __forceinline__ void wg_fence_regs(float (&c)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(c[mt][nt][e])::"memory");
+}
+
+#define PK_D64(c)                                                                                  \
+  "+f"(c[0][0][0]), "+f"(c[0][0][1]), "+f"(c[0][0][2]), "+f"(c[0][0][3]), "+f"(c[0][1][0]),        \
+      "+f"(c[0][1][1]), "+f"(c[0][1][2]), "+f"(c[0][1][3]), "+f"(c[0][2][0]), "+f"(c[0][2][1]),    \
+      "+f"(c[0][2][2]), "+f"(c[0][2][3]), "+f"(c[0][3][0]), "+f"(c[0][3][1]), "+f"(c[0][3][2]),    \
+      "+f"(c[0][3][3]), "+f"(c[1][0][0]), "+f"(c[1][0][1]), "+f"(c[1][0][2]), "+f"(c[1][0][3]),    \
+      "+f"(c[1][1][0]), "+f"(c[1][1][1]), "+f"(c[1][1][2]), "+f"(c[1][1][3]), "+f"(c[1][2][0]),    \
+      "+f"(c[1][2][1]), "+f"(c[1][2][2]), "+f"(c[1][2][3]), "+f"(c[1][3][0]), "+f"(c[1][3][1]),    \
+      "+f"(c[1][3][2]), "+f"(c[1][3][3]), "+f"(c[2][0][0]), "+f"(c[2][0][1]), "+f"(c[2][0][2]),    \
+      "+f"(c[2][0][3]), "+f"(c[2][1][0]), "+f"(c[2][1][1]), "+f"(c[2][1][2]), "+f"(c[2][1][3]),    \
+      "+f"(c[2][2][0]), "+f"(c[2][2][1]), "+f"(c[2][2][2]), "+f"(c[2][2][3]), "+f"(c[2][3][0]),    \
+      "+f"(c[2][3][1]), "+f"(c[2][3][2]), "+f"(c[2][3][3]), "+f"(c[3][0][0]), "+f"(c[3][0][1]),    \
+      "+f"(c[3][0][2]), "+f"(c[3][0][3]), "+f"(c[3][1][0]), "+f"(c[3][1][1]), "+f"(c[3][1][2]),    \
+      "+f"(c[3][1][3]), "+f"(c[3][2][0]), "+f"(c[3][2][1]), "+f"(c[3][2][2]), "+f"(c[3][2][3]),    \
+      "+f"(c[3][3][0]), "+f"(c[3][3][1]), "+f"(c[3][3][2]), "+f"(c[3][3][3])
+
+// D[64 x 128] += A[64 x k] B[128 x k]^T, one k-step (32 bytes of K), D's 64 floats per thread
+// in c (flat index = 4 * n8-block + e).
+template <typename TIn>
+__device__ __forceinline__ void wgmma_step(float (&c)[MT][NT][4], uint64_t da, uint64_t db) {
+#ifdef PK_WGMMA
+  if constexpr (std::is_same<TIn, float>::value) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k8.f32.tf32.tf32 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, 1, 1, 1;\n"
+                 : PK_D64(c)
+                 : "l"(da), "l"(db));
+  } else if constexpr (std::is_same<TIn, __nv_bfloat16>::value) {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, 1, 1, 1, 0, 0;\n"
+                 : PK_D64(c)
+                 : "l"(da), "l"(db));
+  } else {
+    asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, 1, 1, 1, 0, 0;\n"
+                 : PK_D64(c)
+                 : "l"(da), "l"(db));
+  }
+#else
+  __trap();  // built without sm_90a; the host never selects this path then
+#endif
+}
+#undef PK_D64
+
+// c = X1[i0 : i0 + 128] X2[j0 : j0 + 128]^T with wgmma: warpgroup w computes rows 64 w ..
+// 64 w + 63 against all 128 columns. Every chunk's MMAs complete before the next barrier,
+// so a stage is free again one iteration after it was read.
+template <typename C, typename TIn>
+__device__ __forceinline__ void gram_wg(float (&c)[MT][NT][4], const TIn* X1, int64_t n1, const TIn* X2,
+                                        int64_t n2, int64_t K, int64_t i0, int64_t j0, bool aligned,
+                                        uint32_t* stages) {
+  constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));
+  constexpr int S = C::STAGES, OPW = C::OPW;
+  const int wgi = threadIdx.x / 128;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[mt][nt][e] = 0.f;
+  const int64_t nk = (K + KC - 1) / KC;
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < nk) {
+      load_tile_wg<C>(stages + (2 * s) * OPW, X1, n1, K, i0, s * KC, aligned);
+      load_tile_wg<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, s * KC, aligned);
+    }
+    cp_commit();
+  }
+  for (int64_t kt = 0; kt < nk; ++kt) {
+    cp_wait<S - 2>();
+    // the tensor cores read shared memory through the async proxy: order this thread's
+    // writes (cp.async and plain stores) before the barrier
+#ifdef PK_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+    __syncthreads();
+    const int64_t nxt = kt + S - 1;
+    if (nxt < nk) {
+      const int s = static_cast<int>(nxt % S);
+      load_tile_wg<C>(stages + (2 * s) * OPW, X1, n1, K, i0, nxt * KC, aligned);
+      load_tile_wg<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, nxt * KC, aligned);
+    }
+    cp_commit();
+    const uint32_t* st = stages + 2 * static_cast<int>(kt % S) * OPW;
+    const uint64_t da = wg_desc(st + wgi * 64 * 4), db = wg_desc(st + OPW);
+    wg_fence_regs(c);
+    wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::CW / 8; ++ks)  // a k-step is two 16-byte columns: 2 * BM * 16 bytes
+      wgmma_step<TIn>(c, da + ks * ((2 * BM * 16) >> 4), db + ks * ((2 * BM * 16) >> 4));
+    wg_commit_wait();
+    wg_fence_regs(c);
+  }
+  cp_wait<0>();
+  __syncthreads();
+}
+
 template <typename C, typename TIn, typename TOut, bool X3>
 __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args args) {
   extern __shared__ __align__(16) uint32_t smem[];
@@ -302,8 +463,12 @@ __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args 
   for (int l = 0; l < args.nterms; ++l) {
     const TermArgs& tm = args.t[l];
     if (tm.hasA) {
-      gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
-                       args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
+      if constexpr (C::WG)
+        gram_wg<C, TIn>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
+                        args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
+      else
+        gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
+                         args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -311,8 +476,12 @@ __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args 
 #pragma unroll
           for (int e = 0; e < 4; ++e) park[PK_SLOT(mt, nt, e)] = cur[mt][nt][e];
     }
-    gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
-                     args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
+    if constexpr (C::WG)
+      gram_wg<C, TIn>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
+                      args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
+    else
+      gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
+                       args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
     const float beta = static_cast<float>(tm.beta), scale = static_cast<float>(tm.scale);
     const bool hasA = tm.hasA != 0;
 #pragma unroll
@@ -337,7 +506,10 @@ __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args 
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const int row = wm * WM + mt * 16 + g, col = wn * WN + nt * 8 + 2 * t;
+        // mma.sync: warp (wm, wn), tile (mt, nt). wgmma: warpgroup wm, its warp w = warp % 4
+        // owns rows 16 w .. 16 w + 15, n8 block mt * NT + nt.
+        const int row = C::WG ? wm * 64 + (warp % 4) * 16 + g : wm * WM + mt * 16 + g;
+        const int col = C::WG ? (mt * NT + nt) * 8 + 2 * t : wn * WN + nt * 8 + 2 * t;
         ct[row * LDT + col] = acc[mt][nt][0];
         ct[row * LDT + col + 1] = acc[mt][nt][1];
         ct[(row + 8) * LDT + col] = acc[mt][nt][2];
@@ -368,6 +540,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args 
 // were no faster.
 using Ldm16 = Cfg<16, 4>;  // 64-byte chunks, 4 stages: 144 KB (fits sm_80's 163 KB)
 using Ldm32 = Cfg<32, 3>;  // 128-byte chunks, 3 stages: 172 KB (sm_90)
+using Wg32 = Cfg<32, 3, true>;  // wgmma, 128-byte chunks, 3 stages: 160 KB (sm_90a; opt-in)
 }  // namespace fm
 
 template <typename TIn, typename TOut>
@@ -430,12 +603,27 @@ bool rows_aligned(const void* p, int64_t K, size_t itemsize) {
   return p != nullptr && reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (K * static_cast<int64_t>(itemsize)) % 16 == 0;
 }
 
-// The largest pipeline that fits the device's shared memory; PATHKERNEL_CUDA_FUSED=ldm16 or
-// ldm32 forces one (tests and benchmarks cover both on one GPU).
-std::string fused_variant(int device_smem) {
+// The largest mma.sync pipeline that fits the device's shared memory. PATHKERNEL_CUDA_FUSED
+// = ldm16, ldm32 or wg32 forces one (tests and benchmarks cover each on one GPU); wg32 (wgmma)
+// needs sm_90a code on a compute-capability-9.0 device and has no 3xTF32 path, and falls back
+// otherwise. It is correct but not yet faster (bench/RESULTS.md), so it is not the default.
+std::string fused_variant(int device_smem, bool sm90a, bool x3) {
   const char* v = std::getenv("PATHKERNEL_CUDA_FUSED");
-  if (v != nullptr && *v) return v;
-  return device_smem >= static_cast<int>(fm::Ldm32::SMEM_BYTES) ? "ldm32" : "ldm16";
+  std::string r = v != nullptr ? v : "";
+  if (r == "wg32" && (x3 || !sm90a)) r.clear();
+  if (r.empty()) r = device_smem >= static_cast<int>(fm::Ldm32::SMEM_BYTES) ? "ldm32" : "ldm16";
+  return r;
+}
+
+bool device_runs_sm90a() {
+  int dev = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0 && compiled_arches().find("90a") != std::string::npos;
 }
 
 int device_smem_optin() {
@@ -498,13 +686,16 @@ void launch(void* out, const DSide& s1, const DSide& s2, bool symmetric, double 
         a.rb = (a.M + fm::BM - 1) / fm::BM;
         a.cb = (a.N + fm::BM - 1) / fm::BM;
         TOut* o = static_cast<TOut*>(out);
-        const std::string v = fused_variant(device_smem_optin());
-        if (v == "ldm16")
+        const bool x3 = std::is_same<TIn, float>::value && p == Precision::tf32x3;
+        const std::string v = fused_variant(device_smem_optin(), device_runs_sm90a(), x3);
+        if (v == "wg32")
+          launch_mma<fm::Wg32, TIn, TOut, false>("fused_mma_kernel (wgmma)", o, a, stream);
+        else if (v == "ldm16")
           launch_fused<fm::Ldm16, TIn>(p, o, a, stream);
         else if (v == "ldm32")
           launch_fused<fm::Ldm32, TIn>(p, o, a, stream);
         else
-          throw std::runtime_error("PATHKERNEL_CUDA_FUSED: expected ldm16 or ldm32, got " + v);
+          throw std::runtime_error("PATHKERNEL_CUDA_FUSED: expected wg32, ldm16 or ldm32, got " + v);
       }
     } else {
       const int64_t total = a.M * a.N * a.C1 * a.C2;
