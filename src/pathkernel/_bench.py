@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ._workloads import (DigitsCNN, best_time, checkpoint_path, gemm_rate, linear_factors, mlp,
-                         mlp_factored_flops, native_gemm_rate, tiny_transformer, torch_factored_ntk,
-                         torch_func_ntk, wide_mlp)
+                         mlp_factored_flops, native_gemm_rate, paired_best, tiny_transformer,
+                         torch_factored_ntk, torch_func_ntk, wide_mlp)
 
 
 class Row:
@@ -34,8 +34,8 @@ def _wide_mlp(quick: bool) -> List[Row]:
     n = 1024 if quick else 2048
     model, x = wide_mlp(n)
     reps = 2 if quick else 3
-    ours = best_time(lambda: tangent_kernel(model, x), reps)
-    fact = best_time(lambda: torch_factored_ntk(model, x), reps)
+    ours, fact = paired_best(lambda: tangent_kernel(model, x), lambda: torch_factored_ntk(model, x),
+                             reps + 2)
     # the Gram accumulation alone, against the symmetric-GEMM roofline
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
     b = features(plan, spec, model_state(plan, dtype), x1, 512, "x")
@@ -87,8 +87,6 @@ def _checkpoint_path(quick: bool) -> List[Row]:
     n, m, T = (5000, 100, 3) if quick else (20000, 200, 3)
     model, ckpts, X, Xq = checkpoint_path(n, m, T)
     mm = copy.deepcopy(model)
-    ours = best_time(lambda: path_kernel(model, ckpts, X, Xq, progress=False), 2)
-
     def torch_ckpt():
         K = torch.zeros(m, n)
         for sd, w in ckpts:
@@ -96,7 +94,8 @@ def _checkpoint_path(quick: bool) -> List[Row]:
             K += w * _torch_factored_cross(mm, Xq, X)
         return K
 
-    peer = best_time(torch_ckpt, 2)
+    ours, peer = paired_best(lambda: path_kernel(model, ckpts, X, Xq, progress=False), torch_ckpt,
+                             2 if quick else 3)
     peers = {"torch factored": peer}
     note = ""
     try:

@@ -158,6 +158,16 @@ def native_gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> fl
     return 2.0 * n ** 3 / best_time(lambda: accumulate(out, side, side), repeats)
 
 
+def paired_best(fa: Callable[[], object], fb: Callable[[], object], repeats: int = 5) -> Tuple[float, float]:
+    """Best times of two workloads timed alternately (a, b, a, b, ...), so that both see the
+    same machine conditions: on a noisy 2-core machine, back-to-back blocks bias a ratio."""
+    ta = tb = float("inf")
+    for _ in range(repeats):
+        ta = min(ta, best_time(fa, 1))
+        tb = min(tb, best_time(fb, 1))
+    return ta, tb
+
+
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
