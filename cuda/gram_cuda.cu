@@ -95,6 +95,13 @@ struct Cfg {
   static constexpr int CW = CW_, STAGES = STAGES_, SW = WG ? CW : CW + 4, OPW = BM * SW;
   static constexpr int STAGE_WORDS = STAGES * 2 * OPW;
   static constexpr size_t SMEM_BYTES = 4 * static_cast<size_t>(STAGE_WORDS + PARK_WORDS);
+  // Where staged row r keeps its 16-byte chunk cc (in words) and its element k (in elements
+  // of EPC per chunk): rows padded, or [chunk][row][16 bytes] for wgmma.
+  __device__ static constexpr int word(int r, int cc) { return WG ? (cc * BM + r) * 4 : r * SW + cc * 4; }
+  template <int EPC>
+  __device__ static constexpr int elem(int r, int k) {
+    return WG ? ((k / EPC) * BM + r) * EPC + k % EPC : r * SW * (EPC / 4) + k;
+  }
   static_assert(BM * LDT <= STAGE_WORDS + PARK_WORDS, "result tile must fit the staging space");
 };
 
@@ -154,7 +161,7 @@ __device__ __forceinline__ void mma_16<__nv_bfloat16>(float (&d)[4], const uint3
 }
 
 // Rows [r0, r0 + BM) x one K chunk from k0 of a row-major [n, K] matrix into one staged
-// operand tile, zero outside the matrix. Aligned rows go by cp.async (completed by the
+// operand tile (laid out by C::word), zero outside the matrix. Aligned rows go by cp.async (completed by the
 // pipeline's wait), others element by element.
 template <typename C, typename TIn>
 __device__ __forceinline__ void load_tile(uint32_t* dst, const TIn* X, int64_t n, int64_t K,
@@ -168,15 +175,14 @@ __device__ __forceinline__ void load_tile(uint32_t* dst, const TIn* X, int64_t n
       const int id = threadIdx.x + it * NTHREADS, r = id / CPR, cc = id % CPR;
       const int64_t gr = r0 + r, gk = k0 + cc * EPC;
       const bool ok = gr < n && gk < K;
-      cp_async16(dst + r * C::SW + cc * 4, ok ? X + gr * K + gk : X, ok);
+      cp_async16(dst + C::word(r, cc), ok ? X + gr * K + gk : X, ok);
     }
   } else {
     TIn* d = reinterpret_cast<TIn*>(dst);
-    constexpr int EPW = 4 / static_cast<int>(sizeof(TIn));
     for (int id = threadIdx.x; id < BM * KC; id += NTHREADS) {
       const int r = id / KC, k = id % KC;
       const int64_t gr = r0 + r, gk = k0 + k;
-      d[r * C::SW * EPW + k] = (gr < n && gk < K) ? X[gr * K + gk] : from_f<TIn>(0.f);
+      d[C::template elem<EPC>(r, k)] = (gr < n && gk < K) ? X[gr * K + gk] : from_f<TIn>(0.f);
     }
   }
 }
@@ -247,76 +253,10 @@ __device__ __forceinline__ void mma_chunk(float (&c)[MT][NT][4], const uint32_t*
   }
 }
 
-// c = X1[i0 : i0 + 128] X2[j0 : j0 + 128]^T, this warp's part, through the cp.async pipeline.
-template <typename C, typename TIn, bool X3>
-__device__ __forceinline__ void gram(float (&c)[MT][NT][4], const TIn* X1, int64_t n1, const TIn* X2,
-                                     int64_t n2, int64_t K, int64_t i0, int64_t j0, bool aligned,
-                                     uint32_t* stages) {
-  constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));
-  constexpr int S = C::STAGES, OPW = C::OPW;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp / 4, wn = warp % 4;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) c[mt][nt][e] = 0.f;
-  const int64_t nk = (K + KC - 1) / KC;
-#pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < nk) {
-      load_tile<C>(stages + (2 * s) * OPW, X1, n1, K, i0, s * KC, aligned);
-      load_tile<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, s * KC, aligned);
-    }
-    cp_commit();
-  }
-  for (int64_t kt = 0; kt < nk; ++kt) {
-    cp_wait<S - 2>();  // chunk kt has landed (this thread's copies)
-    __syncthreads();   // ... everyone's; and chunk kt - 1's stage is free again
-    const int64_t nxt = kt + S - 1;
-    if (nxt < nk) {
-      const int s = static_cast<int>(nxt % S);
-      load_tile<C>(stages + (2 * s) * OPW, X1, n1, K, i0, nxt * KC, aligned);
-      load_tile<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, nxt * KC, aligned);
-    }
-    cp_commit();
-    const uint32_t* st = stages + 2 * static_cast<int>(kt % S) * OPW;
-    mma_chunk<C, TIn, X3>(c, st + wm * WM * C::SW, st + OPW + wn * WN * C::SW, lane);
-  }
-  cp_wait<0>();
-  __syncthreads();  // the stages are reused by the next Gram
-}
-
 // ---- wgmma path (sm_90a): two warpgroups, each m64 x n128 of the tile per instruction ----
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define PK_WGMMA 1
 #endif
-
-// Rows [r0, r0 + BM) x one K chunk into the core-matrix layout [c][row][16 bytes].
-template <typename C, typename TIn>
-__device__ __forceinline__ void load_tile_wg(uint32_t* dst, const TIn* X, int64_t n, int64_t K,
-                                             int64_t r0, int64_t k0, bool aligned) {
-  constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));
-  constexpr int EPC = 16 / static_cast<int>(sizeof(TIn));
-  constexpr int CPR = C::CW / 4;
-  if (aligned) {
-#pragma unroll
-    for (int it = 0; it < BM * CPR / NTHREADS; ++it) {
-      const int id = threadIdx.x + it * NTHREADS, r = id / CPR, cc = id % CPR;
-      const int64_t gr = r0 + r, gk = k0 + cc * EPC;
-      const bool ok = gr < n && gk < K;
-      cp_async16(dst + (cc * BM + r) * 4, ok ? X + gr * K + gk : X, ok);
-    }
-  } else {
-    TIn* d = reinterpret_cast<TIn*>(dst);
-    for (int id = threadIdx.x; id < BM * KC; id += NTHREADS) {
-      const int r = id / KC, k = id % KC;
-      const int64_t gr = r0 + r, gk = k0 + k;
-      d[((k / EPC) * BM + r) * EPC + k % EPC] = (gr < n && gk < K) ? X[gr * K + gk] : from_f<TIn>(0.f);
-    }
-  }
-}
 
 // Shared-memory matrix descriptor, K-major, no swizzle: core matrices of 8 rows x 16 bytes;
 // the next 16-byte K column is BM * 16 bytes further (leading byte offset), the next 8 rows
@@ -387,16 +327,31 @@ __device__ __forceinline__ void wgmma_step(float (&c)[MT][NT][4], uint64_t da, u
 }
 #undef PK_D64
 
-// c = X1[i0 : i0 + 128] X2[j0 : j0 + 128]^T with wgmma: warpgroup w computes rows 64 w ..
-// 64 w + 63 against all 128 columns. Every chunk's MMAs complete before the next barrier,
-// so a stage is free again one iteration after it was read.
+// One staged chunk into the warpgroup's accumulators with wgmma: warpgroup w computes rows
+// 64 w .. 64 w + 63 against all 128 columns. The chunk's MMAs complete before returning, so a
+// stage is free again one iteration after it was read.
 template <typename C, typename TIn>
-__device__ __forceinline__ void gram_wg(float (&c)[MT][NT][4], const TIn* X1, int64_t n1, const TIn* X2,
-                                        int64_t n2, int64_t K, int64_t i0, int64_t j0, bool aligned,
-                                        uint32_t* stages) {
+__device__ __forceinline__ void wg_chunk(float (&c)[MT][NT][4], const uint32_t* st) {
+  const uint64_t da = wg_desc(st + (threadIdx.x / 128) * 64 * 4), db = wg_desc(st + C::OPW);
+  wg_fence_regs(c);
+  wg_fence();
+#pragma unroll
+  for (int ks = 0; ks < C::CW / 8; ++ks)  // a k-step is two 16-byte columns: 2 * BM * 16 bytes
+    wgmma_step<TIn>(c, da + ks * ((2 * BM * 16) >> 4), db + ks * ((2 * BM * 16) >> 4));
+  wg_commit_wait();
+  wg_fence_regs(c);
+}
+
+// c = X1[i0 : i0 + 128] X2[j0 : j0 + 128]^T, this thread's part, through the cp.async
+// pipeline; each chunk by mma.sync (this warp's 64 x 32) or wgmma (C::WG).
+template <typename C, typename TIn, bool X3>
+__device__ __forceinline__ void gram(float (&c)[MT][NT][4], const TIn* X1, int64_t n1, const TIn* X2,
+                                     int64_t n2, int64_t K, int64_t i0, int64_t j0, bool aligned,
+                                     uint32_t* stages) {
   constexpr int KC = C::CW * 4 / static_cast<int>(sizeof(TIn));
   constexpr int S = C::STAGES, OPW = C::OPW;
-  const int wgi = threadIdx.x / 128;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / 4, wn = warp % 4;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -407,38 +362,34 @@ __device__ __forceinline__ void gram_wg(float (&c)[MT][NT][4], const TIn* X1, in
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
     if (s < nk) {
-      load_tile_wg<C>(stages + (2 * s) * OPW, X1, n1, K, i0, s * KC, aligned);
-      load_tile_wg<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, s * KC, aligned);
+      load_tile<C>(stages + (2 * s) * OPW, X1, n1, K, i0, s * KC, aligned);
+      load_tile<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, s * KC, aligned);
     }
     cp_commit();
   }
   for (int64_t kt = 0; kt < nk; ++kt) {
-    cp_wait<S - 2>();
+    cp_wait<S - 2>();  // chunk kt has landed (this thread's copies)
+#ifdef PK_WGMMA
     // the tensor cores read shared memory through the async proxy: order this thread's
     // writes (cp.async and plain stores) before the barrier
-#ifdef PK_WGMMA
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    if constexpr (C::WG) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
-    __syncthreads();
+    __syncthreads();   // ... everyone's; and chunk kt - 1's stage is free again
     const int64_t nxt = kt + S - 1;
     if (nxt < nk) {
       const int s = static_cast<int>(nxt % S);
-      load_tile_wg<C>(stages + (2 * s) * OPW, X1, n1, K, i0, nxt * KC, aligned);
-      load_tile_wg<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, nxt * KC, aligned);
+      load_tile<C>(stages + (2 * s) * OPW, X1, n1, K, i0, nxt * KC, aligned);
+      load_tile<C>(stages + (2 * s + 1) * OPW, X2, n2, K, j0, nxt * KC, aligned);
     }
     cp_commit();
     const uint32_t* st = stages + 2 * static_cast<int>(kt % S) * OPW;
-    const uint64_t da = wg_desc(st + wgi * 64 * 4), db = wg_desc(st + OPW);
-    wg_fence_regs(c);
-    wg_fence();
-#pragma unroll
-    for (int ks = 0; ks < C::CW / 8; ++ks)  // a k-step is two 16-byte columns: 2 * BM * 16 bytes
-      wgmma_step<TIn>(c, da + ks * ((2 * BM * 16) >> 4), db + ks * ((2 * BM * 16) >> 4));
-    wg_commit_wait();
-    wg_fence_regs(c);
+    if constexpr (C::WG)
+      wg_chunk<C, TIn>(c, st);
+    else
+      mma_chunk<C, TIn, X3>(c, st + wm * WM * C::SW, st + OPW + wn * WN * C::SW, lane);
   }
   cp_wait<0>();
-  __syncthreads();
+  __syncthreads();  // the stages are reused by the next Gram
 }
 
 template <typename C, typename TIn, typename TOut, bool X3>
@@ -463,12 +414,8 @@ __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args 
   for (int l = 0; l < args.nterms; ++l) {
     const TermArgs& tm = args.t[l];
     if (tm.hasA) {
-      if constexpr (C::WG)
-        gram_wg<C, TIn>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
-                        args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
-      else
-        gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
-                         args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
+      gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.A1), args.M, static_cast<const TIn*>(tm.A2),
+                       args.N, tm.da, i0, j0, tm.alignedA != 0, stages);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -476,12 +423,8 @@ __global__ void __launch_bounds__(NTHREADS, 1) fused_mma_kernel(TOut* out, Args 
 #pragma unroll
           for (int e = 0; e < 4; ++e) park[PK_SLOT(mt, nt, e)] = cur[mt][nt][e];
     }
-    if constexpr (C::WG)
-      gram_wg<C, TIn>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
-                      args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
-    else
-      gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
-                       args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
+    gram<C, TIn, X3>(cur, static_cast<const TIn*>(tm.D1), args.M, static_cast<const TIn*>(tm.D2),
+                     args.N, tm.dd, i0, j0, tm.alignedD != 0, stages);
     const float beta = static_cast<float>(tm.beta), scale = static_cast<float>(tm.scale);
     const bool hasA = tm.hasA != 0;
 #pragma unroll
