@@ -16,10 +16,9 @@ import torch
 
 import pathkernel as pk
 from pathkernel._backend import Term, accumulate
-from pathkernel._capture import model_state
-from pathkernel._features import to_terms
-from pathkernel._tangent import features, prepare
-from pathkernel._workloads import best_time, mlp_factored_flops, wide_mlp
+from pathkernel._capture.extract import tangent_terms
+from pathkernel._drivers.tangent import prepare
+from pathkernel.bench.workloads import best_time, mlp_factored_flops, wide_mlp
 
 
 def cuda_time(fn, reps=7):
@@ -57,8 +56,7 @@ def main():
     model, x = wide_mlp(n)
     model, x = model.to(dev), x.to(dev)
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
-    block = features(plan, spec, model_state(plan, dtype), x1, 4096, "x")
-    s32, _ = to_terms(plan, block, None)
+    s32, _, _ = tangent_terms(plan, spec, dtype, x1, None, 4096)
     sides = {"float32": s32,
              "bfloat16": [Term(None if t.A is None else t.A.bfloat16(), t.D.bfloat16(), t.beta) for t in s32],
              "float16": [Term(None if t.A is None else t.A.half(), t.D.half(), t.beta) for t in s32]}

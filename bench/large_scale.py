@@ -13,7 +13,7 @@ import time
 
 RUN = """
 import resource, sys, time, torch, pathkernel as pk
-from pathkernel._workloads import checkpoint_path
+from pathkernel.bench.workloads import checkpoint_path
 kind, out, budget = sys.argv[1], sys.argv[2], sys.argv[3]
 if kind == "large-n":
     model, ckpts, X, Xq = checkpoint_path(200000, 2000, 10)
@@ -39,7 +39,7 @@ def main():
             if os.path.exists(p):
                 os.remove(p)
         run("large-n", out, "2GB")
-        from pathkernel._workloads import gemm_rate, mlp_factored_flops, native_gemm_rate
+        from pathkernel.bench.workloads import gemm_rate, mlp_factored_flops, native_gemm_rate
         flops = mlp_factored_flops([64, 256, 1], 2000, 200000, False) * 10
         rate = max(gemm_rate(2048), native_gemm_rate(2048))
         print(f"GEMM roofline {flops / rate:.1f} s ({flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s)")

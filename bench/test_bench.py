@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pathkernel as pk
-from pathkernel._workloads import (DigitsCNN, checkpoint_path, mlp, torch_factored_ntk, torch_func_ntk, wide_mlp)
+from pathkernel.bench.workloads import (DigitsCNN, checkpoint_path, mlp, torch_factored_ntk, torch_func_ntk, wide_mlp)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_digits_mlp_recorded_steps(benchmark):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from pathkernel._workloads import tiny_transformer
+    from pathkernel.bench.workloads import tiny_transformer
     return tiny_transformer(512)
 
 

@@ -11,11 +11,11 @@
 #include <tuple>
 #include <vector>
 
-#include "../cuda/tile_math.hpp"
+#include "pathkernel/tile_math.hpp"
 #include "blas.hpp"
 #include "gram.hpp"
-#include "pyparse.hpp"
-#include "validate.hpp"
+#include "pathkernel/pyparse.hpp"
+#include "pathkernel/validate.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -126,24 +126,27 @@ PYBIND11_MODULE(_native, m) {
         "out[i,j,c1,c2] += alpha * w_j * sum_l scale_l sum_{s1,s2} (A1.A2 + beta_l) * (D1.D2); "
         "side2=None is the symmetric mode (side 2 = side 1).");
   m.def("info", &info, "What the native core was built with.");
-  m.def(
-      "_tasks",
+  m.attr("__version__") = PATHKERNEL_VERSION;
+  // Hooks for the tests only: the CPU work list, and the CUDA launch plan's index arithmetic
+  // and epilogue compiled for the host.
+  py::module_ t = m.def_submodule("_testing", "internals exposed for the tests");
+  t.def(
+      "tasks",
       [](int64_t M, int64_t N, int64_t bm, int64_t bn, bool symmetric, int64_t panel) {
-        if (M < 0 || N < 0 || bm < 1 || bn < 1) fail("_tasks: expected M, N >= 0 and bm, bn >= 1");
+        if (M < 0 || N < 0 || bm < 1 || bn < 1) fail("tasks: expected M, N >= 0 and bm, bn >= 1");
         std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>> r;
         for (const auto& t : pathkernel::make_tasks(M, N, bm, bn, symmetric, panel))
           r.emplace_back(t.i0, t.m, t.j0, t.n);
         return r;
       },
-      "The work list (i0, m, j0, n) of the tiled accumulation (exposed for tests).");
-  // The CUDA launch plan's index arithmetic and epilogue, compiled for the host (tests).
-  m.def("_cuda_tile_coords", [](int64_t t, int64_t rb, int64_t cb, bool symmetric, int64_t group) {
+      "The work list (i0, m, j0, n) of the tiled accumulation.");
+  t.def("cuda_tile_coords", [](int64_t t, int64_t rb, int64_t cb, bool symmetric, int64_t group) {
     int64_t r = 0, c = 0;
     pathkernel::tiles::coords(t, rb, cb, symmetric, group, &r, &c);
     return std::make_pair(r, c);
   });
-  m.def("_cuda_tile_count", &pathkernel::tiles::count);
-  m.def("_cuda_owns", &pathkernel::tiles::owns);
-  m.def("_cuda_mirrors", &pathkernel::tiles::mirrors);
-  m.def("_cuda_fuse", &pathkernel::tiles::fuse<double>);
+  t.def("cuda_tile_count", &pathkernel::tiles::count);
+  t.def("cuda_owns", &pathkernel::tiles::owns);
+  t.def("cuda_mirrors", &pathkernel::tiles::mirrors);
+  t.def("cuda_fuse", &pathkernel::tiles::fuse<double>);
 }

@@ -10,8 +10,8 @@
 #include <set>
 #include <string>
 
-#include "../cpp/pyparse.hpp"
-#include "../cpp/validate.hpp"
+#include "pathkernel/pyparse.hpp"
+#include "pathkernel/validate.hpp"
 #include "gram_cuda.hpp"
 
 namespace py = pybind11;

@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "gram_cuda.hpp"
-#include "tile_math.hpp"
+#include "pathkernel/tile_math.hpp"
 
 namespace pathkernel {
 namespace cuda {

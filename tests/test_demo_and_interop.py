@@ -15,7 +15,7 @@ pytest.importorskip("matplotlib")
 
 
 def test_demo_small(tmp_path):
-    from pathkernel._demo import format_report, run_demo
+    from pathkernel.cli.demo import format_report, run_demo
 
     s = run_demo(out=str(tmp_path), steps=12, seed=1, quadrature=4, checkpoint_every=4,
                  progress=False)
@@ -60,7 +60,7 @@ def test_sklearn_orientation_and_svc_round_trip():
 
 def test_bench_table_smoke():
     """`pathkernel bench` prints a ratio row per peer (one quick workload)."""
-    from pathkernel._bench import run_bench
+    from pathkernel.bench.suite import run_bench
     text = run_bench(quick=True, only=["digits-cnn"])
     assert "ratio" in text and "digits-cnn" in text and "torch.func" in text
     with pytest.raises(SystemExit, match="unknown workloads"):

@@ -166,7 +166,7 @@ def test_task_list_covers_each_element_once(M, N, bm, bn, sym, panel):
     """Host-side check of the tile index arithmetic (shared with the CUDA launch plan)."""
     from pathkernel import _native
     hits = np.zeros((M, N), dtype=int)
-    for i0, m, j0, n in _native._tasks(M, N, bm, bn, sym, panel):
+    for i0, m, j0, n in _native._testing.tasks(M, N, bm, bn, sym, panel):
         for i in range(i0, i0 + m):
             for j in range(j0, j0 + n):
                 if not sym or j >= i:
@@ -184,8 +184,8 @@ def test_cuda_tile_plan_on_host(rb, cb, sym, group):
     grid (its upper triangle when symmetric) exactly once, and consecutive tiles inside one
     group of row blocks."""
     from pathkernel import _native
-    seen = [_native._cuda_tile_coords(t, rb, cb, sym, group)
-            for t in range(_native._cuda_tile_count(rb, cb, sym))]
+    seen = [_native._testing.cuda_tile_coords(t, rb, cb, sym, group)
+            for t in range(_native._testing.cuda_tile_count(rb, cb, sym))]
     expect = {(r, c) for r in range(rb) for c in range(r if sym else 0, cb)}
     assert len(seen) == len(expect) and set(seen) == expect
     groups = [r // group for r, _ in seen]
@@ -196,18 +196,18 @@ def test_cuda_tile_plan_on_host(rb, cb, sym, group):
 
 def test_cuda_epilogue_and_ownership_on_host():
     from pathkernel import _native
-    assert _native._cuda_fuse(1.0, 2.0, 3.0, 1.0, True) == 1.0 + (2.0 + 1.0) * 3.0
-    assert _native._cuda_fuse(1.0, 2.0, 3.0, 1.0, False) == 4.0
+    assert _native._testing.cuda_fuse(1.0, 2.0, 3.0, 1.0, True) == 1.0 + (2.0 + 1.0) * 3.0
+    assert _native._testing.cuda_fuse(1.0, 2.0, 3.0, 1.0, False) == 4.0
     n = 6
     hits = np.zeros((n, n), dtype=int)
     for i in range(n):
         for j in range(n):
-            if _native._cuda_owns(i, j, True):
+            if _native._testing.cuda_owns(i, j, True):
                 hits[i, j] += 1
-            if _native._cuda_mirrors(i, j, True):
+            if _native._testing.cuda_mirrors(i, j, True):
                 hits[j, i] += 1
     assert (hits == 1).all()
-    assert _native._cuda_owns(3, 1, False) and not _native._cuda_mirrors(1, 3, False)
+    assert _native._testing.cuda_owns(3, 1, False) and not _native._testing.cuda_mirrors(1, 3, False)
 
 
 def test_random_valid_and_invalid_calls_never_crash():
@@ -249,11 +249,11 @@ def test_random_valid_and_invalid_calls_never_crash():
 @pytest.mark.parametrize("tensor_cores", [True, False])
 def test_cuda_selfcheck_logic_runs_on_the_cpu(tensor_cores):
     """The GPU self-check's reference/rounding/tolerance code, exercised with CPU tensors."""
-    from pathkernel import _backend
-    _backend._CUDA_CHECKED.clear()
-    _backend._cuda_selfcheck(torch.float32, torch.float32, "3xtf32", torch.device("cpu"), tensor_cores)
-    assert _backend._CUDA_CHECKED[("torch.float32", "torch.float32", "3xtf32", "cpu", tensor_cores)] is True
-    _backend._CUDA_CHECKED.clear()
+    from pathkernel._backend import cuda_check
+    cuda_check._CHECKED.clear()
+    cuda_check.selfcheck(torch.float32, torch.float32, "3xtf32", torch.device("cpu"), tensor_cores)
+    assert cuda_check._CHECKED[("torch.float32", "torch.float32", "3xtf32", "cpu", tensor_cores)] is True
+    cuda_check._CHECKED.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -2,15 +2,19 @@
 
 Tangent kernels, path kernels and exact kernel machines for PyTorch models, computed by a
 native core that accumulates factored per-layer Grams in tiles.
-"""
-__version__ = "0.1.0"
 
-from ._backend import info as backend_info
-from ._interop import sklearn_kernels
-from ._machine import KernelMachine
-from ._pathkernel import PathKernelPlan, path_kernel, plan
-from ._recorder import PathRecorder, StepMismatchError
-from ._tangent import tangent_kernel
+Layout: ``_capture`` (per-example features: rules, model plan, capture, blocks, probe),
+``_drivers`` (the entry points: tangent kernel, checkpoint path kernel, recorder and kernel
+machine), ``_storage`` (stores, sources, checkpoints), ``_backend`` (the one door to the
+native modules), ``cli`` and ``bench`` (apart from the core; nothing in it imports them).
+"""
+from ._backend import __version__, info as backend_info
+from ._drivers.machine import KernelMachine
+from ._drivers.path_kernel import path_kernel
+from ._drivers.recorder import PathRecorder, StepMismatchError
+from ._drivers.sklearn import sklearn_kernels
+from ._drivers.tangent import tangent_kernel
+from ._drivers.tiling import PathKernelPlan, plan
 
 __all__ = ["KernelMachine", "PathKernelPlan", "PathRecorder", "path_kernel", "plan",
            "sklearn_kernels", "StepMismatchError", "backend_info", "tangent_kernel",

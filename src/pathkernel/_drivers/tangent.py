@@ -6,13 +6,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _backend
-from ._capture import CHUNK, cast_inputs, extract, model_state, probe
-from ._checks import (as_inputs, check_batch_size, check_finite_block, check_inputs_match,
-                      check_same_features, resolve_dtype, run_model_once)
-from ._features import Block, concat_blocks, to_terms
-from ._model import ModelPlan, check_model
-from ._outputs import OutputSpec, OutputsArg
+from .. import _backend
+from .._capture.extract import tangent_terms
+from .._capture.outputs import OutputSpec, OutputsArg
+from .._capture.plan import ModelPlan, check_model
+from .._capture.probe import probe
+from .._checks import (as_inputs, check_batch_size, check_inputs_match, check_same_features,
+                       resolve_dtype, run_model_once)
 
 
 def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype,
@@ -33,16 +33,6 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
     if implementation == "auto":
         probe(plan, tuple(t[:4] for t in x1))
     return plan, spec, dtype, x1, x2
-
-
-def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str) -> Block:
-    n = x[0].shape[0]
-    blocks = []
-    for i in range(0, n, chunk):
-        b = extract(plan, spec, state, tuple(t[i:i + chunk] for t in x))
-        check_finite_block(b, name)
-        blocks.append(b)
-    return concat_blocks(blocks)
 
 
 def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trace",
@@ -67,12 +57,9 @@ def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trac
         ``[N1, N2]``, or ``[N1, N2, C, C]`` for ``outputs="full"``.
     """
     plan, spec, dtype, x1, x2 = prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
-    state = model_state(plan, dtype)
-    chunk = batch_size or CHUNK
-    b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1")
-    b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2")
-    n2 = b1.n if b2 is None else b2.n
-    out = torch.zeros(b1.n, n2, b1.C, b1.C, dtype=dtype, device=x1[0].device)
-    side1, side2 = to_terms(plan, b1, b2)
+    side1, side2, C = tangent_terms(plan, spec, dtype, x1, x2, batch_size)
+    n1 = x1[0].shape[0]
+    n2 = n1 if x2 is None else x2[0].shape[0]
+    out = torch.zeros(n1, n2, C, C, dtype=dtype, device=x1[0].device)
     _backend.accumulate(out, side1, side2)
     return spec.finish(out)

@@ -7,7 +7,7 @@
 #include <functional>
 #include <string>
 
-#include "validate.hpp"
+#include "pathkernel/validate.hpp"
 
 namespace pathkernel {
 

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.cmd == "demo":
-        from ._demo import format_report, run_demo
+        from .demo import format_report, run_demo
 
         if args.steps < 1:
             ap.error("--steps must be positive")
@@ -36,13 +36,13 @@ def main(argv=None) -> int:
         print(format_report(s))
         return 0
     if args.cmd == "bench":
-        from ._bench import run_bench
+        from ..bench.suite import run_bench
 
         print(run_bench(quick=args.quick, only=args.only))
         return 0
-    from . import backend_info
+    from .._backend import info
 
-    print(json.dumps(backend_info(), indent=2))
+    print(json.dumps(info(), indent=2))
     return 0
 
 

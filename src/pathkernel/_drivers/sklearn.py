@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ._pathkernel import path_kernel
+from .path_kernel import path_kernel
 
 
 def sklearn_kernels(model, checkpoints, X_train, X_query=None, **kwargs

@@ -14,10 +14,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._interop import sklearn_kernels
-from ._progress import progress_bar
-from ._recorder import PathRecorder
-from ._workloads import mlp
+from .._drivers.recorder import PathRecorder
+from .._drivers.sklearn import sklearn_kernels
+from .._progress import progress_bar
+
+
+def digits_mlp(seed: int, dtype: torch.dtype) -> nn.Sequential:
+    """``digits-mlp``: 64-256-256-10, tanh."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
+                         nn.Linear(256, 10)).to(dtype)
 
 
 def _need(module: str):
@@ -46,7 +52,7 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
     ytr, yte = torch.tensor(ytr), torch.tensor(yte)
     N = Xtr.shape[0]
 
-    model = mlp([64, 256, 256, 10], act=nn.Tanh, seed=seed, dtype=torch.float64)
+    model = digits_mlp(seed, torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
     rec = PathRecorder(model, opt, loss_fn, (Xtr, ytr), Xte, quadrature=quadrature)
@@ -80,7 +86,7 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
     agree = (km_pred.argmax(1) == net_out.argmax(1)).double().mean().item()
 
     # Path-kernel SVM (float32 Grams, float64 accumulation) against an RBF SVM.
-    m32 = mlp([64, 256, 256, 10], act=nn.Tanh, seed=seed, dtype=torch.float32)
+    m32 = digits_mlp(seed, torch.float32)
     K_fit, K_test = sklearn_kernels(m32, ckpts, Xtr.float(), Xte.float())
     scale = np.mean(np.diag(K_fit))
     pk_svm = SVC(kernel="precomputed", C=10.0).fit(K_fit / scale, ytr.numpy())

@@ -7,8 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ._capture import model_state
-from ._model import ModelPlan
+from .._capture.plan import ModelPlan, model_state
 
 
 def check_checkpoints(checkpoints) -> List[Tuple[object, float]]:

@@ -149,7 +149,7 @@ def gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
 def native_gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
     """GEMM FLOP/s of the native core's own BLAS, through the accumulator with S=C=1 and no
     epilogue work beyond one add (a dense term): the roofline our kernels run on."""
-    from ._backend import Term, accumulate
+    from .._backend import Term, accumulate
 
     d = torch.randn(n, 1, 1, n, dtype=dtype)
     out = torch.zeros(n, n, 1, 1, dtype=dtype)

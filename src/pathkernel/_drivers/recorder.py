@@ -16,17 +16,18 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import _backend
-from ._backend import Term
-from ._capture import CHUNK, Capture, block_from_recorded, cast_inputs, model_state, probe
-from ._checks import (as_inputs, check_finite_block, check_inputs_match, check_same_features,
-                      resolve_dtype, run_model_once)
-from ._features import dot_params, per_example_grads, summed_grads, to_terms
-from ._machine import KernelMachine
-from ._model import ModelPlan, check_model
-from ._optim import OptimizerModel, quadrature as quadrature_rule
-from ._outputs import OutputSpec, OutputsArg
-from ._tangent import features
+from .. import _backend
+from .._backend import Term
+from .._capture.blocks import dot_params, per_example_grads, summed_grads, to_terms
+from .._capture.extract import CHUNK, block_from_recorded, features
+from .._capture.hooks import Capture
+from .._capture.outputs import OutputSpec, OutputsArg
+from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
+from .._capture.probe import probe
+from .._checks import (as_inputs, check_finite_block, check_inputs_match, check_same_features,
+                       resolve_dtype, run_model_once)
+from .machine import KernelMachine
+from .optim import OptimizerModel, quadrature as quadrature_rule
 
 KERNELS = (None, "batch", "full")
 
@@ -106,8 +107,9 @@ class PathRecorder:
         if kernel is not None:
             shape = (self.M, self.N, self.C, self.C) if self.spec.full else (self.M, self.N)
             self.path_kernel = self._accumulator("path_kernel", shape)
-        self.dense = not self.opt.sgd_plain
-        if self.dense:
+        # momentum / Adam(W) carry each example's share of the update from step to step
+        self.stateful = not self.opt.sgd_plain
+        if self.stateful:
             self._check_dense_memory()
             names = list(self.plan.unflatten(torch.zeros(sum(
                 self.plan.group_size(k) for k in self.plan.group_keys()))))
@@ -152,7 +154,7 @@ class PathRecorder:
             raise RuntimeError(f"PathRecorder: cannot record after a refused step ({self.broken})")
         idx = self._check_idx(idx)
         w_t = {n: p.detach().clone() for n, p in self.plan.params.items()}
-        had = {n: self.opt.has_buffer(n) for n in w_t} if self.dense else {}
+        had = {n: self.opt.has_buffer(n) for n in w_t} if self.stateful else {}
         cap = Capture(self.plan, record_grads=True)
         steps = []
 
@@ -195,7 +197,28 @@ class PathRecorder:
         raise StepMismatchError(f"step {self.steps}: {msg}")
 
     def _record(self, idx, w_t, had, cap: Capture) -> None:
+        """Check the step, then add its contributions (and path kernel) to the accumulators."""
         xb = tuple(x[idx] for x in self.X)
+        u = self._verified_cotangent(idx, xb, cap)
+        state_t = self._state(w_t)
+        train = block_from_recorded(self.plan, cap, state_t, cast_inputs(xb, self.dtype),
+                                    u.to(self.dtype))
+        check_finite_block(train, "train")
+        delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
+        # torch optimizers skip parameters that got no gradient (weight decay included)
+        skipped = {n for n, p in self.plan.params.items() if p.grad is None}
+        if self.stateful:
+            shares, rest = self._stateful_shares(idx, train, w_t, had, delta, skipped)
+        else:
+            shares, rest = None, self._plain_sgd_rest(train, w_t, delta, skipped)
+        self._accumulate_nodes(idx, train, w_t, shares, rest)
+        if self.kernel is not None:
+            self._add_path_kernel(idx, state_t)
+        self.steps += 1
+
+    def _verified_cotangent(self, idx, xb, cap: Capture) -> torch.Tensor:
+        """The loss gradient at the model output that the user's backward pass sent, checked
+        to be that of ``loss_fn(model(X[idx]), Y[idx])``."""
         if len(cap.root_outputs) != 1:
             self._fail(f"expected one forward pass of the model inside the block, saw {len(cap.root_outputs)}")
         xin = cap.root_inputs[0]
@@ -205,8 +228,7 @@ class PathRecorder:
         u = cap.root_grads[0]
         if u is None:
             self._fail("no backward pass reached the model's output inside the block")
-        f = cap.root_outputs[0].detach()
-        fl = f.clone().requires_grad_(True)
+        fl = cap.root_outputs[0].detach().clone().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss_fn(fl, self.Y[idx])
         if not torch.isfinite(loss).all():
@@ -216,38 +238,35 @@ class PathRecorder:
         if gap > self._tol():
             self._fail(f"the gradient at the model output is not that of loss_fn(model(X[idx]), Y[idx]) "
                        f"(relative difference {gap:.2e})")
+        return u
 
-        state_t = self._state(w_t)
-        train = block_from_recorded(self.plan, cap, state_t, cast_inputs(xb, self.dtype),
-                                    u.to(self.dtype))
-        check_finite_block(train, "train")
-        delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
-        # torch optimizers skip parameters that got no gradient (weight decay included)
-        skipped = {n for n, p in self.plan.params.items() if p.grad is None}
-        if self.dense:
-            shares, rest = self._dense_shares(idx, train, w_t, had, delta, skipped)
-        else:
-            lr, wd = self.opt.lr(), self.opt.weight_decay()
-            gsum = {n: g.double() for n, g in summed_grads(self.plan, train).items()}
-            pred = {n: torch.zeros_like(delta[n]) if n in skipped else
-                    -lr * (gsum.get(n, 0) + wd * w_t[n].double()) for n in delta}
-            self._check_update(pred, delta)
-            rest = {n: delta[n] + lr * gsum.get(n, 0) for n in delta}
+    def _plain_sgd_rest(self, train, w_t, delta, skipped) -> Dict[str, torch.Tensor]:
+        """Plain SGD: check the update against the batch gradient and return the part of it
+        that no example carries (weight decay)."""
+        lr, wd = self.opt.lr(), self.opt.weight_decay()
+        gsum = {n: g.double() for n, g in summed_grads(self.plan, train).items()}
+        pred = {n: torch.zeros_like(delta[n]) if n in skipped else
+                -lr * (gsum.get(n, 0) + wd * w_t[n].double()) for n in delta}
+        self._check_update(pred, delta)
+        return {n: delta[n] + lr * gsum.get(n, 0) for n in delta}
 
+    def _accumulate_nodes(self, idx, train, w_t, shares, rest) -> None:
+        """The query side at each quadrature node of the segment w_t -> w_{t+1}: the bias
+        gets the rest of the update, the contributions the examples' shares."""
         phibar = None
-        side1, side2 = [], []  # factored: the query at every node against the step's batch
+        side1, side2 = [], []  # plain SGD: the query at every node against the step's batch
         for s, wk in zip(self.nodes.tolist(), self.weights.tolist()):
             state = self._state({n: w_t[n] + s * (p.detach() - w_t[n]) for n, p in self.plan.params.items()})
             qb = features(self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
             self.bias += wk * dot_params(self.plan, qb, rest).double()
-            if self.dense:
+            if self.stateful:
                 g = per_example_grads(self.plan, qb).double()
                 phibar = wk * g if phibar is None else phibar.add_(wk * g)
             else:
                 a, b = to_terms(self.plan, qb, train, scale=wk)
                 side1 += a
                 side2 += b
-        if not self.dense:
+        if not self.stateful:
             tmp = torch.zeros(self.M, idx.numel(), self.C, 1, dtype=torch.float64)
             _backend.accumulate(tmp, side1, side2, alpha=-self.opt.lr())
             self.contributions[:, idx] += tmp[..., 0]
@@ -255,11 +274,8 @@ class PathRecorder:
             _backend.accumulate(self.contributions.view(self.M, self.N, self.C, 1),
                                 [Term(None, phibar.unsqueeze(1), 0.0)],
                                 [Term(None, shares[:, None, None, :], 0.0)])
-        if self.kernel is not None:
-            self._add_path_kernel(idx, state_t)
-        self.steps += 1
 
-    def _dense_shares(self, idx, train, w_t, had, delta, skipped):
+    def _stateful_shares(self, idx, train, w_t, had, delta, skipped):
         G = per_example_grads(self.plan, train)[:, 0].double()        # [B, P], plan order
         g = self.plan.unflatten(G)
         shares, rest = [], {}

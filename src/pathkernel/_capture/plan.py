@@ -3,21 +3,21 @@
 Every trainable parameter lands in exactly one place: a factored group (one or more modules
 that share the same weight / bias, their calls concatenated as positions so cross terms
 between uses are kept) or the dense list. A parameter that a rule cannot account for on its
-own (tied across roles, used outside its module) goes dense; the probe in ``_capture`` checks
+own (tied across roles, used outside its module) goes dense; the probe (``probe.py``) checks
 this numerically and moves any parameter whose factored gradient disagrees with autograd.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ._features import DENSE
-from ._rules import Rule, rule_for
+from .rules import Rule, rule_for
 
 IMPLEMENTATIONS = ("auto", "factored", "dense")
+DENSE = -1  # group key of the parameters that no rule covers
 
 
 @dataclass
@@ -147,3 +147,19 @@ class ModelPlan:
             out.update(self.unflatten_group(k, flat[..., i:i + size]))
             i += size
         return out
+
+
+def model_state(plan: ModelPlan, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Parameters and buffers for ``functional_call``, float ones cast to ``dtype``; trainable
+    parameters are fresh leaves that require grad (so every covered output has a graph)."""
+    state = {}
+    for n, p in plan.model.named_parameters():
+        t = p.detach().to(dtype) if p.is_floating_point() else p.detach()
+        state[n] = t.requires_grad_(p.requires_grad)
+    for n, b in plan.model.named_buffers():
+        state[n] = b.to(dtype) if b.is_floating_point() else b
+    return state
+
+
+def cast_inputs(x: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple:
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in x)

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ._workloads import (DigitsCNN, best_time, checkpoint_path, gemm_rate, linear_factors, mlp,
+from .workloads import (DigitsCNN, best_time, checkpoint_path, gemm_rate, linear_factors, mlp,
                          mlp_factored_flops, native_gemm_rate, paired_best, tiny_transformer,
                          torch_factored_ntk, torch_func_ntk, wide_mlp)
 
@@ -25,11 +25,10 @@ class Row:
 
 
 def _wide_mlp(quick: bool) -> List[Row]:
-    from . import tangent_kernel
-    from ._backend import accumulate
-    from ._capture import model_state
-    from ._features import to_terms
-    from ._tangent import features, prepare
+    from .._drivers.tangent import tangent_kernel
+    from .._backend import accumulate
+    from .._capture.extract import tangent_terms
+    from .._drivers.tangent import prepare
 
     n = 1024 if quick else 2048
     model, x = wide_mlp(n)
@@ -38,8 +37,8 @@ def _wide_mlp(quick: bool) -> List[Row]:
                              reps + 2)
     # the Gram accumulation alone, against the symmetric-GEMM roofline
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
-    b = features(plan, spec, model_state(plan, dtype), x1, 512, "x")
-    terms = to_terms(plan, b, None)
+    side1, side2, _ = tangent_terms(plan, spec, dtype, x1, None, 512)
+    terms = (side1, side2)
     out = torch.zeros(n, n, 1, 1)
     gram = best_time(lambda: accumulate(out, *terms), reps)
     sizes = [128, 1024, 1024, 1]
@@ -61,7 +60,7 @@ def _wide_mlp(quick: bool) -> List[Row]:
 
 
 def _digits_cnn(quick: bool) -> List[Row]:
-    from . import tangent_kernel
+    from .._drivers.tangent import tangent_kernel
 
     n = 128 if quick else 512
     torch.manual_seed(0)
@@ -82,7 +81,7 @@ def _digits_cnn(quick: bool) -> List[Row]:
 
 
 def _checkpoint_path(quick: bool) -> List[Row]:
-    from . import path_kernel
+    from .._drivers.path_kernel import path_kernel
 
     n, m, T = (5000, 100, 3) if quick else (20000, 200, 3)
     model, ckpts, X, Xq = checkpoint_path(n, m, T)
@@ -115,7 +114,7 @@ def _captum_tracincp(model, ckpts, X, Xq) -> Dict[str, float]:
     from captum.influence import TracInCP
     from torch.utils.data import DataLoader, TensorDataset
 
-    from . import path_kernel
+    from .._drivers.path_kernel import path_kernel
 
     class SummedOutput(nn.Module):
         def __init__(self, reduction):
@@ -160,7 +159,7 @@ def _torch_factored_cross(model: nn.Module, xq: torch.Tensor, xt: torch.Tensor) 
 def _digits_mlp_recorder(quick: bool) -> List[Row]:
     """Recorded training of digits-mlp (n = 4): seconds per step against a pure-torch
     implementation of the same factored accumulation, and against the plain step."""
-    from . import PathRecorder
+    from .._drivers.recorder import PathRecorder
 
     steps = 5 if quick else 20
     g = torch.Generator().manual_seed(0)
@@ -223,7 +222,7 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
 
 
 def _tiny_transformer(quick: bool) -> List[Row]:
-    from . import tangent_kernel
+    from .._drivers.tangent import tangent_kernel
 
     n = 128 if quick else 512
     model, x = tiny_transformer(n)
@@ -237,7 +236,7 @@ def _large_n(quick: bool) -> List[Row]:
     import resource
     import tempfile
 
-    from . import path_kernel
+    from .._drivers.path_kernel import path_kernel
 
     n, m, T = (20000, 500, 3) if quick else (200000, 2000, 10)
     model, ckpts, X, Xq = checkpoint_path(n, m, T)
@@ -263,7 +262,7 @@ BENCHES: Dict[str, Callable[[bool], List[Row]]] = {
 
 
 def run_bench(quick: bool = False, only=None) -> str:
-    from . import backend_info
+    from .._backend import info as backend_info
 
     names = only or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]

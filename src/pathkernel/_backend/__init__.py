@@ -24,12 +24,14 @@ def _preload_openblas() -> None:
 
 
 _preload_openblas()
-from . import _native  # noqa: E402
+from .. import _native  # noqa: E402
 
 try:  # built only where nvcc was found
-    from . import _native_cuda  # type: ignore  # noqa: F401
+    from .. import _native_cuda  # type: ignore  # noqa: F401
 except ImportError:
     _native_cuda = None
+
+__version__: str = _native.__version__  # one source: pyproject -> CMake -> the native module
 
 
 class Term(NamedTuple):
@@ -86,7 +88,9 @@ def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequenc
                 f"out: got tensors on {out.device}, but pathkernel was built without CUDA; "
                 "reinstall where nvcc is found (pip install . --config-settings="
                 "cmake.define.PATHKERNEL_CUDA=ON) or move the model and inputs to the CPU")
-        _cuda_selfcheck(out.dtype, side1[0].D.dtype, precision, out.device,
+        from .cuda_check import selfcheck
+
+        selfcheck(out.dtype, side1[0].D.dtype, precision, out.device,
                         tensor_cores=all(t.D.shape[1] == 1 for t in side1) and out.shape[2:] == (1, 1))
         keep: list = []
         conv = _cuda_desc(keep)
@@ -105,62 +109,10 @@ def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequenc
     return out
 
 
-# Tolerances of the CUDA kernels against float64, by input dtype and precision.
-_CUDA_TOL = {("float32", "3xtf32"): 1e-5, ("float32", "tf32"): 5e-3, ("float32", "exact"): 1e-5,
-             ("float16", "3xtf32"): 5e-3, ("float16", "tf32"): 5e-3, ("float16", "exact"): 5e-3,
-             ("bfloat16", "3xtf32"): 3e-2, ("bfloat16", "tf32"): 3e-2, ("bfloat16", "exact"): 3e-2,
-             ("float64", "3xtf32"): 1e-10, ("float64", "tf32"): 1e-10, ("float64", "exact"): 1e-10}
-_CUDA_CHECKED: dict = {}
-
-
-def _cuda_selfcheck(out_dtype, in_dtype, precision, device, tensor_cores: bool) -> None:
-    """Once per process and configuration, run the CUDA kernel that a call will use on a small
-    problem and compare it with the CPU core in float64: a wrong GPU kernel raises here
-    instead of returning a silently wrong kernel. (CI has no GPU, so tests/test_cuda.py runs
-    only where a GPU is lent; this guards every other machine.)"""
-    key = (str(out_dtype), str(in_dtype), precision, str(device), tensor_cores)
-    if key in _CUDA_CHECKED:
-        return
-    g = torch.Generator().manual_seed(0)
-    S, C = (1, 1) if tensor_cores else (2, 2)
-
-    def side(n):
-        return [Term(torch.randn(n, S, 19, generator=g, dtype=torch.float64),
-                     torch.randn(n, S, C, 23, generator=g, dtype=torch.float64), 1.0, 0.5),
-                Term(None, torch.randn(n, S, C, 7, generator=g, dtype=torch.float64), 0.0, 1.5)]
-
-    cpu1, cpu2 = side(37), side(45)
-    ref = accumulate(torch.zeros(37, 45, C, C, dtype=torch.float64), cpu1, cpu2)
-    # the reference sees the inputs rounded to the GPU's input dtype
-    to = lambda ts, dev, dt: [Term(None if t.A is None else t.A.to(dt).to(dev),
-                                   t.D.to(dt).to(dev), t.beta, t.scale) for t in ts]
-    rounded = accumulate(torch.zeros(37, 45, C, C, dtype=torch.float64),
-                         [Term(None if t.A is None else t.A.to(in_dtype).double(), t.D.to(in_dtype).double(),
-                               t.beta, t.scale) for t in cpu1],
-                         [Term(None if t.A is None else t.A.to(in_dtype).double(), t.D.to(in_dtype).double(),
-                               t.beta, t.scale) for t in cpu2])
-    got = torch.zeros(37, 45, C, C, dtype=out_dtype, device=device)
-    _CUDA_CHECKED[key] = "running"
-    accumulate(got, to(cpu1, device, in_dtype), to(cpu2, device, in_dtype), precision=precision)
-    err = (got.double().cpu() - rounded).abs().max().item() / ref.abs().max().item()
-    tol = _CUDA_TOL.get((str(in_dtype).replace("torch.", ""), precision), 1e-2)
-    if out_dtype == torch.float32:
-        tol = max(tol, 1e-6)
-    if not err <= tol:
-        del _CUDA_CHECKED[key]
-        raise RuntimeError(
-            f"pathkernel CUDA self-check failed for {in_dtype} inputs, {out_dtype} output, "
-            f"precision={precision!r}{' (tensor cores)' if tensor_cores else ''}: relative error "
-            f"{err:.2e} > {tol:.0e}. Use CPU tensors, or precision='exact', and report this")
-    _CUDA_CHECKED[key] = True
-
-
 def info() -> dict:
     """What the native core was built with: ``version``, ``blas``, ``openmp``, ``threads``,
     ``cuda`` (whether ``_native_cuda`` was built) and, if so, ``cuda_devices`` and
     ``cuda_arches``."""
-    from . import __version__
-
     d = dict(_native.info())
     d["version"] = __version__
     d["cuda"] = _native_cuda is not None

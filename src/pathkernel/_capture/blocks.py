@@ -12,10 +12,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._backend import Term
-from ._rules import EmbeddingRule
+from .._backend import Term
+from .rules import EmbeddingRule
 
-DENSE = -1  # group key of the parameters that no rule covers
+
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""``path_kernel``: checkpoint path kernels of any size, tiled under a memory budget.
+
+``K^p(x, x') = sum_t weight_t K_{w_t}(x, x')`` over a list of checkpoints. The output (query
+rows x train columns, or train x train) is cut into tiles (``tiling.py``); each tile is
+accumulated in float64 over all checkpoints, then written once to its store (RAM or a
+resumable ``.npy``). The row block's per-layer features are cached for every checkpoint and
+the column block's recomputed, so only a tile, one row block's features and one column
+block's features are ever in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from .. import _backend
+from .._capture.blocks import Block, to_terms
+from .._capture.extract import features
+from .._capture.outputs import OutputsArg
+from .._capture.plan import cast_inputs
+from .._checks import as_inputs
+from .._progress import progress_bar
+from .._storage.sources import Source
+from .._storage.store import open_store
+from .tiling import PathKernelPlan, plan
+
+
+def _fingerprint_state(state, lr) -> str:
+    h = hashlib.sha1(repr(float(lr)).encode())
+    for n in sorted(state):
+        t = state[n].detach().contiguous()
+        h.update(n.encode())
+        h.update(t.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
+                out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32,
+                resume: bool = True, progress: bool = True, collate=None):
+    """Checkpoint path kernel ``sum_t weight_t K_{w_t}(query, train)``, tiled under a budget.
+
+    Args:
+        model: the ``nn.Module`` whose checkpoints are given (eval mode if BatchNorm/Dropout).
+        checkpoints: a sequence of ``(weights, weight)``: ``weights`` a state_dict or the path
+            of a saved one (loaded with ``weights_only=True``), ``weight`` the learning rate (or
+            sum of learning rates) that checkpoint stands for.
+        train: training inputs (columns): a tensor, tuple of tensors, numpy array, or a torch
+            Dataset whose items are model inputs (``collate`` batches them).
+        query: query inputs (rows); ``None`` computes train x train with symmetric halves.
+        outputs: ``"trace"``, ``"full"``, an int, or a callable (as in ``tangent_kernel``).
+        out: ``None`` returns a tensor (if it fits half the budget); a ``.npy`` path writes the
+            kernel to that file (read it with ``np.load(path, mmap_mode="r")``) and returns
+            the path.
+        memory_budget: bytes or a string like ``"2GB"`` bounding the working memory.
+        dtype: precision of the per-checkpoint Grams and of the stored kernel; tiles are
+            accumulated over checkpoints in float64 either way.
+        resume: with ``out=``, continue a run that was interrupted (completed tiles are kept;
+            other arguments than the journal's raise, and nothing is overwritten).
+        progress: show a progress bar over tiles and checkpoints.
+
+    Returns:
+        ``[M, N]`` (``[M, N, C, C]`` for ``outputs="full"``) tensor, or the path ``out``.
+    """
+    p = plan(model, checkpoints, train, query, outputs=outputs, out=out,
+             memory_budget=memory_budget, dtype=dtype, collate=collate)
+    return run_plan(p, resume=resume, progress=progress)
+
+
+def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
+    job = p.job
+    mplan, spec, dtype, rows, cols = job.model_plan, job.spec, job.dtype, job.rows, job.cols
+    states, weights = job.states, job.weights
+    fingerprint = {
+        "checkpoints": [_fingerprint_state(s, w) for s, w in zip(states, weights)],
+        "train": cols.fingerprint(),
+        "query": None if p.symmetric else rows.fingerprint(),
+        "outputs": job.outputs if isinstance(job.outputs, (str, int)) else getattr(
+            job.outputs, "__qualname__", repr(job.outputs)),
+        "tiles": [p.row_block, p.col_block],
+    }
+    store = open_store(job.out, p.shape, dtype, fingerprint, resume)
+    M, N = p.shape[:2]
+    R, Cb = p.row_block, p.col_block
+    todo = [t for t in p.tiles if t not in store.done]
+    bar = progress_bar(progress, total=len(todo) * len(states), desc="path kernel", unit="tile-ckpt")
+
+    def feats(src: Source, lo: int, hi: int, state) -> Block:
+        x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
+        return features(mplan, spec, state, x, job.chunk, src.name)
+
+    try:
+        cached_row = None
+        for (i, j) in todo:
+            r0, r1 = i * R, min(M, (i + 1) * R)
+            c0, c1 = j * Cb, min(N, (j + 1) * Cb)
+            if cached_row is None or cached_row[0] != i:
+                cached_row = (i, [feats(rows, r0, r1, s) for s in states])
+            C = p.shape[2] if len(p.shape) == 4 else 1
+            acc4 = torch.zeros(r1 - r0, c1 - c0, C, C, dtype=torch.float64)
+            diagonal = p.symmetric and i == j
+            side1, side2 = [], []
+            for t, (s, w) in enumerate(zip(states, weights)):
+                cb = None if diagonal else feats(cols, c0, c1, s)
+                a, b = to_terms(mplan, cached_row[1][t], cb, scale=w)
+                side1 += a
+                side2 += b or []
+                bar.update(1)
+            _backend.accumulate(acc4, side1, None if diagonal else side2)
+            tile = spec.finish(acc4).to(dtype)
+            store.write(r0, c0, tile)
+            if p.symmetric and i != j:
+                store.write(c0, r0, tile.transpose(0, 1).transpose(2, 3) if tile.dim() == 4
+                            else tile.t())
+            store.commit((i, j))
+    finally:
+        bar.close()
+        store.close()
+    return store.result()

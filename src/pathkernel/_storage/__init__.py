@@ -1,0 +1,2 @@
+"""Where data comes from and where kernels go: input ``sources``, ``checkpoints``, tile
+``store``s (RAM or a resumable ``.npy``)."""
