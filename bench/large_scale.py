@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-
 RUN = """
 import resource, sys, time, torch, pathkernel as pk
 from pathkernel.bench.workloads import checkpoint_path

@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 import pathkernel as pk
-from pathkernel.bench.workloads import (DigitsCNN, checkpoint_path, mlp, torch_factored_ntk, torch_func_ntk, wide_mlp)
+from pathkernel.bench.workloads import (
+    DigitsCNN,
+    checkpoint_path,
+    mlp,
+    torch_factored_ntk,
+    torch_func_ntk,
+    wide_mlp,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,27 +5,8 @@ import torch
 
 from pathkernel import _backend
 from pathkernel._backend import Term
-
-
-def reference(side1, side2, alpha, weights):
-    """Brute-force float64: materialize each example's per-term feature and contract."""
-    side2 = side1 if side2 is None else side2
-    n1, n2 = side1[0].D.shape[0], side2[0].D.shape[0]
-    C1, C2 = side1[0].D.shape[2], side2[0].D.shape[2]
-    K = np.zeros((n1, n2, C1, C2))
-    for t1, t2 in zip(side1, side2):
-        D1, D2 = t1.D.double().numpy() * t1.scale, t2.D.double().numpy()
-        if t1.A is None:
-            F1, F2 = D1.sum(1), D2.sum(1)                    # [n, C, dd]
-            K += np.einsum("icd,jed->ijce", F1, F2)
-        else:
-            A1 = np.concatenate([t1.A.double().numpy(), np.sqrt(t1.beta) * np.ones(t1.A.shape[:2] + (1,))], 2)
-            A2 = np.concatenate([t2.A.double().numpy(), np.sqrt(t2.beta) * np.ones(t2.A.shape[:2] + (1,))], 2)
-            G1 = np.einsum("isa,iscd->icda", A1, D1)         # per-example materialized gradient
-            G2 = np.einsum("jsa,jscd->jcda", A2, D2)
-            K += np.einsum("icda,jeda->ijce", G1, G2)
-    w = np.ones(n2) if weights is None else weights.double().numpy()
-    return alpha * K * w[None, :, None, None]
+from reference import TOL
+from reference import gram_reference as reference
 
 
 def make_side(rng, n, C, specs, dtype):
@@ -63,7 +44,7 @@ def test_cross_matches_numpy(case, dtype, out_dtype, weighted):
     out = init.clone()
     _backend.accumulate(out, s1, s2, alpha=-0.7, col_weights=w, tile=64)
     ref = init.double().numpy() + reference(s1, s2, -0.7, w)
-    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    tol = TOL["gram", dtype]
     np.testing.assert_allclose(out.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
@@ -76,7 +57,7 @@ def test_symmetric_matches_cross(n, C, tile, dtype):
     poison = torch.full((n, n, C, C), 0.25, dtype=dtype)
     sym = _backend.accumulate(poison.clone(), side, None, alpha=1.5, col_weights=w, tile=tile)
     ref = 0.25 + reference(side, None, 1.5, w)
-    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    tol = TOL["gram", dtype]
     np.testing.assert_allclose(sym.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
@@ -242,7 +223,7 @@ def test_random_valid_and_invalid_calls_never_crash():
             continue
         ref = reference([Term(None if a is None else torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(d)), b) for a, d, b in s1],
                         [Term(None if a is None else torch.from_numpy(a), torch.from_numpy(d), b) for a, d, b in s2], 1.0, None)
-        tol = 1e-4 if dt == np.float32 else 1e-10
+        tol = TOL["gram", torch.float32 if dt == np.float32 else torch.float64]
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max(initial=0)))
 
 
@@ -266,5 +247,5 @@ def test_symmetric_triangular_diagonal_tiles(n, tile, dtype):
     init = torch.from_numpy(rng.standard_normal((n, n, 1, 1))).to(dtype)
     got = _backend.accumulate(init.clone(), side, None, alpha=0.5, col_weights=w, tile=tile)
     ref = init.double().numpy() + reference(side, None, 0.5, w)
-    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    tol = TOL["gram", dtype]
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())

@@ -8,7 +8,8 @@ Layout: ``_capture`` (per-example features: rules, model plan, capture, blocks, 
 machine), ``_storage`` (stores, sources, checkpoints), ``_backend`` (the one door to the
 native modules), ``cli`` and ``bench`` (apart from the core; nothing in it imports them).
 """
-from ._backend import __version__, info as backend_info
+from ._backend import __version__
+from ._backend import info as backend_info
 from ._drivers.machine import KernelMachine
 from ._drivers.path_kernel import path_kernel
 from ._drivers.recorder import PathRecorder, StepMismatchError

@@ -16,8 +16,6 @@ from .._backend import Term
 from .rules import EmbeddingRule
 
 
-
-
 @dataclass
 class Factor:
     A: Optional[torch.Tensor]  # [n, S, da] float | [n, S] long tokens | None

@@ -21,13 +21,20 @@ from .._backend import Term
 from .._capture.blocks import dot_params, per_example_grads, summed_grads, to_terms
 from .._capture.extract import CHUNK, block_from_recorded, features
 from .._capture.hooks import Capture
-from .._capture.outputs import OutputSpec, OutputsArg
+from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
 from .._capture.probe import probe
-from .._checks import (as_inputs, check_finite_block, check_inputs_match, check_same_features,
-                       resolve_dtype, run_model_once)
+from .._checks import (
+    as_inputs,
+    check_finite_block,
+    check_inputs_match,
+    check_same_features,
+    resolve_dtype,
+    run_model_once,
+)
 from .machine import KernelMachine
-from .optim import OptimizerModel, quadrature as quadrature_rule
+from .optim import OptimizerModel
+from .optim import quadrature as quadrature_rule
 
 KERNELS = (None, "batch", "full")
 

@@ -8,11 +8,17 @@ from torch import nn
 
 from .. import _backend
 from .._capture.extract import tangent_terms
-from .._capture.outputs import OutputSpec, OutputsArg
+from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, check_model
 from .._capture.probe import probe
-from .._checks import (as_inputs, check_batch_size, check_inputs_match, check_same_features,
-                       resolve_dtype, run_model_once)
+from .._checks import (
+    as_inputs,
+    check_batch_size,
+    check_inputs_match,
+    check_same_features,
+    resolve_dtype,
+    run_model_once,
+)
 
 
 def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype,

@@ -16,10 +16,16 @@ from torch import nn
 
 from .._capture.blocks import Block
 from .._capture.extract import CHUNK, extract
-from .._capture.outputs import OutputSpec, OutputsArg
+from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
-from .._checks import as_inputs, check_inputs_match, check_same_features, resolve_dtype, run_model_once
+from .._checks import (
+    as_inputs,
+    check_inputs_match,
+    check_same_features,
+    resolve_dtype,
+    run_model_once,
+)
 from .._storage.checkpoints import check_checkpoints, checkpoint_state
 from .._storage.sources import Source
 from .._storage.store import parse_bytes

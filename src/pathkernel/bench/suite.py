@@ -13,9 +13,21 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .workloads import (DigitsCNN, best_time, checkpoint_path, gemm_rate, linear_factors, mlp,
-                         mlp_factored_flops, native_gemm_rate, paired_best, tiny_transformer,
-                         torch_factored_ntk, torch_func_ntk, wide_mlp)
+from .workloads import (
+    DigitsCNN,
+    best_time,
+    checkpoint_path,
+    gemm_rate,
+    linear_factors,
+    mlp,
+    mlp_factored_flops,
+    native_gemm_rate,
+    paired_best,
+    tiny_transformer,
+    torch_factored_ntk,
+    torch_func_ntk,
+    wide_mlp,
+)
 
 
 class Row:
@@ -25,10 +37,9 @@ class Row:
 
 
 def _wide_mlp(quick: bool) -> List[Row]:
-    from .._drivers.tangent import tangent_kernel
     from .._backend import accumulate
     from .._capture.extract import tangent_terms
-    from .._drivers.tangent import prepare
+    from .._drivers.tangent import prepare, tangent_kernel
 
     n = 1024 if quick else 2048
     model, x = wide_mlp(n)
