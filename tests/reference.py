@@ -41,7 +41,11 @@ def jacobians(model, x, rows):
         out = functional_call(model, {**fixed, **p}, tuple(t.unsqueeze(0) for t in xs))
         return rows(out)[0]
 
-    jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(x))(params, *x)
+    try:
+        jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(x))(params, *x)
+    except RuntimeError:  # no batching rule (RNNs in float64): one example at a time
+        per = [jacrev(single)(params, *(t[i] for t in x)) for i in range(x[0].shape[0])]
+        jac = {k: torch.stack([p[k] for p in per]) for k in params}
     n = x[0].shape[0]
     return torch.cat([j.reshape(n, j.shape[1], -1) for j in jac.values()], 2)
 

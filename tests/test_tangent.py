@@ -74,10 +74,25 @@ def test_implementations_agree_on_mlp(impl):
     _check(pk.tangent_kernel(model, x, implementation=impl), reference_ntk(model, x), torch.float64)
 
 
+class ExpScale(nn.Module):
+    """A parameter used through exp: no factored rule covers it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.log_scale = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        return self.lin(x) * torch.exp(self.log_scale)
+
+
 def test_factored_refuses_uncovered_parameters():
-    model, make = CASES["transformer"]
-    with pytest.raises(ValueError, match="implementation: 'factored' covers"):
-        pk.tangent_kernel(model, make(3), implementation="factored")
+    model = ExpScale().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"implementation: 'factored' needs a factored rule .*"
+                                         r"\['log_scale'\] \(used by torch.exp"):
+        pk.tangent_kernel(model, x, implementation="factored")
+    _check(pk.tangent_kernel(model, x), reference_ntk(model, x), torch.float64)
 
 
 def test_dtype_argument_sets_precision():

@@ -10,6 +10,7 @@ native modules), ``cli`` and ``bench`` (apart from the core; nothing in it impor
 """
 from ._backend import __version__
 from ._backend import info as backend_info
+from ._capture.describe import Description, describe
 from ._drivers.machine import KernelMachine
 from ._drivers.path_kernel import path_kernel
 from ._drivers.recorder import PathRecorder, StepMismatchError
@@ -17,6 +18,7 @@ from ._drivers.sklearn import sklearn_kernels
 from ._drivers.tangent import tangent_kernel
 from ._drivers.tiling import PathKernelPlan, plan
 
-__all__ = ["KernelMachine", "PathKernelPlan", "PathRecorder", "path_kernel", "plan",
+__all__ = ["Description", "KernelMachine", "describe", "PathKernelPlan", "PathRecorder",
+           "path_kernel", "plan",
            "sklearn_kernels", "StepMismatchError", "backend_info", "tangent_kernel",
            "__version__"]

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .._backend import Term
-from .rules import EmbeddingRule
+from .rules import apply_weight, one_hot, weight_grad_sum, weight_grads
 
 
 @dataclass
@@ -43,11 +43,9 @@ def pair_cost(S1: int, S2: int, da: int, dd: int, C: int) -> Tuple[float, float]
 
 
 def materialize(group, f: Factor) -> Factor:
-    """The per-example gradient of the group, flattened: ``D [n, 1, C, P_group]``."""
-    parts = []
+    """The per-example gradient of a matrix group, flattened: ``D [n, 1, C, P_group]``."""
     n, C = f.D.shape[0], f.D.shape[2]
-    if f.A is not None:
-        parts.append(group.rule.weight_grads(group.modules[0], f.A, f.D).reshape(n, C, -1))
+    parts = [weight_grads(f.A, f.D, group.shape, group.transposed, group.vocab).reshape(n, C, -1)]
     if f.beta:
         parts.append(f.D.sum(1))
     return Factor(None, torch.cat(parts, 2).unsqueeze(1), 0.0, True)
@@ -58,7 +56,7 @@ def choose_form(group, f: Factor) -> Factor:
     if f.A is None or f.materialized:
         return f
     S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
-    da = group.vocab if group.kind == "embedding" else f.A.shape[2]
+    da = group.vocab if f.A.dtype == torch.long else f.A.shape[2]
     fac, mat = pair_cost(S, S, da, dd, C)
     # materializing costs a copy per example too: only worth it by a clear margin
     return materialize(group, f) if mat < 0.8 * fac else f
@@ -95,11 +93,11 @@ def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
     idx = inverse - 1 if has_pad else inverse       # -1 stays "no token"
     V = max(1, vocab.numel() - int(has_pad))
     i1 = idx[: t1.numel()].reshape(t1.shape)
-    oh1 = EmbeddingRule.one_hot(i1, V, dtype)
+    oh1 = one_hot(i1, V, dtype)
     if t2 is None:
         return oh1, oh1
     i2 = idx[t1.numel():].reshape(t2.shape)
-    return oh1, EmbeddingRule.one_hot(i2, V, dtype)
+    return oh1, one_hot(i2, V, dtype)
 
 
 def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,11 +111,10 @@ def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor
             total += torch.einsum("ncp,p->nc", f.D[:, 0], flat)
             continue
         g = plan.group(k)
-        if f.A is not None:
-            w = vec.get(g.weight)
-            if w is not None:
-                wa = g.rule.apply_weight(g.modules[0], f.A, w.to(f.D.dtype))
-                total += torch.einsum("nscd,nsd->nc", f.D, wa)
+        w = vec.get(g.weight)
+        if w is not None:
+            wa = apply_weight(f.A, w.to(f.D.dtype), g.transposed)
+            total += torch.einsum("nscd,nsd->nc", f.D, wa)
         if f.beta and vec.get(g.bias) is not None:
             total += torch.einsum("nscd,d->nc", f.D, vec[g.bias].to(f.D.dtype))
     return total
@@ -161,8 +158,7 @@ def summed_grads(plan, block: Block) -> Dict[str, torch.Tensor]:
             continue
         g = plan.group(k)
         D = f.D[:, :, 0]
-        if f.A is not None:
-            out[g.weight] = g.rule.weight_grad_sum(g.modules[0], f.A, D)
+        out[g.weight] = weight_grad_sum(f.A, D, g.shape, g.transposed, g.vocab)
         if f.beta:
             out[g.bias] = D.sum((0, 1))
     return out

@@ -1,13 +1,25 @@
-"""The dense path: per-example Jacobians (torch.func) of the parameters no rule covers."""
+"""The dense path: per-example Jacobians of the parameters no rule covers.
+
+``torch.func``'s ``vmap(jacrev)`` computes them for a whole block at once. Modules it cannot
+vmap (RNN / GRU, LSTM in float64: their fused kernels have no batching rule, custom autograd
+functions without a vmap rule) fall back to ``jacrev`` one example at a time, and where that
+fails too, to plain autograd, one backward pass per example and output. The verdict is
+remembered per model so the failing attempt is made once.
+"""
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, Dict
 
 import torch
 from torch.func import functional_call, jacrev, vmap
 
 from .plan import ModelPlan
+
+# model -> the first method that worked: "vmap", "loop" or "autograd"
+_METHOD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_METHODS = ("vmap", "loop", "autograd")
 
 
 def _vmap_friendly_attention():
@@ -26,13 +38,50 @@ def dense_jacobian(plan: ModelPlan, state: Dict[str, torch.Tensor], x: tuple,
     names = plan.dense
     fixed = {k: v.detach() for k, v in state.items() if k not in names}
     dense = {k: state[k].detach() for k in names}
+    start = _METHODS.index(_METHOD.get(plan.model, "vmap"))
+    err = None
+    for method in _METHODS[start:]:
+        try:
+            jac = _JACOBIAN[method](plan.model, fixed, dense, x, rows)
+        except RuntimeError as e:  # no batching rule, an in-place op under vmap, ...
+            err = e
+            continue
+        _METHOD[plan.model] = method
+        n = x[0].shape[0]
+        return torch.cat([jac[k].reshape(n, jac[k].shape[1], -1) for k in names], 2)
+    raise err
 
-    def single(dp, *xs):
-        out = functional_call(plan.model, {**fixed, **dp}, tuple(t.unsqueeze(0) for t in xs))
+
+def _single(model, fixed, rows):
+    def f(dp, *xs):
+        out = functional_call(model, {**fixed, **dp}, tuple(t.unsqueeze(0) for t in xs))
         return rows(out)[0]
+    return f
 
+
+def _by_vmap(model, fixed, dense, x, rows):
     with _vmap_friendly_attention():
-        jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(x))(dense, *x)
-    n = x[0].shape[0]
-    C = jac[names[0]].shape[1]
-    return torch.cat([jac[k].reshape(n, C, -1) for k in names], 2)
+        return vmap(jacrev(_single(model, fixed, rows)), in_dims=(None,) + (0,) * len(x))(dense, *x)
+
+
+def _by_loop(model, fixed, dense, x, rows):
+    f = jacrev(_single(model, fixed, rows))
+    per = [f(dense, *(t[i] for t in x)) for i in range(x[0].shape[0])]
+    return {k: torch.stack([p[k] for p in per]) for k in dense}
+
+
+def _by_autograd(model, fixed, dense, x, rows):
+    out = {k: [] for k in dense}
+    for i in range(x[0].shape[0]):
+        dp = {k: v.detach().requires_grad_(True) for k, v in dense.items()}
+        with torch.enable_grad():
+            o = rows(functional_call(model, {**fixed, **dp}, tuple(t[i:i + 1] for t in x)))[0]
+            per = [torch.autograd.grad(o[c], list(dp.values()), retain_graph=c < o.shape[0] - 1,
+                                       allow_unused=True) for c in range(o.shape[0])]
+        for j, k in enumerate(dp):
+            out[k].append(torch.stack([torch.zeros_like(dp[k]) if p[j] is None else p[j]
+                                       for p in per]))
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+_JACOBIAN = {"vmap": _by_vmap, "loop": _by_loop, "autograd": _by_autograd}

@@ -1,13 +1,14 @@
 """Per-example features of a block of examples: the seam between capture and the drivers.
 
-Because examples are independent (no batch coupling, checked by the plan), the gradient of
-the *sum* over the batch with respect to example i's layer output is example i's own, so one
-backward pass per output channel yields every example's factors at once. Parameters without
-a rule get per-example Jacobians from the dense path.
+One forward pass records the uses of the factored parameters (``ops.OpCapture``). Because
+examples are independent (no batch coupling, checked by the plan and the probe), the gradient
+of the *sum* over the batch with respect to example i's part of an op output is example i's
+own, so one backward pass per output channel (vmapped over channels) yields every example's
+factors at once. Parameters without a rule get per-example Jacobians from the dense path.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.func import functional_call
@@ -15,49 +16,60 @@ from torch.func import functional_call
 from .._checks import check_finite_block
 from .blocks import Block, Factor, choose_form, concat_blocks, to_terms
 from .dense import dense_jacobian
-from .hooks import Capture, Use
+from .layout import Layout
+from .ops import MATRIX_OPS, OpCapture, Use
 from .outputs import OutputSpec
-from .plan import DENSE, ModelPlan, cast_inputs, model_state
+from .plan import DENSE, ModelPlan, Trace, cast_inputs, model_state
+from .rules import bias_grads, elementwise_grads, matrix_factors, one_hot, weight_grads
 
 CHUNK = 2048  # examples per forward/backward pass unless the caller bounds memory tighter
 
 
-def _cat(ts: List[torch.Tensor]) -> torch.Tensor:
-    """Concatenate a group's calls along positions (no copy for a single call)."""
-    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
+class TraceMismatch(ValueError):
+    """The forward pass did not apply the parameters as when the model was probed."""
 
 
-def _group_factors(plan: ModelPlan, uses: List[Use], Ds: List[torch.Tensor], stacked: bool,
-                   n: int) -> Dict[int, Factor]:
-    """Concatenate each group's calls along positions and pick its cheaper form."""
-    factors: Dict[int, Factor] = {}
-    for k, g in enumerate(plan.groups):
-        idx = [i for i, u in enumerate(uses) if u.group == k]
-        if not idx:
-            continue
-        D = _cat([Ds[i] for i in idx])
-        A = _cat([uses[i].a for i in idx]) if g.weight is not None else None
-        f = choose_form(g, Factor(A, D, 1.0 if g.bias is not None else 0.0))
-        if stacked:  # trace: the channels become one longer feature
-            f.D = f.D.reshape(n, f.D.shape[1], 1, -1)
-        factors[k] = f
-    return factors
+def param_ids(plan: ModelPlan, state: Dict[str, torch.Tensor]) -> Dict[int, str]:
+    return {id(state[n]): n for n in plan.params}
+
+
+def run_captured(plan: ModelPlan, state, x: tuple, trace: Trace) -> Tuple[torch.Tensor, List[Use]]:
+    """The model output and its uses, recorded under the trace's layouts."""
+    n = x[0].shape[0]
+    ids = param_ids(plan, state)
+    with torch.enable_grad():
+        with OpCapture(ids, n, trace.expand) as cap:
+            out = functional_call(plan.model, state, x)
+        if any(u.y._version != u.version for u in cap.uses):  # modified in place downstream
+            with OpCapture(ids, n, trace.expand, copy_outputs=True) as cap:
+                out = functional_call(plan.model, state, x)
+    check_trace(cap.uses, trace)
+    return out, cap.uses
+
+
+def check_trace(uses: List[Use], trace: Trace) -> None:
+    if [u.signature() for u in uses] != trace.signatures:
+        raise TraceMismatch(
+            "model: its parameters were applied by other operations than when it was probed "
+            "(the forward pass depends on the data?); use implementation='dense'")
 
 
 def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]:
-    """Gradients of each output channel's batch sum w.r.t. every ``y``: ``[C, *y.shape]``
-    (``y.shape`` when C = 1), one vmapped backward pass for all channels."""
+    """Gradients of each output channel's batch sum w.r.t. every ``y``: ``[C, *y.shape]``,
+    one vmapped backward pass for all channels."""
     if not ys:
         return []
     n, C = f.shape
     if C == 1:
-        gs = torch.autograd.grad(f.sum(), ys, allow_unused=True)
-        return [torch.zeros_like(y) if g is None else g for y, g in zip(ys, gs)]
+        gs = torch.autograd.grad(f.sum(), ys, allow_unused=True, retain_graph=True)
+        return [torch.zeros_like(y).unsqueeze(0) if g is None else g.unsqueeze(0)
+                for y, g in zip(ys, gs)]
     eye = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
     try:
-        gs = torch.autograd.grad(f, ys, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        gs = torch.autograd.grad(f, ys, grad_outputs=eye, is_grads_batched=True,
+                                 allow_unused=True, retain_graph=True)
     except RuntimeError:  # an op without a batching rule: one pass per channel
-        per = [torch.autograd.grad(f[:, c].sum(), ys, retain_graph=c < C - 1, allow_unused=True)
+        per = [torch.autograd.grad(f[:, c].sum(), ys, retain_graph=True, allow_unused=True)
                for c in range(C)]
         gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
               for i in range(len(ys))]
@@ -65,39 +77,159 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
             for y, g in zip(ys, gs)]
 
 
-def extract(plan: ModelPlan, spec, state: Dict[str, torch.Tensor], x: tuple) -> Block:
-    """Features of one block of examples: one backward pass per output channel."""
-    with Capture(plan, copy_outputs=False) as cap, torch.enable_grad():
-        out = functional_call(plan.model, state, x)
-    if any(u.y._version != u.version for u in cap.uses):  # modified in place downstream
-        with Capture(plan) as cap, torch.enable_grad():
-            out = functional_call(plan.model, state, x)
-    f = spec.rows(out)
-    n, C = f.shape
-    uses = cap.uses
-    ys = [u.y for u in uses]
-    Ds = [plan.groups[u.group].rule.d_factor(u.module, g).unsqueeze(2) if C == 1 else
-          torch.stack([plan.groups[u.group].rule.d_factor(u.module, g[c]) for c in range(C)], 2)
-          for u, g in zip(uses, _output_grads(f, ys))]
-    block = Block(n, 1 if spec.stacked else C, _group_factors(plan, uses, Ds, spec.stacked, n))
+def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int
+                  ) -> Dict[int, Factor]:
+    """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``)."""
+    cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def ad(i: int, use: Use, lay: Layout, g: torch.Tensor, rows: int):
+        if i not in cache:
+            cache[i] = matrix_factors(use, lay, n, g, rows)
+        return cache[i]
+
+    def rows_of(use: Use) -> int:
+        if use.weight is None:
+            return use.y.shape[-1]
+        p = plan.params[use.weight.name]
+        return p.shape[1] if use.weight.transposed else p.shape[0]
+
+    parts: Dict[int, list] = {}
+    for i, (use, lay, g) in enumerate(uses):
+        for role, ref in (("weight", use.weight), ("bias", use.bias)):
+            k = None if ref is None else plan.group_of.get(ref.name)
+            if k is None:
+                continue
+            grp = plan.groups[k]
+            if grp.kind == "matrix":
+                if role == "weight":
+                    parts.setdefault(k, []).append(ad(i, use, lay, g, rows_of(use)))
+                continue
+            p = plan.params[ref.name]
+            if use.op not in MATRIX_OPS:
+                G = elementwise_grads(use, role, lay, n, g, p.shape)
+            else:
+                A, D = ad(i, use, lay, g, rows_of(use))
+                if role == "bias":
+                    G = bias_grads(use, D, p.numel())
+                else:
+                    G = weight_grads(A, D, p.shape, ref.transposed, p.shape[0]).reshape(
+                        n, D.shape[2], -1)
+            parts.setdefault(k, []).append(G)
+    factors: Dict[int, Factor] = {}
+    for k, ps in parts.items():
+        grp = plan.groups[k]
+        if grp.kind == "sum":
+            G = ps[0] if len(ps) == 1 else torch.stack(ps).sum(0)
+            factors[k] = Factor(None, G.unsqueeze(1), 0.0, True)
+            continue
+        As = [a for a, _ in ps]
+        if any(a.dtype == torch.long for a in As) and not all(a.dtype == torch.long for a in As):
+            dt = ps[0][1].dtype
+            As = [one_hot(a, grp.vocab, dt) if a.dtype == torch.long else a for a in As]
+        A = As[0] if len(As) == 1 else torch.cat(As, 1)
+        D = ps[0][1] if len(ps) == 1 else torch.cat([d for _, d in ps], 1)
+        factors[k] = choose_form(grp, Factor(A, D, 1.0 if grp.bias is not None else 0.0))
+    return factors
+
+
+def extract(plan: ModelPlan, spec: OutputSpec, state: Dict[str, torch.Tensor], x: tuple,
+            channels: Optional[slice] = None) -> Block:
+    """Features of one block of examples (``channels``: a slice of the output channels)."""
+    n = x[0].shape[0]
+    rows = spec.rows if channels is None else (lambda o: spec.rows(o)[:, channels])
+    factors: Dict[int, Factor] = {}
+    C = None
+    if plan.groups:
+        trace = plan.trace_for(x)
+        if trace is None:
+            raise TraceMismatch("model: inputs of this shape were not probed")
+        out, uses = run_captured(plan, state, x, trace)
+        f = rows(out)
+        C = f.shape[1]
+        keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
+                if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
+        grads = _output_grads(f, [u.y for u, _ in keep])
+        factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n)
     if plan.dense:
-        G = dense_jacobian(plan, state, x, spec.rows)
-        if spec.stacked:
-            G = G.reshape(n, 1, -1)
-        block.factors[DENSE] = Factor(None, G.unsqueeze(1), 0.0, True)
+        G = dense_jacobian(plan, state, x, rows)
+        C = G.shape[1]
+        factors[DENSE] = Factor(None, G.unsqueeze(1), 0.0, True)
+    block = Block(n, C, factors)
+    if spec.stacked:  # trace: the channels become one longer feature
+        for f in block.factors.values():
+            f.D = f.D.reshape(n, f.D.shape[1], 1, -1)
+        block.C = 1
     return block
 
 
-def block_from_recorded(plan: ModelPlan, cap: Capture, state: Dict[str, torch.Tensor], x: tuple,
+def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str,
+             channels: Optional[slice] = None) -> Block:
+    """Features of all of ``x``, extracted ``chunk`` examples at a time and concatenated."""
+    n = x[0].shape[0]
+    blocks = []
+    for i in range(0, n, chunk):
+        b = extract(plan, spec, state, tuple(t[i:i + chunk] for t in x), channels)
+        check_finite_block(b, name)
+        blocks.append(b)
+    return concat_blocks(blocks)
+
+
+FEATURE_BUDGET = 1 << 30  # bytes of features held at once before the channels are chunked
+
+
+def channel_chunks(plan: ModelPlan, spec: OutputSpec, x: tuple, n_total: int,
+                   dtype: torch.dtype, budget: int = FEATURE_BUDGET) -> List[Optional[slice]]:
+    """Output channels in chunks whose features for ``n_total`` examples fit ``budget``
+    (trace only: it sums over channels; other modes keep every channel at once)."""
+    if not spec.stacked:
+        return [None]
+    state = model_state(plan, dtype)
+    one = cast_inputs(tuple(t[:1] for t in x), dtype)
+    per = sum(plan.params[n].numel() for n in plan.dense)
+    if plan.groups:
+        out, uses = run_captured(plan, state, one, plan.trace_for(one))
+        for g in plan.groups:
+            if g.kind == "sum":
+                per += sum(plan.params[n].numel() for n in g.names)
+        for u in uses:
+            k = plan.group_of.get(u.weight.name) if u.weight is not None else None
+            if k is not None and plan.groups[k].kind == "matrix":
+                per += u.y.numel()  # S x rows per channel (an upper bound of either form)
+    else:
+        with torch.no_grad():
+            out = functional_call(plan.model, state, one)
+    C = spec.rows(out).shape[1]
+    per_bytes = max(1, per * torch.finfo(dtype).bits // 8)
+    cc = max(1, budget // (n_total * per_bytes))
+    if cc >= C:
+        return [None]
+    return [slice(c, min(C, c + cc)) for c in range(0, C, cc)]
+
+
+def tangent_terms(plan: ModelPlan, spec: OutputSpec, dtype: torch.dtype, x1, x2=None,
+                  chunk: Optional[int] = None, channels: Optional[slice] = None):
+    """Native terms of the tangent kernel of ``x1`` against ``x2`` (None: itself) at the
+    model's current weights: ``(side1, side2, C)`` for ``_backend.accumulate``."""
+    state = model_state(plan, dtype)
+    chunk = chunk or CHUNK
+    b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1", channels)
+    b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2",
+                                          channels)
+    side1, side2 = to_terms(plan, b1, b2)
+    return side1, side2, b1.C
+
+
+def block_from_recorded(plan: ModelPlan, uses: List[Use], trace: Trace, state, x: tuple,
                         cotangent: torch.Tensor) -> Block:
     """Features of the gradient of the user's own loss, from a recorded backward pass:
     one channel, ``J_i^T u_i`` with ``u_i`` the loss gradient at example i's output."""
     n = cotangent.shape[0]
-    Ds = []
-    for u in cap.uses:
-        gy = torch.zeros_like(u.y) if u.grad is None else u.grad
-        Ds.append(plan.groups[u.group].rule.d_factor(u.module, gy).unsqueeze(2))
-    block = Block(n, 1, _group_factors(plan, cap.uses, Ds, False, n))
+    check_trace(uses, trace)
+    keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
+            if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
+    items = [(u, lay, (torch.zeros_like(u.y) if u.grad is None else u.grad).unsqueeze(0))
+             for u, lay in keep]
+    block = Block(n, 1, group_factors(plan, items, n))
     if plan.dense:
         J = dense_jacobian(plan, state, x, lambda o: o.reshape(o.shape[0], -1))
         G = torch.einsum("nc,ncp->np", cotangent.reshape(n, -1).to(J.dtype), J)
@@ -105,24 +237,4 @@ def block_from_recorded(plan: ModelPlan, cap: Capture, state: Dict[str, torch.Te
     return block
 
 
-def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str) -> Block:
-    """Features of all of ``x``, extracted ``chunk`` examples at a time and concatenated."""
-    n = x[0].shape[0]
-    blocks = []
-    for i in range(0, n, chunk):
-        b = extract(plan, spec, state, tuple(t[i:i + chunk] for t in x))
-        check_finite_block(b, name)
-        blocks.append(b)
-    return concat_blocks(blocks)
-
-
-def tangent_terms(plan: ModelPlan, spec: OutputSpec, dtype: torch.dtype, x1, x2=None,
-                  chunk: Optional[int] = None):
-    """Native terms of the tangent kernel of ``x1`` against ``x2`` (None: itself) at the
-    model's current weights: ``(side1, side2, C)`` for ``_backend.accumulate``."""
-    state = model_state(plan, dtype)
-    chunk = chunk or CHUNK
-    b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1")
-    b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2")
-    side1, side2 = to_terms(plan, b1, b2)
-    return side1, side2, b1.C
+RowsFn = Callable[[torch.Tensor], torch.Tensor]

@@ -1,20 +1,26 @@
 """The model plan: which trainable parameters go through which factored rule, which go dense.
 
-Every trainable parameter lands in exactly one place: a factored group (one or more modules
-that share the same weight / bias, their calls concatenated as positions so cross terms
-between uses are kept) or the dense list. A parameter that a rule cannot account for on its
-own (tied across roles, used outside its module) goes dense; the probe (``probe.py``) checks
-this numerically and moves any parameter whose factored gradient disagrees with autograd.
+Every trainable parameter lands in exactly one place. The probe (``probe.py``) records the
+uses of every parameter in a forward pass (``ops.py``) and groups them:
+
+- a **matrix** group: a weight used only by matrix ops in one orientation (and the bias its
+  ops add, when that bias is used nowhere else); its uses are concatenated along positions,
+  so cross terms between uses are kept, and the group is factored or materialized by cost;
+- a **sum** group: a parameter used elementwise (norms' affine parameters, added position
+  embeddings), or in several roles (a tied embedding and output head): each use gives
+  per-example gradients directly, which are summed;
+- the **dense** list: every parameter whose gradient the recorded uses do not reproduce per
+  example (checked in float64), or that no rule covers; per-example Jacobians by torch.func.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .rules import Rule, rule_for
+from .layout import Layout
 
 IMPLEMENTATIONS = ("auto", "factored", "dense")
 DENSE = -1  # group key of the parameters that no rule covers
@@ -22,12 +28,31 @@ DENSE = -1  # group key of the parameters that no rule covers
 
 @dataclass
 class Group:
-    rule: Rule
-    kind: str
-    modules: List[nn.Module] = field(default_factory=list)
-    weight: Optional[str] = None  # parameter names, None when frozen or moved to dense
-    bias: Optional[str] = None
-    vocab: int = 0                # num_embeddings for embedding groups
+    kind: str                       # "matrix" | "sum"
+    weight: Optional[str]           # matrix: the weight; sum: the parameter
+    bias: Optional[str] = None      # matrix: the bias its ops add (folded in as beta)
+    shape: Tuple[int, ...] = ()     # the weight's shape
+    transposed: bool = False        # matrix: its gradient is (sum_s D_s A_s^T)^T
+    vocab: int = 0                  # matrix: one-hot width when A holds tokens
+    ops: Tuple[str, ...] = ()       # the ops that use it (for describe)
+    uses: int = 0                   # how many uses in one forward pass
+
+    @property
+    def names(self) -> List[str]:
+        return [n for n in (self.weight, self.bias) if n is not None]
+
+
+@dataclass
+class Trace:
+    """The recorded uses of one input shape: per use, its signature and batch layout (None:
+    no layout explains it, its parameters go dense)."""
+
+    signatures: List[tuple]
+    layouts: List[Optional[Layout]]
+
+    @property
+    def expand(self) -> Dict[int, int]:
+        return {i: lay.dim for i, lay in enumerate(self.layouts) if lay is not None and lay.expand}
 
 
 def check_model(model) -> None:
@@ -38,10 +63,18 @@ def check_model(model) -> None:
             raise ValueError(
                 f"model: BatchNorm module '{name}' is in training mode, which couples the examples "
                 "of a batch (each example's output depends on the others); call model.eval() first")
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:  # checked before any forward
+            raise ValueError(
+                f"model: nn.Embedding with max_norm={m.max_norm} ('{name}') rewrites its weight "
+                "during the forward pass, so its tangent kernel is not defined; use max_norm=None")
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
                 f"model: Dropout module '{name}' is in training mode, which makes the kernel random; "
                 "call model.eval() first")
+
+
+def input_signature(x: Sequence[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape[1:]), t.is_floating_point()) for t in x)
 
 
 class ModelPlan:
@@ -56,56 +89,41 @@ class ModelPlan:
         if not self.params:
             raise ValueError("model: has no trainable parameter (requires_grad=True); "
                              "the tangent kernel would be zero")
-        name_of = {id(p): n for n, p in self.params.items()}
         self.groups: List[Group] = []
-        if implementation != "dense":
-            by_key: Dict[tuple, Group] = {}
-            for _, m in model.named_modules():
-                rule = rule_for(m)
-                if rule is None:
-                    continue
-                w = getattr(m, rule.weight_attr, None)
-                b = getattr(m, rule.bias_attr, None) if rule.bias_attr else None
-                wn = name_of.get(id(w)) if isinstance(w, torch.Tensor) else None
-                bn = name_of.get(id(b)) if isinstance(b, torch.Tensor) else None
-                if wn is None and bn is None:
-                    continue
-                key = (rule.kind, wn, bn)
-                g = by_key.get(key)
-                if g is None:
-                    g = by_key[key] = Group(rule, rule.kind, [], wn, bn,
-                                            getattr(m, "num_embeddings", 0))
-                g.modules.append(m)
-            self.groups = list(by_key.values())
-            # A parameter in two different groups (shared in different roles) goes dense.
-            seen: Dict[str, int] = {}
-            for g in self.groups:
-                for n in (g.weight, g.bias):
-                    if n is not None:
-                        seen[n] = seen.get(n, 0) + 1
-            self.move_to_dense([n for n, c in seen.items() if c > 1])
-        self._refresh_dense()
+        self.group_of: Dict[str, int] = {}
+        self.dense: List[str] = list(self.params)
+        self.why: Dict[str, str] = {n: "not probed" for n in self.params}
+        self.traces: Dict[tuple, Trace] = {}
 
-    def _refresh_dense(self) -> None:
-        covered = {n for g in self.groups for n in (g.weight, g.bias) if n is not None}
-        self.dense = [n for n in self.params if n not in covered]
+    def set_groups(self, groups: List[Group], why: Dict[str, str]) -> None:
+        """Adopt the probe's verdict: these groups, every other parameter dense."""
+        self.groups = groups
+        self.group_of = {n: k for k, g in enumerate(groups) for n in g.names}
+        self.dense = [n for n in self.params if n not in self.group_of]
+        self.why = dict(why)
         if self.implementation == "factored" and self.dense:
             raise ValueError(
-                "implementation: 'factored' covers nn.Linear, nn.Conv1d/2d and nn.Embedding "
-                f"parameters used only by their module; these need the dense path: {self.dense}. "
+                "implementation: 'factored' needs a factored rule for every parameter; these "
+                f"need the dense path: {self.dense} ({self.why[self.dense[0]]}). "
                 "Use implementation='auto'")
 
-    def move_to_dense(self, names) -> None:
+    def move_to_dense(self, names, why: str) -> None:
         names = set(names)
         if not names:
             return
+        kept = []
         for g in self.groups:
-            if g.weight in names:
-                g.weight = None
+            if g.weight in names or (g.kind == "sum" and g.weight in names):
+                if g.bias is not None and g.bias not in names:
+                    names.add(g.bias)  # a folded bias goes with its weight
+                continue
             if g.bias in names:
                 g.bias = None
-        self.groups = [g for g in self.groups if g.weight is not None or g.bias is not None]
-        self._refresh_dense()
+            kept.append(g)
+        self.set_groups(kept, {**self.why, **{n: why for n in names}})
+
+    def trace_for(self, x) -> Optional[Trace]:
+        return self.traces.get(input_signature(x))
 
     # ---- layout of parameter-space vectors, group by group ------------------------------------
     def group(self, k: int) -> Group:
@@ -115,10 +133,7 @@ class ModelPlan:
         return list(range(len(self.groups))) + ([DENSE] if self.dense else [])
 
     def group_names(self, k: int) -> List[str]:
-        if k == DENSE:
-            return list(self.dense)
-        g = self.groups[k]
-        return [n for n in (g.weight, g.bias) if n is not None]
+        return list(self.dense) if k == DENSE else self.groups[k].names
 
     def group_size(self, k: int) -> int:
         return sum(self.params[n].numel() for n in self.group_names(k))

@@ -1,59 +1,226 @@
-"""The float64 probe: every factored parameter must reproduce autograd's gradient."""
+"""The probe: which parameters the recorded uses explain, checked per example in float64.
+
+For each input shape, the forward pass is recorded on one example and on ``n`` examples (the
+first being that one) to find each use's batch layout (``layout.py``). The uses are grouped
+(``plan.py``), and on those ``n`` examples every grouped parameter's per-example gradient
+rebuilt from the factors must equal autograd's, example by example, for a random output
+cotangent. A parameter that fails (tied in a role no rule covers, used by an op without a
+rule, a layout that does not hold) goes to the dense path, so no parameter is ever dropped,
+counted twice or attributed to the wrong example.
+"""
 from __future__ import annotations
 
+import copy
 import weakref
-from typing import Dict
+from collections import defaultdict
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch.func import functional_call
 
-from .hooks import Capture
-from .plan import ModelPlan, cast_inputs, model_state
+from .blocks import materialize
+from .extract import _output_grads, group_factors, param_ids, run_captured
+from .layout import Layout, discover
+from .ops import MATRIX_OPS, OpCapture, Use
+from .plan import Group, ModelPlan, Trace, cast_inputs, input_signature, model_state
+from .rules import _aligned, expandable_dims
 
-# model -> (its parameter signature, the parameters the probe moved to dense)
+# model -> (its parameter signature, groups, why, traces)
 _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOL = 1e-9
+
+
+def _param_signature(plan: ModelPlan) -> tuple:
+    return tuple((n, id(p), tuple(p.shape), p.requires_grad)
+                 for n, p in plan.model.named_parameters()) + (len(list(plan.model.modules())),)
 
 
 def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
-    """Move to the dense path every factored parameter whose gradient the factors do not
-    reproduce (tied in another role, used outside its module, a subclass that changes the
-    forward). Checked in float64 on a few examples with a random output cotangent."""
-    if not plan.groups:
+    """Find the groups (first call) and the layouts of inputs shaped like ``x``, and move to
+    the dense path every parameter whose factors do not reproduce autograd per example."""
+    if plan.implementation == "dense":
         return
-    sig = tuple((n, id(p), tuple(p.shape), p.requires_grad)
-                for n, p in plan.model.named_parameters()) + (len(list(plan.model.modules())),)
+    sig = input_signature(x)
+    if sig in plan.traces:
+        return
+    psig = _param_signature(plan)
     hit = _PROBED.get(plan.model)
-    if hit is not None and hit[0] == sig:  # same model, same parameters: same verdict
-        plan.move_to_dense(hit[1])
-        return
+    fresh = not plan.traces
+    if fresh and hit is not None and hit[0] == psig:
+        plan.set_groups(copy.deepcopy(hit[1]), hit[2])
+        plan.traces.update(hit[3])
+        fresh = False
+        if sig in plan.traces:
+            return
     state = model_state(plan, torch.float64)
     x = cast_inputs(x, torch.float64)
-    with Capture(plan) as cap, torch.enable_grad():
+    trace, uses, touched, many = _discover(plan, state, x)
+    if fresh:
+        groups, why = _group(plan, uses, trace, touched)
+        plan.set_groups(groups, why)
+    else:
+        bad = {nm for i, u in enumerate(uses) if trace.layouts[i] is None for nm in u.names()}
+        plan.move_to_dense(bad & set(plan.group_of), "no batch layout explains its use here")
+    plan.traces[sig] = trace
+    _verify(plan, state, many, trace, seed)
+    _PROBED[plan.model] = (psig, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
+
+
+def _take(x: tuple, idx: List[int]) -> tuple:
+    i = torch.tensor(idx, device=x[0].device)
+    return tuple(t.index_select(0, i) for t in x)
+
+
+def _record(plan, state, x, touched=None) -> Tuple[torch.Tensor, List[Use]]:
+    with torch.enable_grad(), OpCapture(param_ids(plan, state), x[0].shape[0],
+                                        copy_outputs=True, touched=touched) as cap:
         out = functional_call(plan.model, state, x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: expected the model to return a tensor, got {type(out).__name__}")
+    return out, cap.uses
+
+
+def _discover(plan, state, x):
+    """Layouts of every use, from a forward pass on one example and one on ``n``."""
+    touched: Dict[str, set] = {}
+    out1, uses1 = _record(plan, state, _take(x, [0]), touched)
+    sizes = {s for u in uses1 for t in (u.x, u.y) if t is not None for s in t.shape}
+    sizes |= set(out1.shape)
+    n = next(k for k in range(3, 64) if k not in sizes)
+    many = _take(x, [i % x[0].shape[0] for i in range(n)])
+    _, usesn = _record(plan, state, many)
+    sigs = [u.signature() for u in uses1]
+    if [u.signature() for u in usesn] != sigs:
+        layouts: List[Optional[Layout]] = [None] * len(uses1)
+    else:
+        layouts = [_layout(u1, un, n, plan) for u1, un in zip(uses1, usesn)]
+    return Trace(sigs, layouts), usesn, touched, many
+
+
+def _layout(u1: Use, un: Use, n: int, plan: ModelPlan) -> Optional[Layout]:
+    lay = discover(u1.batched, un.batched, n, expandable_dims(u1))
+    if lay is None:
+        return None
+    if u1.op in ("add", "mul", "expand"):  # the parameter must not vary along the batch dim
+        p = plan.params[u1.weight.name]
+        shape = u1.weight.shape or tuple(p.shape)
+        try:
+            if _aligned(u1, shape, u1.y.dim())[lay.dim] != 1:
+                return None
+        except ValueError:
+            return None
+    return lay
+
+
+def _group(plan: ModelPlan, uses: List[Use], trace: Trace, touched: Dict[str, set]
+           ) -> Tuple[List[Group], Dict[str, str]]:
+    """Groups of the parameters the recorded uses cover; why every other one goes dense."""
+    uses_of: Dict[str, List[Tuple[int, str]]] = defaultdict(list)
+    why: Dict[str, str] = {}
+    bad: Set[str] = set()
+    for i, u in enumerate(uses):
+        for role, ref in (("weight", u.weight), ("bias", u.bias)):
+            if ref is None or ref.name not in plan.params:
+                continue
+            uses_of[ref.name].append((i, role))
+            if trace.layouts[i] is None:
+                bad.add(ref.name)
+                why[ref.name] = f"no batch layout explains its use by {u.op}"
+    groups: Dict[str, Group] = {}
+    for name, lst in uses_of.items():
+        if name in bad:
+            continue
+        if touched.get(name):
+            bad.add(name)
+            why[name] = "also used by " + ", ".join(sorted(touched[name])) + " (no factored rule)"
+            continue
+        ops = tuple(sorted({uses[i].op for i, _ in lst}))
+        shape = tuple(plan.params[name].shape)
+        orient = {uses[i].weight.transposed for i, r in lst if r == "weight"}
+        if all(r == "weight" and uses[i].op in MATRIX_OPS for i, r in lst) and len(orient) == 1:
+            vocab = shape[0] if "embedding" in ops else 0
+            groups[name] = Group("matrix", name, None, shape, orient.pop(), vocab, ops, len(lst))
+        else:
+            groups[name] = Group("sum", name, None, shape, False, 0, ops, len(lst))
+    for name, g in list(groups.items()):  # fold a bias into its weight's group
+        if g.kind != "matrix":
+            continue
+        biases = {uses[i].bias.name if uses[i].bias is not None else None for i, _ in uses_of[name]}
+        if len(biases) != 1 or None in biases:
+            continue
+        b = biases.pop()
+        bg = groups.get(b)
+        rows = g.shape[1] if g.transposed else g.shape[0]
+        if bg is None or plan.params[b].numel() != rows or any(
+                r != "bias" or uses[i].weight is None or uses[i].weight.name != name
+                or uses[i].weight.rows != uses[i].bias.rows for i, r in uses_of[b]):
+            continue
+        g.bias = b
+        del groups[b]
+    for name in plan.params:
+        if name not in groups and name not in why:
+            why[name] = ("used by " + ", ".join(sorted(touched[name])) + " (no factored rule)"
+                         if touched.get(name) else "no recognized operation applies it")
+    for g in groups.values():
+        for nm in g.names:
+            roles = "several roles, summed per use" if g.kind == "sum" and set(g.ops) & set(
+                MATRIX_OPS) else ""
+            why[nm] = f"{', '.join(g.ops)} (x{g.uses}){'; ' + roles if roles else ''}"
+    ordered = [groups[n] for n in plan.params if n in groups]
+    return ordered, why
+
+
+def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int) -> None:
+    """Per-example check of every grouped parameter against autograd, in float64."""
+    for _ in range(4):  # moving a parameter to dense can change another's group
+        if not plan.groups:
+            return
+        try:
+            out, uses = run_captured(plan, state, x, trace)
+        except RuntimeError:  # an expanded output that the rest of the model rejects
+            expanded = [i for i, lay in enumerate(trace.layouts) if lay is not None and lay.expand]
+            if not expanded:
+                raise
+            names = {nm for i in expanded for nm in trace.signatures[i][1:]}
+            plan.move_to_dense(names & set(plan.group_of),
+                               "its batch-independent use could not be expanded to the batch")
+            for i in expanded:
+                trace.layouts[i] = None
+            continue
+        bad = _mismatches(plan, state, x, trace, out, uses, seed)
+        if not bad:
+            return
+        plan.move_to_dense(bad, "its factors do not reproduce autograd's per-example gradient")
+    if plan.groups:
+        raise RuntimeError("pathkernel: the probe did not settle; please report this model")
+
+
+def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
+    n = x[0].shape[0]
     gen = torch.Generator().manual_seed(seed)
     r = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
-    names = [n for g in plan.groups for n in (g.weight, g.bias) if n is not None]
-    ys = [u.y for u in cap.uses]
-    grads = torch.autograd.grad((out * r).sum(), ys + [state[n] for n in names], allow_unused=True)
-    gy, gp = grads[:len(ys)], dict(zip(names, grads[len(ys):]))
-    recon: Dict[str, torch.Tensor] = {}
-    for u, g_out in zip(cap.uses, gy):
-        g = plan.groups[u.group]
-        if g_out is None:
-            continue
-        D = g.rule.d_factor(u.module, g_out)
-        if g.weight is not None:
-            w = g.rule.weight_grads(u.module, u.a, D.unsqueeze(2)).sum((0, 1))
-            recon[g.weight] = recon.get(g.weight, 0) + w
-        if g.bias is not None:
-            recon[g.bias] = recon.get(g.bias, 0) + D.sum((0, 1))
-    bad = []
-    for n in names:
-        auto = gp[n] if gp[n] is not None else torch.zeros_like(state[n])
-        mine = recon.get(n, torch.zeros_like(auto))
-        if (mine - auto).norm() > 1e-9 * max(auto.norm().item(), 1e-30) + 1e-300:
-            bad.append(n)
-    plan.move_to_dense(bad)
-    _PROBED[plan.model] = (sig, bad)
+    f = (out * r).reshape(n, -1).sum(1, keepdim=True)
+    keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
+            if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
+    grads = _output_grads(f, [u.y for u, _ in keep])
+    factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n)
+    mine: Dict[str, torch.Tensor] = {}
+    for k, fac in factors.items():
+        g = plan.groups[k]
+        if not fac.materialized:
+            fac = materialize(g, fac)
+        mine.update(plan.unflatten_group(k, fac.D[:, 0, 0]))
+    names = [nm for g in plan.groups for nm in g.names]
+    auto = {nm: [] for nm in names}
+    for i in range(n):
+        gi = torch.autograd.grad(f[i, 0], [state[nm] for nm in names], retain_graph=True,
+                                 allow_unused=True)
+        for nm, g in zip(names, gi):
+            auto[nm].append(torch.zeros_like(state[nm]) if g is None else g)
+    bad = set()
+    for nm in names:
+        a = torch.stack(auto[nm])
+        m = mine.get(nm, torch.zeros_like(a))
+        if (m - a).norm() > _TOL * max(a.norm().item(), 1e-30) + 1e-300:
+            bad.add(nm)
+    return bad

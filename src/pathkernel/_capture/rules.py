@@ -1,140 +1,215 @@
-"""Factored rules: how a module's per-example gradient splits into input and output factors.
+"""The per-example gradient of each kind of use, from the activation and the output gradient.
 
-A rule covers a module whose trainable weight acts linearly on (a transform of) its input at
-``S`` positions: the per-example weight gradient is ``sum_s delta_s a_s^T`` with ``a_s`` read
-from the module's input (``A [n, S, da]``) and ``delta_s`` the gradient of its output
-(``[n, S, dd]``); the bias gradient is ``sum_s delta_s``. Everything else goes dense.
+Matrix uses (``linear``, ``matmul``, ``addmm``, ``conv``, ``embedding``) apply a weight ``W``
+linearly at ``S`` positions: the per-example gradient is ``sum_s D_s A_s^T`` (as a matrix
+``[rows, cols]``; ``transposed`` uses such as ``x @ W`` or an embedding give its transpose),
+with ``A [n, S, cols]`` read from the op's input (int tokens for an embedding: one-hot rows)
+and ``D [n, S, C, rows]`` from the gradient of its output. A grouped convolution folds its
+groups into positions with ``D`` zero outside the group's output channels, so cross-group
+pairs vanish. A row slice of ``W`` (attention's packed in-projection) pads ``D`` to all rows.
+
+Elementwise uses (norms' affine parameters, a parameter added to, multiplied with or
+expanded over activations) give the per-example gradient directly, as the output gradient
+times the op's coefficient summed over the broadcast dims.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .layout import Layout, batch_first
+from .ops import ELEMENTWISE_OPS, NORM_OPS, Use
 
 
-class Rule:
-    """Base: ``inputs`` -> A (or int tokens for embeddings), output grad -> D."""
-
-    kind = "linear"
-    weight_attr = "weight"
-    bias_attr: Optional[str] = "bias"
-
-    def a_factor(self, module: nn.Module, inputs: tuple) -> torch.Tensor:
-        raise NotImplementedError
-
-    def d_factor(self, module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def apply_weight(self, module: nn.Module, A: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``[n, S, dd]``: a weight-shaped tensor ``w`` applied to each position's input factor."""
-        return A @ w.reshape(w.shape[0], -1).t()
-
-    def weight_grads(self, module: nn.Module, A: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-        """Per-example, per-channel weight gradients ``[n, C, *weight.shape]`` from the factors
-        ``A [n, S, da]`` and ``D [n, S, C, dd]``."""
-        w = getattr(module, self.weight_attr)
-        return torch.einsum("nscd,nsa->ncda", D, A).reshape(D.shape[0], D.shape[2], *w.shape)
-
-
-    def weight_grad_sum(self, module: nn.Module, A: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-        """The weight gradient summed over examples, from ``A [n, S, da]``, ``D [n, S, dd]``."""
-        w = getattr(module, self.weight_attr)
-        return torch.einsum("nsd,nsa->da", D, A).reshape(w.shape)
-
-
-class LinearRule(Rule):
-    def a_factor(self, module, inputs):
-        x = inputs[0]
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-
-    def d_factor(self, module, grad):
-        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
-
-
-class ConvRule(Rule):
-    """Conv1d / Conv2d with groups = 1 and zero padding, through unfolded patches."""
-
-    def __init__(self, dims: int):
-        self.dims = dims
-
-    def a_factor(self, module, inputs):
-        x = inputs[0]
-        k, s, d = module.kernel_size, module.stride, module.dilation
-        p = module.padding
-        if self.dims == 1:  # a 1-d convolution is a 2-d one of height 1
-            x = x.unsqueeze(2)
-            k, s, d = (1, k[0]), (1, s[0]), (1, d[0])
-            p = p if isinstance(p, str) else (0, p[0])
-        if isinstance(p, str):
-            if p == "same":  # torch pads total // 2 before and the rest after
-                pads = []
-                for kk, dd in reversed(list(zip(k, d))):
-                    total = dd * (kk - 1)
-                    pads += [total // 2, total - total // 2]
-                x = F.pad(x, pads)
-            p = 0
-        cols = F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s)  # [n, Cin*k, L]
-        return cols.transpose(1, 2)
-
-    def d_factor(self, module, grad):
-        return grad.reshape(grad.shape[0], grad.shape[1], -1).transpose(1, 2)
-
-
-class EmbeddingRule(Rule):
-    """An embedding is a linear map of one-hot tokens: ``a_s . a'_s'`` is token equality."""
-
-    kind = "embedding"
-    bias_attr = None
-
-    def a_factor(self, module, inputs):
-        t = inputs[0]
-        t = t.reshape(t.shape[0], -1).long()
-        if module.padding_idx is not None:  # the padding row gets no gradient
-            t = torch.where(t == module.padding_idx, torch.full_like(t, -1), t)
-        return t
-
-    def d_factor(self, module, grad):
-        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
-
-    def apply_weight(self, module, A, w):
-        valid = (A >= 0).unsqueeze(-1)
-        return torch.where(valid, w[A.clamp(min=0)], torch.zeros((), dtype=w.dtype, device=w.device))
-
-    def weight_grads(self, module, A, D):
-        onehot = self.one_hot(A, module.num_embeddings, D.dtype)
-        return torch.einsum("nscd,nsv->ncvd", D, onehot)
-
-    def weight_grad_sum(self, module, A, D):
-        valid = A >= 0
-        out = torch.zeros(module.num_embeddings, D.shape[-1], dtype=D.dtype, device=D.device)
-        return out.index_add_(0, A[valid], D[valid])
-
-    @staticmethod
-    def one_hot(tokens: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[n, S, vocab]``; tokens of -1 (padding) give a zero row."""
-        oh = F.one_hot(tokens.clamp(min=0), vocab).to(dtype)
-        return oh * (tokens >= 0).unsqueeze(-1).to(dtype)
-
-
-def rule_for(module: nn.Module) -> Optional[Rule]:
-    """The factored rule for ``module``, or None (its parameters then go dense)."""
-    if isinstance(module, nn.Linear):
-        return LinearRule()
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and type(module).forward in (
-            nn.Conv1d.forward, nn.Conv2d.forward):
-        if module.groups == 1 and module.padding_mode == "zeros":
-            return ConvRule(1 if isinstance(module, nn.Conv1d) else 2)
-        return None
-    if isinstance(module, nn.Embedding):
-        if module.max_norm is not None:
-            raise ValueError(
-                f"model: nn.Embedding with max_norm={module.max_norm} rewrites its weight during "
-                "the forward pass, so its tangent kernel is not defined; use max_norm=None")
-        if module.scale_grad_by_freq:
-            raise ValueError(
-                "model: nn.Embedding with scale_grad_by_freq=True couples the examples of a batch; "
-                "use scale_grad_by_freq=False")
-        return EmbeddingRule()
+def expandable_dims(use: Use) -> Optional[int]:
+    """How many leading dims of ``use.batched`` may hold the batch (None: any)."""
+    if use.op in ("linear", "matmul", "addmm"):
+        return use.x.dim() - 1
+    if use.op in ("conv", "group_norm", "instance_norm", "batch_norm"):
+        return 1
+    if use.op in ("layer_norm", "rms_norm"):
+        return use.x.dim() - len(use.ctx["args"]["normalized_shape"])
     return None
+
+
+# ---- matrix uses ---------------------------------------------------------------------------
+
+def _unfold(x: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """Patches ``[B, L, C_in * prod(k)]`` of a convolution's input (zero padding)."""
+    dims, k, s, d, p = ctx["dims"], ctx["kernel"], ctx["stride"], ctx["dilation"], ctx["padding"]
+    if isinstance(p, str):
+        if p == "valid":
+            p = (0,) * dims
+        else:  # "same": torch pads total // 2 before and the rest after
+            pads = []
+            for kk, dd in reversed(list(zip(k, d))):
+                total = dd * (kk - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+            p = (0,) * dims
+    p = tuple(p) if isinstance(p, (tuple, list)) else (int(p),) * dims
+    if dims == 1:  # a 1-d convolution is a 2-d one of height 1
+        x, k, s, d, p = x.unsqueeze(2), (1,) + k, (1,) + s, (1,) + d, (0,) + p
+    if dims <= 2:
+        return F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s).transpose(1, 2)
+    x = F.pad(x, [q for pp in reversed(p) for q in (pp, pp)])
+    for i in range(3):  # 3-d: windows along each spatial dim
+        x = x.unfold(2 + i, d[i] * (k[i] - 1) + 1, s[i])[..., ::d[i]]
+    B, Cin = x.shape[:2]
+    L = x.shape[2] * x.shape[3] * x.shape[4]
+    return x.reshape(B, Cin, L, -1).permute(0, 2, 1, 3).reshape(B, L, -1)
+
+
+def matrix_factors(use: Use, layout: Layout, n: int, grads: torch.Tensor, rows: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A, D)`` of a matrix use: ``A [n, S, cols]`` (long ``[n, S]`` tokens for an
+    embedding, -1 where no row gets a gradient) and ``D [n, S, C, rows]``. ``grads``:
+    ``[C, *y.shape]``; ``rows``: the weight's row count (a row slice pads D to it)."""
+    C = grads.shape[0]
+    if use.op == "conv":
+        g = use.ctx["groups"]
+        P = batch_first(_unfold(use.x, use.ctx), layout, n)          # [n, (per,) L, Cin k]
+        A = P.reshape(n, -1, P.shape[-1])
+        Gy = grads.flatten(3).transpose(2, 3)                         # [C, B, L, Cout]
+        D = batch_first(Gy, layout, n, lead=1)                        # [n, C, (per,) L, Cout]
+        D = D.reshape(n, C, -1, D.shape[-1]).transpose(1, 2)          # [n, S, C, Cout]
+        if g > 1:  # fold the groups into positions, D zero outside each group's channels
+            S, a, o = A.shape[1], A.shape[2] // g, D.shape[-1] // g
+            A = A.reshape(n, S * g, a)
+            Dg = D.new_zeros(n, S, g, C, g, o)
+            idx = torch.arange(g, device=D.device)
+            Dg[:, :, idx, :, idx] = D.reshape(n, S, C, g, o).permute(3, 0, 1, 2, 4)
+            D = Dg.reshape(n, S * g, C, g * o)
+        return A, D
+    x = batch_first(use.x, layout, n)
+    if use.op == "embedding":
+        A = x.reshape(n, -1).long()
+        pad = use.ctx.get("padding_idx")
+        if pad is not None:  # the padding row gets no gradient
+            A = torch.where(A == pad, torch.full_like(A, -1), A)
+    else:
+        A = x.reshape(n, -1, x.shape[-1])
+    g = batch_first(grads, layout, n, lead=1)                         # [n, C, ..., out]
+    D = g.reshape(n, C, -1, g.shape[-1]).transpose(1, 2)
+    r = use.weight.rows if use.weight is not None else None
+    if r is not None and (r[0], r[1]) != (0, rows):
+        D = F.pad(D, (r[0], rows - r[1]))
+    return A, D
+
+
+def bias_grads(use: Use, D: torch.Tensor, numel: int) -> torch.Tensor:
+    """``[n, C, numel]``: per-example gradients of a matrix use's bias (a row slice padded)."""
+    G = D.sum(1)
+    r = use.bias.rows
+    if r is not None and G.shape[-1] != numel:
+        G = F.pad(G, (r[0], numel - r[1]))
+    return G
+
+
+def one_hot(tokens: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, S, vocab]``; tokens of -1 give a zero row."""
+    oh = F.one_hot(tokens.clamp(min=0), vocab).to(dtype)
+    return oh * (tokens >= 0).unsqueeze(-1).to(dtype)
+
+
+def as_matrix(w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The weight as ``[rows (D side), cols (A side)]``."""
+    m = w.reshape(w.shape[0], -1)
+    return m.t() if transposed else m
+
+
+def from_matrix(m: torch.Tensor, shape, transposed: bool) -> torch.Tensor:
+    """Inverse of ``as_matrix`` over the trailing two dims of ``m``."""
+    if transposed:
+        m = m.transpose(-1, -2)
+    return m.reshape(*m.shape[:-2], *shape)
+
+
+def weight_grads(A, D, shape, transposed: bool, vocab: int = 0) -> torch.Tensor:
+    """``[n, C, *shape]``: per-example, per-channel weight gradients."""
+    if A.dtype == torch.long:
+        A = one_hot(A, vocab, D.dtype)
+    return from_matrix(torch.einsum("nscd,nsa->ncda", D, A), shape, transposed)
+
+
+def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0) -> torch.Tensor:
+    """The weight gradient summed over examples, from ``A`` and ``D [n, S, rows]``."""
+    if A.dtype == torch.long:
+        rows = D.shape[-1]
+        valid = A >= 0
+        m = torch.zeros(vocab, rows, dtype=D.dtype, device=D.device)
+        m.index_add_(0, A[valid], D[valid])          # [vocab (cols), rows]
+        return from_matrix(m.t(), shape, transposed)
+    return from_matrix(torch.einsum("nsd,nsa->da", D, A), shape, transposed)
+
+
+def apply_weight(A, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``[n, S, rows]``: a weight-shaped ``w`` applied to each position's input factor."""
+    M = as_matrix(w, transposed)
+    if A.dtype == torch.long:
+        valid = (A >= 0).unsqueeze(-1)
+        return torch.where(valid, M.t()[A.clamp(min=0)], torch.zeros((), dtype=w.dtype,
+                                                                     device=w.device))
+    return A @ M.t()
+
+
+# ---- elementwise uses -------------------------------------------------------------------------
+
+def _normalized(use: Use) -> torch.Tensor:
+    """A norm's output before its affine parameters."""
+    a = use.ctx["args"]
+    x, eps = use.x, a.get("eps", 1e-5)
+    with torch.no_grad():
+        if use.op == "layer_norm":
+            return F.layer_norm(x, a["normalized_shape"], None, None, eps)
+        if use.op == "rms_norm":
+            return F.rms_norm(x, a["normalized_shape"], None, a.get("eps"))
+        if use.op == "group_norm":
+            return F.group_norm(x, a["num_groups"], None, None, eps)
+        if use.op == "batch_norm":
+            return F.batch_norm(x, a["running_mean"], a["running_var"], None, None, False, 0.0, eps)
+        use_stats = a.get("use_input_stats", True)
+        return F.instance_norm(x, None if use_stats else a["running_mean"],
+                               None if use_stats else a["running_var"], None, None,
+                               use_stats, 0.0, eps)
+
+
+def _aligned(use: Use, pshape, ndim: int) -> list:
+    """The parameter's shape over the dims of the use's output."""
+    if use.op in NORM_OPS and use.ctx["channel_dim"] is not None:
+        full = [1] * ndim
+        full[use.ctx["channel_dim"]] = pshape[0] if pshape else 1
+        return full
+    if len(pshape) > ndim:
+        raise ValueError("parameter has more dims than the output")
+    return [1] * (ndim - len(pshape)) + list(pshape)
+
+
+def elementwise_grads(use: Use, role: str, layout: Layout, n: int, grads: torch.Tensor,
+                      pshape) -> torch.Tensor:
+    """``[n, C, numel]``: per-example gradients of an elementwise parameter (``role``:
+    "weight" or "bias" of a norm; "weight" for add / mul / expand)."""
+    if use.op == "mul":
+        other = use.ctx["other"]
+        g = grads * other
+    elif use.op in NORM_OPS and role == "weight":
+        g = grads * _normalized(use)
+    else:
+        g = grads
+    full = _aligned(use, tuple(pshape), use.y.dim())
+    if full[layout.dim] != 1:
+        raise ValueError("the parameter varies along the batch dim")
+    g = batch_first(g, layout, n, lead=1)                        # [n, C, *rest]
+    rest = list(full)
+    if layout.per == 1:
+        del rest[layout.dim]
+    dims = [2 + i for i, (f, s) in enumerate(zip(rest, g.shape[2:])) if f == 1 and s != 1]
+    if dims:
+        g = g.sum(dims, keepdim=True)
+    return g.reshape(n, g.shape[1], -1)
+
+
+def is_elementwise(op: str) -> bool:
+    return op in ELEMENTWISE_OPS or op in NORM_OPS

@@ -20,7 +20,7 @@ from .. import _backend
 from .._backend import Term
 from .._capture.blocks import dot_params, per_example_grads, summed_grads, to_terms
 from .._capture.extract import CHUNK, block_from_recorded, features
-from .._capture.hooks import Capture
+from .._capture.recording import StepRecording
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
 from .._capture.probe import probe
@@ -100,7 +100,9 @@ class PathRecorder:
         run_model_once(model, self.X, "train")
         self.model = model
         self.plan = ModelPlan(model, "auto")
-        probe(self.plan, tuple(t[:4] for t in self.X))
+        probe(self.plan, self.X)
+        probe(self.plan, self.Xq)
+        self.trace = self.plan.trace_for(self.X)
         self.opt = OptimizerModel(optimizer, {id(p): n for n, p in self.plan.params.items()})
         self.loss_fn = loss_fn
 
@@ -162,7 +164,7 @@ class PathRecorder:
         idx = self._check_idx(idx)
         w_t = {n: p.detach().clone() for n, p in self.plan.params.items()}
         had = {n: self.opt.has_buffer(n) for n in w_t} if self.stateful else {}
-        cap = Capture(self.plan, record_grads=True)
+        cap = StepRecording(self.plan, self.trace)
         steps = []
 
         def before_step(opt, args, kwargs):  # must return None: a value would replace the args
@@ -203,12 +205,13 @@ class PathRecorder:
     def _fail(self, msg: str):
         raise StepMismatchError(f"step {self.steps}: {msg}")
 
-    def _record(self, idx, w_t, had, cap: Capture) -> None:
+    def _record(self, idx, w_t, had, cap: StepRecording) -> None:
         """Check the step, then add its contributions (and path kernel) to the accumulators."""
         xb = tuple(x[idx] for x in self.X)
         u = self._verified_cotangent(idx, xb, cap)
         state_t = self._state(w_t)
-        train = block_from_recorded(self.plan, cap, state_t, cast_inputs(xb, self.dtype),
+        train = block_from_recorded(self.plan, cap.uses[0], self.trace, state_t,
+                                    cast_inputs(xb, self.dtype),
                                     u.to(self.dtype))
         check_finite_block(train, "train")
         delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
@@ -223,7 +226,7 @@ class PathRecorder:
             self._add_path_kernel(idx, state_t)
         self.steps += 1
 
-    def _verified_cotangent(self, idx, xb, cap: Capture) -> torch.Tensor:
+    def _verified_cotangent(self, idx, xb, cap: StepRecording) -> torch.Tensor:
         """The loss gradient at the model output that the user's backward pass sent, checked
         to be that of ``loss_fn(model(X[idx]), Y[idx])``."""
         if len(cap.root_outputs) != 1:

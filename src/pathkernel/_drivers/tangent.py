@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._capture.extract import tangent_terms
+from .._capture.extract import channel_chunks, tangent_terms
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, check_model
 from .._capture.probe import probe
@@ -36,8 +36,9 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
     dtype = resolve_dtype(dtype, model)
     run_model_once(model, x1, "x1")
     plan = ModelPlan(model, implementation)
-    if implementation == "auto":
-        probe(plan, tuple(t[:4] for t in x1))
+    probe(plan, x1)
+    if x2 is not None:
+        probe(plan, x2)
     return plan, spec, dtype, x1, x2
 
 
@@ -63,9 +64,12 @@ def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trac
         ``[N1, N2]``, or ``[N1, N2, C, C]`` for ``outputs="full"``.
     """
     plan, spec, dtype, x1, x2 = prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
-    side1, side2, C = tangent_terms(plan, spec, dtype, x1, x2, batch_size)
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
-    out = torch.zeros(n1, n2, C, C, dtype=dtype, device=x1[0].device)
-    _backend.accumulate(out, side1, side2)
+    out = None
+    for channels in channel_chunks(plan, spec, x1, n1 + (0 if x2 is None else n2), dtype):
+        side1, side2, C = tangent_terms(plan, spec, dtype, x1, x2, batch_size, channels)
+        if out is None:
+            out = torch.zeros(n1, n2, C, C, dtype=dtype, device=x1[0].device)
+        _backend.accumulate(out, side1, side2)
     return spec.finish(out)

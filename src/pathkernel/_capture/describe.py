@@ -1,0 +1,104 @@
+"""``describe``: which rule and which form each parameter of a model gets, and why."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+from torch import nn
+
+from .extract import extract
+from .outputs import OutputSpec, OutputsArg
+from .plan import ModelPlan, cast_inputs, model_state
+from .probe import probe
+
+FORMS = {
+    "factored": "factor Grams: (A.A')(D.D') over positions, never the gradient itself",
+    "materialized": "per-example gradient built from the factors (cheaper than the Grams here)",
+    "elementwise": "per-example gradient read off the op directly (norms, added parameters)",
+    "dense": "per-example Jacobian by torch.func (or autograd where it cannot vmap)",
+}
+
+
+@dataclass
+class ParameterRow:
+    name: str
+    shape: tuple
+    form: str   # "factored" | "materialized" | "elementwise" | "dense"
+    why: str
+
+
+@dataclass
+class Description:
+    """Per trainable parameter: the form its per-example gradient takes and why.
+
+    ``print(pathkernel.describe(model, x))`` shows a table; ``dense_share`` is the fraction of
+    parameters (by count of scalars) on the dense path.
+    """
+
+    rows: List[ParameterRow]
+
+    @property
+    def dense_share(self) -> float:
+        total = sum(_numel(r.shape) for r in self.rows)
+        return sum(_numel(r.shape) for r in self.rows if r.form == "dense") / max(total, 1)
+
+    def __str__(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [9])
+        lines = [f"{'parameter':<{w}}  {'shape':<18} {'form':<13} why", "-" * (w + 60)]
+        for r in self.rows:
+            lines.append(f"{r.name:<{w}}  {str(tuple(r.shape)):<18} {r.form:<13} {r.why}")
+        counts = {f: sum(_numel(r.shape) for r in self.rows if r.form == f) for f in FORMS}
+        total = max(sum(counts.values()), 1)
+        lines.append("")
+        lines += [f"{f:<13} {100 * c / total:5.1f}% of parameters: {FORMS[f]}"
+                  for f, c in counts.items() if c]
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def describe(model: nn.Module, x, *, outputs: OutputsArg = "trace",
+             implementation: str = "auto") -> Description:
+    """How ``tangent_kernel`` (and the other entry points) will treat each parameter.
+
+    Args:
+        model: the ``nn.Module``.
+        x: a few example inputs (a tensor or a tuple of tensors, batch first).
+        outputs: the output mode (it decides, per layer, between factored and materialized).
+        implementation: as in ``tangent_kernel``.
+
+    Returns:
+        A ``Description``; ``print`` it for a table.
+    """
+    from .._checks import as_inputs, check_inputs_match, resolve_dtype, run_model_once
+
+    x = as_inputs(x, "x")
+    check_inputs_match(model, x, "x")
+    run_model_once(model, x, "x")
+    plan = ModelPlan(model, implementation)
+    probe(plan, x)
+    dtype = resolve_dtype(None, model)
+    sample = tuple(t[:4] for t in x)
+    block = extract(plan, OutputSpec(outputs), model_state(plan, dtype), cast_inputs(sample, dtype))
+    rows = []
+    for name, p in plan.params.items():
+        k = plan.group_of.get(name)
+        if k is None:
+            form = "dense"
+        elif plan.groups[k].kind == "sum":
+            form = "elementwise" if not set(plan.groups[k].ops) & {"linear", "matmul", "addmm",
+                                                                   "conv", "embedding"} \
+                else "materialized"
+        else:
+            f = block.factors.get(k)
+            form = "materialized" if f is not None and f.materialized else "factored"
+        why = plan.why.get(name, "")
+        if form == "dense" and implementation == "dense":
+            why = "implementation='dense'"
+        rows.append(ParameterRow(name, tuple(p.shape), form, why))
+    return Description(rows)
