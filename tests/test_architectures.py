@@ -36,3 +36,20 @@ def test_dense_only_where_no_rule_applies(name):
     d = pk.describe(model, _inputs(make, 5))
     dense = {r.name for r in d.rows if r.form == "dense"}
     assert dense == allowed, str(d)
+
+
+@pytest.mark.parametrize("form", ["factored", "materialized"])
+@pytest.mark.parametrize("name", ["resnet", "vit", "gpt2", "separable-cnn", "conv3d", "lora",
+                                  "mha-cross"])
+def test_each_form_is_exact(name, form, monkeypatch):
+    """Whichever form the cost model picks for a layer, the kernel is the same."""
+    from pathkernel._capture import blocks
+
+    costs = (0.0, 1.0) if form == "factored" else (1.0, 0.0)
+    monkeypatch.setattr(blocks, "pair_cost", lambda *a, **k: costs)
+    model, make, _ = CASES[name]
+    torch.manual_seed(6)
+    x1, x2 = _inputs(make, 5), _inputs(make, 3)
+    for outputs in ("trace", "full"):
+        assert_close(pk.tangent_kernel(model, x1, x2, outputs=outputs),
+                     reference_ntk(model, x1, x2, outputs), torch.float64)

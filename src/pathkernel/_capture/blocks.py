@@ -3,7 +3,8 @@
 A block holds, for each parameter group of the model plan, a ``Factor``: either the factored
 form (``A [n, S, da]`` or int tokens ``[n, S]``, ``D [n, S, C, dd]``) or the materialized
 per-example gradient (``A = None``, ``D [n, 1, C, P_group]``). Which form is kept is decided
-per group by the cost of a pair of examples (DESIGN.md section 2).
+per group by the cost of a pair of examples (docs/design.md, "Factored Grams"). In the
+"trace" mode the C channels are stacked into the feature dim only when the blocks are paired.
 """
 from __future__ import annotations
 
@@ -31,41 +32,55 @@ class Block:
     factors: Dict[int, Factor] = field(default_factory=dict)
 
 
-def pair_cost(S1: int, S2: int, da: int, dd: int, C: int) -> Tuple[float, float]:
-    """(factored, materialized) multiply-adds for one pair of examples of one group.
+def pair_cost(S: int, da: int, dd: int, C: int, stacked: bool, groups: int = 1
+              ) -> Tuple[float, float]:
+    """(factored, materialized) multiply-adds for one pair of examples of one group (a
+    grouped convolution: ``groups`` terms of ``da`` inputs and ``dd / groups`` outputs).
 
     A scalar output factor (S = C = dd = 1) costs no GEMM in the native core (rank one).
     """
-    rank_one = S1 == S2 == 1 and C == 1 and dd == 1
-    factored = S1 * S2 * (da + (0 if rank_one else C * C * dd) + C * C)
-    materialized = C * C * dd * (da + 1)
+    CC = C if stacked else C * C  # channel pairs that enter the kernel
+    o = dd // groups
+    rank_one = S == 1 and C == 1 and o == 1
+    factored = groups * S * S * (da + (0 if rank_one else CC * o) + CC)
+    materialized = CC * dd * (da + 1)
     return factored, materialized
+
+
+def _grad_args(group) -> dict:
+    return dict(shape=group.shape, transposed=group.transposed, vocab=group.vocab,
+                groups=group.conv_groups)
 
 
 def materialize(group, f: Factor) -> Factor:
     """The per-example gradient of a matrix group, flattened: ``D [n, 1, C, P_group]``."""
     n, C = f.D.shape[0], f.D.shape[2]
-    parts = [weight_grads(f.A, f.D, group.shape, group.transposed, group.vocab).reshape(n, C, -1)]
+    parts = [weight_grads(f.A, f.D, **_grad_args(group)).reshape(n, C, -1)]
     if f.beta:
         parts.append(f.D.sum(1))
     return Factor(None, torch.cat(parts, 2).unsqueeze(1), 0.0, True)
 
 
-def choose_form(group, f: Factor) -> Factor:
+def choose_form(group, f: Factor, stacked: bool) -> Factor:
     """Keep the factored form or materialize, whichever a pair of examples costs less."""
     if f.A is None or f.materialized:
         return f
     S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
-    da = group.vocab if f.A.dtype == torch.long else f.A.shape[2]
-    fac, mat = pair_cost(S, S, da, dd, C)
+    da = group.vocab if f.A.dtype == torch.long else f.A.shape[2] // group.conv_groups
+    fac, mat = pair_cost(S, da, dd, C, stacked, group.conv_groups)
     # materializing costs a copy per example too: only worth it by a clear margin
     return materialize(group, f) if mat < 0.8 * fac else f
 
 
-def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0
+def _stack(D: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """Trace: the C channels become one longer feature, ``[n, S, 1, C * dd]``."""
+    return D.reshape(D.shape[0], D.shape[1], 1, -1) if stacked else D
+
+
+def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0, stacked: bool = False
              ) -> Tuple[List[Term], Optional[List[Term]]]:
     """Native terms for the pair of blocks (``b2 = None``: b1 against itself), each weighted
-    by ``scale``."""
+    by ``scale``; ``stacked``: sum over channels inside the kernel (trace)."""
     s1: List[Term] = []
     s2: List[Term] = []
     keys = sorted(b1.factors) if b2 is None else sorted(set(b1.factors) & set(b2.factors))
@@ -78,11 +93,22 @@ def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0
         A1, A2 = f1.A, f2.A
         if A1 is not None and A1.dtype == torch.long:  # embedding: one-hot over the tokens seen
             A1, A2 = _shared_one_hot(A1, A2 if b2 is not None else None, f1.D.dtype)
-        s1.append(Term(A1, f1.D, f1.beta, scale))
-        s2.append(Term(A2, f2.D, f2.beta, scale))
+        g = 1 if f1.materialized else plan.group(k).conv_groups
+        # a grouped convolution: one term per group (no pairs across groups)
+        for A1j, D1j, A2j, D2j in zip(_split(A1, g), _split(f1.D, g), _split(A2, g),
+                                      _split(f2.D, g)):
+            s1.append(Term(A1j, _stack(D1j, stacked), f1.beta, scale))
+            s2.append(Term(A2j, _stack(D2j, stacked), f2.beta, scale))
     if not s1:
         raise ValueError("model: no trainable parameter reaches the output; the kernel is empty")
     return s1, (None if b2 is None else s2)
+
+
+def _split(t: Optional[torch.Tensor], g: int) -> list:
+    if t is None or g == 1:
+        return [t] * g
+    w = t.shape[-1] // g
+    return [t[..., j * w:(j + 1) * w] for j in range(g)]
 
 
 def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
@@ -113,7 +139,7 @@ def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor
         g = plan.group(k)
         w = vec.get(g.weight)
         if w is not None:
-            wa = apply_weight(f.A, w.to(f.D.dtype), g.transposed)
+            wa = apply_weight(f.A, w.to(f.D.dtype), g.transposed, g.conv_groups)
             total += torch.einsum("nscd,nsd->nc", f.D, wa)
         if f.beta and vec.get(g.bias) is not None:
             total += torch.einsum("nscd,d->nc", f.D, vec[g.bias].to(f.D.dtype))
@@ -158,7 +184,7 @@ def summed_grads(plan, block: Block) -> Dict[str, torch.Tensor]:
             continue
         g = plan.group(k)
         D = f.D[:, :, 0]
-        out[g.weight] = weight_grad_sum(f.A, D, g.shape, g.transposed, g.vocab)
+        out[g.weight] = weight_grad_sum(f.A, D, **_grad_args(g))
         if f.beta:
             out[g.bias] = D.sum((0, 1))
     return out

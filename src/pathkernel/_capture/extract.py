@@ -77,8 +77,8 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
             for y, g in zip(ys, gs)]
 
 
-def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int
-                  ) -> Dict[int, Factor]:
+def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int,
+                  stacked: bool = False) -> Dict[int, Factor]:
     """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``)."""
     cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -112,8 +112,8 @@ def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]],
                 if role == "bias":
                     G = bias_grads(use, D, p.numel())
                 else:
-                    G = weight_grads(A, D, p.shape, ref.transposed, p.shape[0]).reshape(
-                        n, D.shape[2], -1)
+                    G = weight_grads(A, D, p.shape, ref.transposed, p.shape[0],
+                                     use.ctx.get("groups", 1)).reshape(n, D.shape[2], -1)
             parts.setdefault(k, []).append(G)
     factors: Dict[int, Factor] = {}
     for k, ps in parts.items():
@@ -128,7 +128,7 @@ def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]],
             As = [one_hot(a, grp.vocab, dt) if a.dtype == torch.long else a for a in As]
         A = As[0] if len(As) == 1 else torch.cat(As, 1)
         D = ps[0][1] if len(ps) == 1 else torch.cat([d for _, d in ps], 1)
-        factors[k] = choose_form(grp, Factor(A, D, 1.0 if grp.bias is not None else 0.0))
+        factors[k] = choose_form(grp, Factor(A, D, 1.0 if grp.bias is not None else 0.0), stacked)
     return factors
 
 
@@ -149,17 +149,13 @@ def extract(plan: ModelPlan, spec: OutputSpec, state: Dict[str, torch.Tensor], x
         keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
                 if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
         grads = _output_grads(f, [u.y for u, _ in keep])
-        factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n)
+        factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n,
+                                spec.stacked)
     if plan.dense:
         G = dense_jacobian(plan, state, x, rows)
         C = G.shape[1]
         factors[DENSE] = Factor(None, G.unsqueeze(1), 0.0, True)
-    block = Block(n, C, factors)
-    if spec.stacked:  # trace: the channels become one longer feature
-        for f in block.factors.values():
-            f.D = f.D.reshape(n, f.D.shape[1], 1, -1)
-        block.C = 1
-    return block
+    return Block(n, C, factors)
 
 
 def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str,
@@ -215,8 +211,8 @@ def tangent_terms(plan: ModelPlan, spec: OutputSpec, dtype: torch.dtype, x1, x2=
     b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1", channels)
     b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2",
                                           channels)
-    side1, side2 = to_terms(plan, b1, b2)
-    return side1, side2, b1.C
+    side1, side2 = to_terms(plan, b1, b2, stacked=spec.stacked)
+    return side1, side2, 1 if spec.stacked else b1.C
 
 
 def block_from_recorded(plan: ModelPlan, uses: List[Use], trace: Trace, state, x: tuple,

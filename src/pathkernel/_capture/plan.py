@@ -34,6 +34,7 @@ class Group:
     shape: Tuple[int, ...] = ()     # the weight's shape
     transposed: bool = False        # matrix: its gradient is (sum_s D_s A_s^T)^T
     vocab: int = 0                  # matrix: one-hot width when A holds tokens
+    conv_groups: int = 1            # matrix: a grouped convolution's groups (block diagonal)
     ops: Tuple[str, ...] = ()       # the ops that use it (for describe)
     uses: int = 0                   # how many uses in one forward pass
 

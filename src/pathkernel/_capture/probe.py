@@ -137,11 +137,14 @@ def _group(plan: ModelPlan, uses: List[Use], trace: Trace, touched: Dict[str, se
         ops = tuple(sorted({uses[i].op for i, _ in lst}))
         shape = tuple(plan.params[name].shape)
         orient = {uses[i].weight.transposed for i, r in lst if r == "weight"}
-        if all(r == "weight" and uses[i].op in MATRIX_OPS for i, r in lst) and len(orient) == 1:
+        cgroups = {uses[i].ctx.get("groups", 1) for i, _ in lst}
+        if all(r == "weight" and uses[i].op in MATRIX_OPS for i, r in lst) and len(orient) == 1 \
+                and len(cgroups) == 1:
             vocab = shape[0] if "embedding" in ops else 0
-            groups[name] = Group("matrix", name, None, shape, orient.pop(), vocab, ops, len(lst))
+            groups[name] = Group("matrix", name, None, shape, orient.pop(), vocab, cgroups.pop(),
+                                 ops, len(lst))
         else:
-            groups[name] = Group("sum", name, None, shape, False, 0, ops, len(lst))
+            groups[name] = Group("sum", name, None, shape, ops=ops, uses=len(lst))
     for name, g in list(groups.items()):  # fold a bias into its weight's group
         if g.kind != "matrix":
             continue

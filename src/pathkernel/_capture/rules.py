@@ -4,9 +4,10 @@ Matrix uses (``linear``, ``matmul``, ``addmm``, ``conv``, ``embedding``) apply a
 linearly at ``S`` positions: the per-example gradient is ``sum_s D_s A_s^T`` (as a matrix
 ``[rows, cols]``; ``transposed`` uses such as ``x @ W`` or an embedding give its transpose),
 with ``A [n, S, cols]`` read from the op's input (int tokens for an embedding: one-hot rows)
-and ``D [n, S, C, rows]`` from the gradient of its output. A grouped convolution folds its
-groups into positions with ``D`` zero outside the group's output channels, so cross-group
-pairs vanish. A row slice of ``W`` (attention's packed in-projection) pads ``D`` to all rows.
+and ``D [n, S, C, rows]`` from the gradient of its output. A grouped convolution's weight is
+block diagonal: its ``A`` and ``D`` split into ``groups`` contiguous blocks that pair only
+with each other. A row slice of ``W`` (attention's packed in-projection) pads ``D`` to all
+rows.
 
 Elementwise uses (norms' affine parameters, a parameter added to, multiplied with or
 expanded over activations) give the per-example gradient directly, as the output gradient
@@ -69,19 +70,11 @@ def matrix_factors(use: Use, layout: Layout, n: int, grads: torch.Tensor, rows: 
     ``[C, *y.shape]``; ``rows``: the weight's row count (a row slice pads D to it)."""
     C = grads.shape[0]
     if use.op == "conv":
-        g = use.ctx["groups"]
         P = batch_first(_unfold(use.x, use.ctx), layout, n)          # [n, (per,) L, Cin k]
         A = P.reshape(n, -1, P.shape[-1])
         Gy = grads.flatten(3).transpose(2, 3)                         # [C, B, L, Cout]
         D = batch_first(Gy, layout, n, lead=1)                        # [n, C, (per,) L, Cout]
         D = D.reshape(n, C, -1, D.shape[-1]).transpose(1, 2)          # [n, S, C, Cout]
-        if g > 1:  # fold the groups into positions, D zero outside each group's channels
-            S, a, o = A.shape[1], A.shape[2] // g, D.shape[-1] // g
-            A = A.reshape(n, S * g, a)
-            Dg = D.new_zeros(n, S, g, C, g, o)
-            idx = torch.arange(g, device=D.device)
-            Dg[:, :, idx, :, idx] = D.reshape(n, S, C, g, o).permute(3, 0, 1, 2, 4)
-            D = Dg.reshape(n, S * g, C, g * o)
         return A, D
     x = batch_first(use.x, layout, n)
     if use.op == "embedding":
@@ -127,14 +120,20 @@ def from_matrix(m: torch.Tensor, shape, transposed: bool) -> torch.Tensor:
     return m.reshape(*m.shape[:-2], *shape)
 
 
-def weight_grads(A, D, shape, transposed: bool, vocab: int = 0) -> torch.Tensor:
+def weight_grads(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1) -> torch.Tensor:
     """``[n, C, *shape]``: per-example, per-channel weight gradients."""
     if A.dtype == torch.long:
         A = one_hot(A, vocab, D.dtype)
+    if groups > 1:  # grouped convolution: block-diagonal, group by group
+        n, S, C = D.shape[:3]
+        m = torch.einsum("nscgo,nsga->ncgoa", D.reshape(n, S, C, groups, -1),
+                         A.reshape(n, S, groups, -1))
+        return m.reshape(n, C, *shape)
     return from_matrix(torch.einsum("nscd,nsa->ncda", D, A), shape, transposed)
 
 
-def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0) -> torch.Tensor:
+def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1
+                    ) -> torch.Tensor:
     """The weight gradient summed over examples, from ``A`` and ``D [n, S, rows]``."""
     if A.dtype == torch.long:
         rows = D.shape[-1]
@@ -142,16 +141,24 @@ def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0) -> torch.Tens
         m = torch.zeros(vocab, rows, dtype=D.dtype, device=D.device)
         m.index_add_(0, A[valid], D[valid])          # [vocab (cols), rows]
         return from_matrix(m.t(), shape, transposed)
+    if groups > 1:
+        n, S = D.shape[:2]
+        m = torch.einsum("nsgo,nsga->goa", D.reshape(n, S, groups, -1), A.reshape(n, S, groups, -1))
+        return m.reshape(shape)
     return from_matrix(torch.einsum("nsd,nsa->da", D, A), shape, transposed)
 
 
-def apply_weight(A, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+def apply_weight(A, w: torch.Tensor, transposed: bool, groups: int = 1) -> torch.Tensor:
     """``[n, S, rows]``: a weight-shaped ``w`` applied to each position's input factor."""
     M = as_matrix(w, transposed)
     if A.dtype == torch.long:
         valid = (A >= 0).unsqueeze(-1)
         return torch.where(valid, M.t()[A.clamp(min=0)], torch.zeros((), dtype=w.dtype,
                                                                      device=w.device))
+    if groups > 1:
+        n, S = A.shape[:2]
+        Mg = M.reshape(groups, M.shape[0] // groups, M.shape[1])
+        return torch.einsum("nsga,goa->nsgo", A.reshape(n, S, groups, -1), Mg).reshape(n, S, -1)
     return A @ M.t()
 
 

@@ -102,7 +102,7 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
             side1, side2 = [], []
             for t, (s, w) in enumerate(zip(states, weights)):
                 cb = None if diagonal else feats(cols, c0, c1, s)
-                a, b = to_terms(mplan, cached_row[1][t], cb, scale=w)
+                a, b = to_terms(mplan, cached_row[1][t], cb, scale=w, stacked=spec.stacked)
                 side1 += a
                 side2 += b or []
                 bar.update(1)

@@ -311,8 +311,9 @@ class PathRecorder:
         cols = idx if self.kernel == "batch" else torch.arange(self.N)
         xt = tuple(x[cols] for x in self.X)
         tb = features(self.plan, self.spec, state_t, cast_inputs(xt, self.dtype), CHUNK, "train")
-        K = torch.zeros(self.M, cols.numel(), q.C, q.C, dtype=torch.float64)
-        _backend.accumulate(K, *to_terms(self.plan, q, tb), alpha=lr)
+        C = 1 if self.spec.stacked else q.C
+        K = torch.zeros(self.M, cols.numel(), C, C, dtype=torch.float64)
+        _backend.accumulate(K, *to_terms(self.plan, q, tb, stacked=self.spec.stacked), alpha=lr)
         self.path_kernel[:, cols] += self.spec.finish(K)
 
     def _check_update(self, pred: Dict[str, torch.Tensor], delta: Dict[str, torch.Tensor]) -> None:

@@ -102,14 +102,14 @@ def _block_bytes(b: Block) -> int:
     return total
 
 
-def _pair_flops(b: Block) -> float:
+def _pair_flops(b: Block, stacked: bool) -> float:
     """2 x multiply-adds of the factor Grams for one pair of examples."""
     fl = 0.0
     for f in b.factors.values():
         S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
         # embedding tokens: the one-hot width is the union of tokens, at most 2 S per pair
         da = 0 if f.A is None else (f.A.shape[2] if f.A.dim() == 3 else 2 * S)
-        fl += S * S * (da + C * C * dd)
+        fl += S * S * (da + (C if stacked else C * C) * dd)
     return 2.0 * fl
 
 
@@ -177,7 +177,7 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
         Cb = max(1, min(N, job.chunk, int(usable - R * T * fb) // (R * cc + T * fb)))
     tiles = [(i, j) for i in range(math.ceil(M / R))
              for j in range(i if symmetric else 0, math.ceil(N / Cb))]
-    pair = _pair_flops(sample)
+    pair = _pair_flops(sample, job.spec.stacked)
     pairs = (N * (N + 1) / 2) if symmetric else float(M) * N
     col_widths = sum(min(N, (j + 1) * Cb) - j * Cb for i, j in tiles if not (symmetric and i == j))
     extractions = T * (M + col_widths)
