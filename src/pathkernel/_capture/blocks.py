@@ -53,12 +53,20 @@ def _grad_args(group) -> dict:
 
 
 def materialize(group, f: Factor) -> Factor:
-    """The per-example gradient of a matrix group, flattened: ``D [n, 1, C, P_group]``."""
+    """The per-example gradient of a matrix group, flattened in the plan's layout of the
+    group (``ModelPlan.flatten_group``): ``D [n, 1, C, P_group]``."""
     n, C = f.D.shape[0], f.D.shape[2]
-    parts = [weight_grads(f.A, f.D, **_grad_args(group)).reshape(n, C, -1)]
-    if f.beta:
-        parts.append(f.D.sum(1))
-    return Factor(None, torch.cat(parts, 2).unsqueeze(1), 0.0, True)
+    if group.conv_groups > 1:
+        parts = [weight_grads(f.A, f.D, **_grad_args(group)).reshape(n, C, -1)]
+        if f.beta:
+            parts.append(f.D.sum(1))
+        return Factor(None, torch.cat(parts, 2).unsqueeze(1), 0.0, True)
+    A = one_hot(f.A, group.vocab, f.D.dtype) if f.A.dtype == torch.long else f.A
+    if f.beta:  # the bias row: a column of ones in A
+        A = torch.cat([A, torch.ones(*A.shape[:2], 1, dtype=A.dtype, device=A.device)], 2)
+    # Z[n, c] = A_n^T D_{n,c}: one batched GEMM whose output is already in the plan's layout
+    Z = torch.matmul(A.transpose(1, 2).unsqueeze(1), f.D.transpose(1, 2))  # [n, C, cols(+1), rows]
+    return Factor(None, Z.reshape(n, 1, C, -1), 0.0, True)
 
 
 def choose_form(group, f: Factor, stacked: bool) -> Factor:
@@ -133,7 +141,7 @@ def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor
     total = torch.zeros(block.n, block.C, dtype=ref.dtype, device=ref.device)
     for k, f in block.factors.items():
         if f.materialized:
-            flat = plan.flatten_group(k, vec).to(f.D.dtype)
+            flat = plan.flatten_group(k, {n: v.to(f.D.dtype) for n, v in vec.items()})
             total += torch.einsum("ncp,p->nc", f.D[:, 0], flat)
             continue
         g = plan.group(k)

@@ -119,7 +119,9 @@ def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]],
     for k, ps in parts.items():
         grp = plan.groups[k]
         if grp.kind == "sum":
-            G = ps[0] if len(ps) == 1 else torch.stack(ps).sum(0)
+            G = ps[0]
+            for p in ps[1:]:
+                G = G + p
             factors[k] = Factor(None, G.unsqueeze(1), 0.0, True)
             continue
         As = [a for a, _ in ps]
@@ -170,7 +172,7 @@ def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str,
     return concat_blocks(blocks)
 
 
-FEATURE_BUDGET = 1 << 30  # bytes of features held at once before the channels are chunked
+FEATURE_BUDGET = 1 << 29  # bytes of features held at once before the channels are chunked
 
 
 def channel_chunks(plan: ModelPlan, spec: OutputSpec, x: tuple, n_total: int,
@@ -181,16 +183,18 @@ def channel_chunks(plan: ModelPlan, spec: OutputSpec, x: tuple, n_total: int,
         return [None]
     state = model_state(plan, dtype)
     one = cast_inputs(tuple(t[:1] for t in x), dtype)
+    # per example and channel: the output gradients of every use, and the larger of the
+    # factored and materialized forms of every group (an upper bound of what is kept)
     per = sum(plan.params[n].numel() for n in plan.dense)
     if plan.groups:
         out, uses = run_captured(plan, state, one, plan.trace_for(one))
-        for g in plan.groups:
-            if g.kind == "sum":
-                per += sum(plan.params[n].numel() for n in g.names)
+        per += sum(u.y.numel() for u in uses)
+        sizes = {k: 0 for k in range(len(plan.groups))}
         for u in uses:
             k = plan.group_of.get(u.weight.name) if u.weight is not None else None
             if k is not None and plan.groups[k].kind == "matrix":
-                per += u.y.numel()  # S x rows per channel (an upper bound of either form)
+                sizes[k] += u.y.numel()
+        per += sum(max(s, plan.group_size(k)) for k, s in sizes.items())
     else:
         with torch.no_grad():
             out = functional_call(plan.model, state, one)

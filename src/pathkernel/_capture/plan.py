@@ -139,22 +139,52 @@ class ModelPlan:
     def group_size(self, k: int) -> int:
         return sum(self.params[n].numel() for n in self.group_names(k))
 
-    def flatten_group(self, k: int, vec: Dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for n in self.group_names(k):
-            v = vec.get(n)
+    # A matrix group's vector (a materialized per-example gradient) is Z = [M^T; b] flattened,
+    # M = the weight as [rows, cols] (rules.as_matrix), b its folded bias: the layout the
+    # per-example gradients come out of their GEMM in, with no copy. Other groups: the
+    # parameters' own layouts, concatenated.
+    def _z_layout(self, k: int) -> bool:
+        return k != DENSE and self.groups[k].kind == "matrix" and self.groups[k].conv_groups == 1
+
+    def flatten_group(self, k: int, vec: Dict[str, torch.Tensor], lead: Tuple[int, ...] = ()
+                      ) -> torch.Tensor:
+        """``[*lead, P_group]`` from parameter-shaped tensors ``[*lead, *shape]`` (missing: 0)."""
+        def get(n):
             p = self.params[n]
-            parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if v is None
-                         else v.reshape(-1))
-        return torch.cat(parts)
+            v = vec.get(n)
+            return (torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) if v is None
+                    else v.reshape(*lead, *p.shape))
+        if not self._z_layout(k):
+            return torch.cat([get(n).reshape(*lead, -1) for n in self.group_names(k)], -1)
+        g = self.groups[k]
+        w = get(g.weight).reshape(*lead, g.shape[0], -1)          # [*lead, shape0, rest]
+        mt = w if g.transposed else w.transpose(-1, -2)           # M^T: [*lead, cols, rows]
+        parts = [mt] + ([get(g.bias).reshape(*lead, 1, -1)] if g.bias is not None else [])
+        return torch.cat(parts, -2).reshape(*lead, -1)
 
     def unflatten_group(self, k: int, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out, i = {}, 0
-        for n in self.group_names(k):
-            p = self.params[n]
-            out[n] = flat[..., i:i + p.numel()].reshape(*flat.shape[:-1], *p.shape)
-            i += p.numel()
+        lead = flat.shape[:-1]
+        if not self._z_layout(k):
+            out, i = {}, 0
+            for n in self.group_names(k):
+                p = self.params[n]
+                out[n] = flat[..., i:i + p.numel()].reshape(*lead, *p.shape)
+                i += p.numel()
+            return out
+        g = self.groups[k]
+        rest = self.params[g.weight].numel() // g.shape[0]
+        rows, cols = (rest, g.shape[0]) if g.transposed else (g.shape[0], rest)
+        z = flat.reshape(*lead, -1, rows)
+        mt = z[..., :cols, :]
+        w = mt if g.transposed else mt.transpose(-1, -2)
+        out = {g.weight: w.reshape(*lead, *g.shape)}
+        if g.bias is not None:
+            out[g.bias] = z[..., cols, :]
         return out
+
+    def flatten(self, vec: Dict[str, torch.Tensor], lead: Tuple[int, ...] = ()) -> torch.Tensor:
+        """``[*lead, P]`` in the plan's order and layout (groups, then the dense list)."""
+        return torch.cat([self.flatten_group(k, vec, lead) for k in self.group_keys()], -1)
 
     def unflatten(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
         out, i = {}, 0

@@ -129,7 +129,8 @@ def weight_grads(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1)
         m = torch.einsum("nscgo,nsga->ncgoa", D.reshape(n, S, C, groups, -1),
                          A.reshape(n, S, groups, -1))
         return m.reshape(n, C, *shape)
-    return from_matrix(torch.einsum("nscd,nsa->ncda", D, A), shape, transposed)
+    m = torch.einsum("nscd,nsa->ncad" if transposed else "nscd,nsa->ncda", D, A)
+    return m.reshape(*m.shape[:2], *shape)
 
 
 def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1

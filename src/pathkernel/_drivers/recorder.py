@@ -288,18 +288,18 @@ class PathRecorder:
     def _stateful_shares(self, idx, train, w_t, had, delta, skipped):
         G = per_example_grads(self.plan, train)[:, 0].double()        # [B, P], plan order
         g = self.plan.unflatten(G)
-        shares, rest = [], {}
+        shares, rest = {}, {}
         for n in self.U:
             if n in skipped:
-                shares.append(torch.zeros_like(self.U[n]))
+                shares[n] = torch.zeros_like(self.U[n])
                 rest[n] = torch.zeros(self.U[n].shape[1], dtype=torch.float64)
                 continue
             share, r = self.opt.step_dense(n, self.U[n], self.U_rest[n], idx,
                                            g[n].reshape(idx.numel(), -1),
                                            w_t[n].double().reshape(-1), first=not had[n])
-            shares.append(share)
+            shares[n] = share
             rest[n] = r
-        shares = torch.cat(shares, 1)                                    # [N, P]
+        shares = self.plan.flatten(shares, lead=(self.N,))             # [N, P], plan layout
         total = self.plan.unflatten(shares.sum(0))
         self._check_update({n: total[n] + rest[n].reshape(total[n].shape) for n in delta}, delta)
         # The part of the actual update that no example carries (weight decay, prior state).

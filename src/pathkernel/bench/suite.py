@@ -262,6 +262,12 @@ def _large_n(quick: bool) -> List[Row]:
                 {"GEMM roofline": roof}, f"peak RSS of this process so far {rss:.2f} GiB")]
 
 
+def _architectures(quick: bool) -> List[Row]:
+    from .arch_bench import architecture_rows
+
+    return architecture_rows(quick, Row)
+
+
 BENCHES: Dict[str, Callable[[bool], List[Row]]] = {
     "wide-mlp": _wide_mlp,
     "digits-cnn": _digits_cnn,
@@ -269,6 +275,7 @@ BENCHES: Dict[str, Callable[[bool], List[Row]]] = {
     "digits-mlp": _digits_mlp_recorder,
     "tiny-transformer": _tiny_transformer,
     "large-n": _large_n,
+    "architectures": _architectures,
 }
 
 
