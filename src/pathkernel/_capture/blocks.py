@@ -3,7 +3,7 @@
 A block holds, for each parameter group of the model plan, a ``Factor``: either the factored
 form (``A [n, S, da]`` or int tokens ``[n, S]``, ``D [n, S, C, dd]``) or the materialized
 per-example gradient (``A = None``, ``D [n, 1, C, P_group]``). Which form is kept is decided
-per group by the cost of a pair of examples (docs/design.md, "Factored Grams"). In the
+per group by the cost of a pair of examples (docs/design.md, section 2). In the
 "trace" mode the C channels are stacked into the feature dim only when the blocks are paired.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The reference workloads of DESIGN.md section 5 and the peers they are measured against.
+"""The reference workloads of docs/design.md (section 5) and the peers they are measured against.
 
 Shared by ``pathkernel bench`` and the pytest-benchmark suite in ``bench/``.
 """
