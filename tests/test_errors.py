@@ -117,3 +117,23 @@ def test_backend_info():
     assert "OpenBLAS" in info["blas"]
     assert info["threads"] >= 1
     assert info["cuda"] in (True, False)
+
+
+def test_random_forward_is_refused():
+    class FunctionalDropout(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.l(torch.nn.functional.dropout(x, 0.5, self.training))
+
+    m = FunctionalDropout().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for impl in ("auto", "dense"):
+        with pytest.raises(ValueError, match="model: two forward passes on the same inputs differ"):
+            pk.tangent_kernel(m, x, implementation=impl)
+    with pytest.raises(ValueError, match="model: two forward passes"):
+        pk.path_kernel(m, [(m.state_dict(), 1.0)], x, progress=False)
+    m.eval()
+    assert pk.tangent_kernel(m, x).shape == (6, 6)

@@ -6,6 +6,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ._autograd import normal_tensor
+
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
@@ -15,7 +17,7 @@ def as_inputs(x, name: str) -> Tuple[torch.Tensor, ...]:
     if not isinstance(xs, (tuple, list)) or not xs or not all(isinstance(t, torch.Tensor) for t in xs):
         raise TypeError(f"{name}: expected a tensor or a tuple of tensors (batch first), "
                         f"got {type(x).__name__}")
-    xs = tuple(xs)
+    xs = tuple(normal_tensor(t) for t in xs)
     for i, t in enumerate(xs):
         if t.dim() == 0:
             raise ValueError(f"{name}: expected a batch dimension, got a 0-d tensor")

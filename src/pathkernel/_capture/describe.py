@@ -6,6 +6,7 @@ from typing import List
 
 from torch import nn
 
+from .._autograd import with_autograd
 from .extract import extract
 from .outputs import OutputSpec, OutputsArg
 from .plan import ModelPlan, cast_inputs, model_state
@@ -62,6 +63,7 @@ def _numel(shape) -> int:
     return n
 
 
+@with_autograd
 def describe(model: nn.Module, x, *, outputs: OutputsArg = "trace",
              implementation: str = "auto") -> Description:
     """How ``tangent_kernel`` (and the other entry points) will treat each parameter.

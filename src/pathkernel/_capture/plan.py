@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._autograd import normal_tensor
 from .layout import Layout
 
 IMPLEMENTATIONS = ("auto", "factored", "dense")
@@ -200,9 +201,11 @@ def model_state(plan: ModelPlan, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     parameters are fresh leaves that require grad (so every covered output has a graph)."""
     state = {}
     for n, p in plan.model.named_parameters():
-        t = p.detach().to(dtype) if p.is_floating_point() else p.detach()
+        t = normal_tensor(p.detach())
+        t = t.to(dtype) if t.is_floating_point() else t
         state[n] = t.requires_grad_(p.requires_grad)
     for n, b in plan.model.named_buffers():
+        b = normal_tensor(b)
         state[n] = b.to(dtype) if b.is_floating_point() else b
     return state
 

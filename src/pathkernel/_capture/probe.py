@@ -38,6 +38,7 @@ def _param_signature(plan: ModelPlan) -> tuple:
 def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
     """Find the groups (first call) and the layouts of inputs shaped like ``x``, and move to
     the dense path every parameter whose factors do not reproduce autograd per example."""
+    check_deterministic(plan, x)
     if plan.implementation == "dense":
         return
     sig = input_signature(x)
@@ -64,6 +65,35 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
     plan.traces[sig] = trace
     _verify(plan, state, many, trace, seed)
     _PROBED[plan.model] = (psig, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
+
+
+_DETERMINISTIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def check_deterministic(plan: ModelPlan, x: tuple) -> None:
+    """Refuse a model whose forward pass is random (dropout in training mode called as a
+    function, noise layers): its kernel would be random too."""
+    psig = _param_signature(plan)
+    if _DETERMINISTIC.get(plan.model) == psig:
+        return
+    state = model_state(plan, torch.float64)
+    xs = cast_inputs(tuple(t[:4] for t in x), torch.float64)
+    with torch.no_grad():
+        a = functional_call(plan.model, state, xs)
+        b = functional_call(plan.model, state, xs)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.is_floating_point() and a.numel():
+        fin = torch.isfinite(a) & torch.isfinite(b)
+        same = torch.equal(fin, torch.isfinite(a)) and torch.equal(a[~fin].isnan(), b[~fin].isnan())
+        scale = max(a[fin].abs().max().item(), 1e-300) if fin.any() else 1.0
+        diff = (a[fin] - b[fin]).abs().max().item() / scale if fin.any() else 0.0
+        if not (same and diff <= 1e-9):
+            raise ValueError(
+                f"model: two forward passes on the same inputs differ (relative difference "
+                f"{diff:.1e}): the model is random, so its kernel would be too (dropout called "
+                "as F.dropout(x, p, self.training) in training mode?); call model.eval() or "
+                "make the forward pass deterministic")
+    _DETERMINISTIC[plan.model] = psig
 
 
 def _take(x: tuple, idx: List[int]) -> tuple:

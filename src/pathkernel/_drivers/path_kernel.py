@@ -19,6 +19,7 @@ from .._capture.blocks import Block, to_terms
 from .._capture.extract import features
 from .._capture.outputs import OutputsArg
 from .._capture.plan import cast_inputs
+from .._autograd import with_autograd
 from .._checks import as_inputs
 from .._progress import progress_bar
 from .._storage.sources import Source
@@ -35,6 +36,7 @@ def _fingerprint_state(state, lr) -> str:
     return h.hexdigest()
 
 
+@with_autograd
 def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
                 out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32,
                 resume: bool = True, progress: bool = True, collate=None):

@@ -24,6 +24,7 @@ from .._capture.recording import StepRecording
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
 from .._capture.probe import probe
+from .._autograd import with_autograd
 from .._checks import (
     as_inputs,
     check_finite_block,
@@ -68,6 +69,7 @@ class PathRecorder:
             ``np.load(..., mmap_mode="r")``) instead of RAM; the kernel machine shares them.
     """
 
+    @with_autograd
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, train,
                  query=None, *, quadrature=4, kernel: Optional[str] = None,
                  outputs: OutputsArg = "trace", dtype: Optional[torch.dtype] = None,
@@ -343,6 +345,7 @@ class PathRecorder:
             out = functional_call(self.model, state, cast_inputs(self.Xq, self.dtype))
         return self.full.rows(out).double()
 
+    @with_autograd
     def kernel_machine(self) -> KernelMachine:
         """The kernel machine of the steps recorded so far."""
         if self.broken:

@@ -11,6 +11,7 @@ from .._capture.extract import channel_chunks, tangent_terms
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, check_model
 from .._capture.probe import probe
+from .._autograd import with_autograd
 from .._checks import (
     as_inputs,
     check_batch_size,
@@ -42,6 +43,7 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
     return plan, spec, dtype, x1, x2
 
 
+@with_autograd
 def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trace",
                    implementation: str = "auto", dtype: Optional[torch.dtype] = None,
                    batch_size: Optional[int] = None) -> torch.Tensor:

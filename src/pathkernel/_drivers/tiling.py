@@ -19,6 +19,7 @@ from .._capture.extract import CHUNK, extract
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
+from .._autograd import with_autograd
 from .._checks import (
     as_inputs,
     check_inputs_match,
@@ -135,6 +136,7 @@ def _job(model, checkpoints, train, query, outputs, out, dtype, collate) -> Tupl
     return job, sample
 
 
+@with_autograd
 def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
          out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32,
          collate=None) -> PathKernelPlan:

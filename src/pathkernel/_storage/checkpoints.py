@@ -7,6 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from .._autograd import normal_tensor
 from .._capture.plan import ModelPlan, model_state
 
 
@@ -49,6 +50,7 @@ def checkpoint_state(plan: ModelPlan, weights, dtype: torch.dtype, i: int) -> Di
         if tuple(v.shape) != tuple(state[n].shape):
             raise ValueError(f"checkpoints[{i}]: '{n}' has shape {tuple(v.shape)}, the model's is "
                              f"{tuple(state[n].shape)}")
-        t = v.detach().to(dtype) if v.is_floating_point() else v
+        t = normal_tensor(v.detach())
+        t = t.to(dtype) if t.is_floating_point() else t
         state[n] = t.requires_grad_(state[n].requires_grad)
     return state
