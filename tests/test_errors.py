@@ -23,8 +23,36 @@ def test_wrong_feature_shape(model):
 
 
 def test_x2_feature_shape_mismatch(model):
-    with pytest.raises(ValueError, match=r"x2: expected per-example shape \(6,\) like x1, got \(7,\)"):
+    with pytest.raises(ValueError, match=r"x2: the model rejects inputs of per-example shape \(7,\)"):
         pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64))
+
+
+def test_integer_inputs_to_a_float_model_are_a_dtype_problem(model):
+    with pytest.raises(TypeError, match=r"x1: the model rejects torch.int64 inputs .*x.float\(\)"):
+        pk.tangent_kernel(model, torch.randint(0, 3, (3, 6)))
+
+
+def test_inputs_of_different_sizes_where_the_model_accepts_both():
+    from reference import assert_close, reference_ntk
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(1, 3, 3, padding=1)
+            self.fc = nn.Linear(3 * 4, 2)
+
+        def forward(self, x):
+            return self.fc(nn.functional.adaptive_avg_pool2d(torch.tanh(self.c(x)), 2).flatten(1))
+
+    torch.manual_seed(0)
+    m = Pooled().double()
+    x1 = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    x2 = torch.randn(3, 1, 9, 7, dtype=torch.float64)
+    for outputs in ("trace", "full"):
+        assert_close(pk.tangent_kernel(m, x1, x2, outputs=outputs),
+                     reference_ntk(m, x1, x2, outputs), torch.float64)
+    K = pk.path_kernel(m, [(m, 1.0)], x1, x2, dtype=torch.float64, progress=False)
+    assert_close(K, reference_ntk(m, x2, x1), torch.float64)
 
 
 def test_dtype_mismatch(model):

@@ -183,3 +183,37 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert 0 < done < n_tiles, "the kill should land mid-run"
     subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests, out=part)], check=True)
     assert open(full, "rb").read() == open(part, "rb").read()
+
+
+def test_checkpoint_errors_name_the_checkpoint_and_say_what_is_expected(tmp_path):
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    X = torch.randn(5, 4, dtype=torch.float64)
+    torch.save(model, tmp_path / "whole.pt")
+    (tmp_path / "random.pt").write_bytes(os.urandom(2000))
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save([1, 2], tmp_path / "list.pt")
+    expected = {"whole": "holds pickled objects, not only tensors",
+                "random": "not a torch checkpoint",
+                "truncated": "cannot be read, truncated",
+                "list": "holds a list"}
+    for name, what in expected.items():
+        with pytest.raises(ValueError, match=rf"checkpoints\[1\] \(.*{name}.pt'\): {what}.*"
+                                             r"a state_dict is expected"):
+            pk.path_kernel(model, [(model.state_dict(), 1.0), (str(tmp_path / f"{name}.pt"), 1.0)],
+                           X, progress=False)
+    # a training checkpoint holding the state_dict, and the model itself, are accepted
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, tmp_path / "train.pt")
+    ref = pk.path_kernel(model, [(model.state_dict(), 1.0)], X, dtype=torch.float64, progress=False)
+    for ck in (str(tmp_path / "train.pt"), model):
+        assert torch.equal(pk.path_kernel(model, [(ck, 1.0)], X, dtype=torch.float64,
+                                          progress=False), ref)
+
+
+def test_out_in_a_new_directory_is_created(tmp_path):
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    X = torch.randn(5, 4, dtype=torch.float64)
+    out = tmp_path / "new" / "deeper" / "k.npy"
+    assert pk.path_kernel(model, [(model, 1.0)], X, out=str(out), progress=False) == str(out)
+    assert np.load(out).shape == (5, 5)

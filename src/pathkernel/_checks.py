@@ -51,12 +51,15 @@ def check_inputs_match(model: nn.Module, xs, name: str) -> None:
 
 
 def check_same_features(x1, x2, n1: str = "x1", n2: str = "x2") -> None:
+    """The same number of input tensors, of the same kinds (float or integer); per-example
+    shapes may differ where the model accepts both (adaptive pooling, any sequence length)."""
     if len(x1) != len(x2):
         raise ValueError(f"{n2}: expected {len(x1)} input tensors like {n1}, got {len(x2)}")
-    for a, b in zip(x1, x2):
-        if a.shape[1:] != b.shape[1:]:
-            raise ValueError(f"{n2}: expected per-example shape {tuple(a.shape[1:])} like {n1}, "
-                             f"got {tuple(b.shape[1:])}")
+    for i, (a, b) in enumerate(zip(x1, x2)):
+        if a.is_floating_point() != b.is_floating_point() or a.dim() != b.dim():
+            raise ValueError(f"{n2}: input {i} is {b.dtype} of per-example shape "
+                             f"{tuple(b.shape[1:])}, {n1}'s is {a.dtype} of shape "
+                             f"{tuple(a.shape[1:])}")
 
 
 def resolve_dtype(dtype: Optional[torch.dtype], model: nn.Module) -> torch.dtype:
@@ -79,6 +82,12 @@ def run_model_once(model: nn.Module, xs, name: str) -> None:
         with torch.no_grad():
             model(*(t[:1] for t in xs))
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        ints = [t.dtype for t in xs if not t.is_floating_point()]
+        msg = str(e)
+        if ints and any(w in msg for w in ("dtype", "scalar type", "Long", "Int", "Byte")):
+            raise TypeError(f"{name}: the model rejects {ints[0]} inputs ({msg.splitlines()[0]}); "
+                            "a model with float parameters takes float inputs: convert them, "
+                            "e.g. x.float() or x.double()") from e
         shapes = [tuple(t.shape[1:]) for t in xs]
         raise ValueError(f"{name}: the model rejects inputs of per-example shape "
                          f"{shapes[0] if len(shapes) == 1 else shapes}: {e}") from e

@@ -100,6 +100,8 @@ class PathRecorder:
         self.full = OutputSpec("full")
         self.dtype = resolve_dtype(dtype, model)
         run_model_once(model, self.X, "train")
+        if query is not None:
+            run_model_once(model, self.Xq, "query")
         self.model = model
         self.plan = ModelPlan(model, "auto")
         probe(self.plan, self.X)

@@ -36,6 +36,8 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
         check_same_features(x1, x2)
     dtype = resolve_dtype(dtype, model)
     run_model_once(model, x1, "x1")
+    if x2 is not None:
+        run_model_once(model, x2, "x2")
     plan = ModelPlan(model, implementation)
     probe(plan, x1)
     if x2 is not None:

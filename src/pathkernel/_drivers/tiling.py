@@ -125,11 +125,15 @@ def _job(model, checkpoints, train, query, outputs, out, dtype, collate) -> Tupl
     rows = cols if query is None else Source(query, "query", collate)
     sample_rows = as_inputs(rows.get(0, min(32, rows.n)), rows.name)
     check_inputs_match(model, sample_rows, rows.name)
-    if query is not None:
-        check_same_features(as_inputs(cols.get(0, 1), "train"), sample_rows, "train", "query")
     run_model_once(model, sample_rows, rows.name)
     mplan = ModelPlan(model, "auto")
-    probe(mplan, tuple(t[:4] for t in sample_rows))
+    probe(mplan, sample_rows)
+    if query is not None:
+        sample_cols = as_inputs(cols.get(0, min(8, cols.n)), "train")
+        check_inputs_match(model, sample_cols, "train")
+        check_same_features(sample_cols, sample_rows, "train", "query")
+        run_model_once(model, sample_cols, "train")
+        probe(mplan, sample_cols)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
     sample = extract(mplan, spec, states[0], cast_inputs(sample_rows, dtype))
     job = Job(mplan, spec, dtype, rows, cols, states, [w for _, w in ckpts], out, outputs, CHUNK)

@@ -1,11 +1,16 @@
-"""Checkpoint paths: ``[(weights, weight), ...]`` with weights a state_dict or a saved one."""
+"""Checkpoint paths: ``[(weights, weight), ...]``; weights are a state_dict, the path of a
+saved one (or of a saved dict holding one), or a model whose state_dict is taken."""
 from __future__ import annotations
 
 import math
 import os
+import pickle
+import warnings
+import zipfile
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from .._autograd import normal_tensor
 from .._capture.plan import ModelPlan, model_state
@@ -22,9 +27,11 @@ def check_checkpoints(checkpoints) -> List[Tuple[object, float]]:
         if not isinstance(c, (tuple, list)) or len(c) != 2:
             raise TypeError(f"checkpoints[{i}]: expected a pair (state_dict or path, weight)")
         w, lr = c
+        if isinstance(w, nn.Module):
+            w = {k: v.detach().clone() for k, v in w.state_dict().items()}
         if not isinstance(w, (dict, str, os.PathLike)):
-            raise TypeError(f"checkpoints[{i}]: weights must be a state_dict or a path, got "
-                            f"{type(w).__name__}")
+            raise TypeError(f"checkpoints[{i}]: weights must be a state_dict, a path or an "
+                            f"nn.Module, got {type(w).__name__}")
         if isinstance(lr, torch.Tensor):
             lr = lr.item()
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
@@ -38,7 +45,8 @@ def check_checkpoints(checkpoints) -> List[Tuple[object, float]]:
 
 def checkpoint_state(plan: ModelPlan, weights, dtype: torch.dtype, i: int) -> Dict[str, torch.Tensor]:
     """The ``functional_call`` state of checkpoint ``i``."""
-    sd = torch.load(weights, map_location="cpu", weights_only=True) if not isinstance(weights, dict) else weights
+    sd = weights if isinstance(weights, dict) else load_state_dict(weights, i)
+    sd = _unwrap(sd)
     state = model_state(plan, dtype)
     unknown = sorted(set(sd) - set(state))
     if unknown:
@@ -54,3 +62,40 @@ def checkpoint_state(plan: ModelPlan, weights, dtype: torch.dtype, i: int) -> Di
         t = t.to(dtype) if t.is_floating_point() else t
         state[n] = t.requires_grad_(state[n].requires_grad)
     return state
+
+
+_HINT = ("a state_dict is expected: save one with torch.save(model.state_dict(), path) (a dict "
+         "holding it under 'state_dict', 'model_state_dict' or 'model' also works), or pass "
+         "the loaded nn.Module itself")
+
+
+def load_state_dict(path, i: int) -> dict:
+    """``torch.load`` of checkpoint ``i`` with ``weights_only=True``, or a ValueError that names
+    the checkpoint and says what is expected."""
+    where = f"checkpoints[{i}] ({os.fspath(path)!r})"
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of random bytes
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if zipfile.is_zipfile(path):  # a torch archive whose pickle holds more than tensors
+            raise ValueError(f"{where}: holds pickled objects, not only tensors (a whole model "
+                             f"saved with torch.save(model)?); {_HINT}") from None
+        raise ValueError(f"{where}: not a torch checkpoint ({first}); {_HINT}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{where}: cannot be read, truncated or not a torch checkpoint "
+                         f"({first}); {_HINT}") from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{where}: holds a {type(sd).__name__}; {_HINT}")
+    return sd
+
+
+def _unwrap(sd: dict) -> dict:
+    """A state_dict saved inside a training checkpoint dict."""
+    if sd and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(sd.get(key), dict):
+                return sd[key]
+    return sd

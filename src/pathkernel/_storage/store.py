@@ -45,6 +45,11 @@ class FileStore:
         if not self.path.endswith(".npy"):
             raise ValueError(f"out: expected a path ending in .npy, got {self.path!r}")
         self.journal_path = self.path + ".journal"
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out: cannot create the folder {folder!r} ({e.strerror})") from None
         self.shape = tuple(int(s) for s in shape)
         self.np_dtype = np.dtype(np.float32 if dtype == torch.float32 else np.float64)
         header = {"version": JOURNAL_VERSION, "shape": list(self.shape),
