@@ -323,7 +323,7 @@ def test_bad_idx_and_arguments():
     with pytest.raises(ValueError, match="idx: contains repeated indices"):
         with rec.step([1, 1]):
             pass
-    with pytest.raises(ValueError, match=r"query: expected per-example shape \(4,\) like train"):
+    with pytest.raises(ValueError, match=r"query: the model rejects inputs of per-example shape \(5,\)"):
         pk.PathRecorder(model, opt, LOSS, (X, Y), torch.randn(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="quadrature: expected a positive int"):
         pk.PathRecorder(model, opt, LOSS, (X, Y), quadrature=0)
