@@ -217,3 +217,41 @@ def test_out_in_a_new_directory_is_created(tmp_path):
     out = tmp_path / "new" / "deeper" / "k.npy"
     assert pk.path_kernel(model, [(model, 1.0)], X, out=str(out), progress=False) == str(out)
     assert np.load(out).shape == (5, 5)
+
+
+@pytest.mark.parametrize("group,band", [(3, 1), (1, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("outputs", ["trace", "full"])
+def test_checkpoints_streamed_through_bands(group, band, symmetric, outputs):
+    """Every way of splitting the checkpoints and grouping tiles gives the same kernel."""
+    from pathkernel._drivers.path_kernel import run_plan
+
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model, T=3)
+    X = torch.randn(23, 4, dtype=torch.float64)
+    Xq = None if symmetric else torch.randn(17, 4, dtype=torch.float64)
+    p = pk.plan(model, ck, X, Xq, outputs=outputs, dtype=torch.float64)
+    p.row_block, p.col_block, p.ckpt_group, p.band = 5, (5 if symmetric else 4), group, band
+    nr, nc = -(-p.shape[0] // 5), -(-23 // p.col_block)
+    p.tiles = [(i, j) for i in range(nr) for j in range(i if symmetric else 0, nc)]
+    K = run_plan(p, progress=False)
+    assert_close(K, reference(model, ck, X if symmetric else Xq, X, outputs), torch.float64)
+
+
+def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
+    """With costs where re-extracting features dominates, a budget that only allows slivers is
+    refused, naming a budget that gives a plan within 3x of a roomy one."""
+    from pathkernel._drivers import tiling
+
+    slow = tiling.Costs(call=1e-3, per_example=1e-2, gram_call=1e-4, gram_rate=1e11,
+                        commit=1e-3, per_byte=1e-9)
+    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: slow)
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    X = torch.randn(3000, 4)
+    ck = checkpoints(model.float(), T=2)
+    roomy = pk.plan(model.float(), ck, X, out="k.npy", memory_budget="2GB")
+    with pytest.raises(ValueError, match=r"memory_budget: .* leaves only an inefficient plan "
+                                         r"\(estimated .* s, against .* s with more memory\); the "
+                                         r"smallest budget within 3x of that is about"):
+        pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000)
+    assert roomy.est_seconds > 0 and len(roomy.tiles) >= 1

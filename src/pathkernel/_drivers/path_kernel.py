@@ -10,6 +10,7 @@ block's features are ever in memory.
 from __future__ import annotations
 
 import hashlib
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -69,52 +70,85 @@ def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: Ou
     return run_plan(p, resume=resume, progress=progress)
 
 
+def _write_band(store, spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: dict):
+    """Write a band's tiles: runs of adjacent tiles as one strip (one write per row), and
+    their mirror images below the diagonal."""
+    js = sorted(accs)
+    runs: List[List[int]] = []
+    for j in js:
+        if runs and runs[-1][-1] == j - 1:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    for run in runs:
+        tiles = [spec.finish(accs[j]).to(dtype) for j in run]
+        store.write(r0, run[0] * Cb, tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1))
+        if symmetric:
+            for j, tile in zip(run, tiles):
+                if j != i:
+                    store.write(j * Cb, r0, tile.transpose(0, 1).transpose(2, 3)
+                                if tile.dim() == 4 else tile.t())
+
+
 def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
     job = p.job
     mplan, spec, dtype, rows, cols = job.model_plan, job.spec, job.dtype, job.rows, job.cols
     states, weights = job.states, job.weights
+    T, k = len(states), p.ckpt_group
     fingerprint = {
         "checkpoints": [_fingerprint_state(s, w) for s, w in zip(states, weights)],
         "train": cols.fingerprint(),
         "query": None if p.symmetric else rows.fingerprint(),
         "outputs": job.outputs if isinstance(job.outputs, (str, int)) else getattr(
             job.outputs, "__qualname__", repr(job.outputs)),
-        "tiles": [p.row_block, p.col_block],
+        # a tile's bytes depend on its examples and on how its sum over checkpoints is split
+        "tiles": [p.row_block, p.col_block, k],
     }
     store = open_store(job.out, p.shape, dtype, fingerprint, resume)
     M, N = p.shape[:2]
     R, Cb = p.row_block, p.col_block
+    C = p.shape[2] if len(p.shape) == 4 else 1
     todo = [t for t in p.tiles if t not in store.done]
-    bar = progress_bar(progress, total=len(todo) * len(states), desc="path kernel", unit="tile-ckpt")
+    bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
 
-    def feats(src: Source, lo: int, hi: int, state) -> Block:
+    def feats(src: Source, lo: int, hi: int, t: int) -> Block:
         x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
-        return features(mplan, spec, state, x, job.chunk, src.name)
+        return features(mplan, spec, states[t], x, job.chunk, src.name)
 
+    # bands: up to p.band consecutive tiles of one row block, accumulated together
+    bands: List[Tuple[int, List[int]]] = []
+    for i, j in todo:
+        if bands and bands[-1][0] == i and len(bands[-1][1]) < p.band:
+            bands[-1][1].append(j)
+        else:
+            bands.append((i, [j]))
     try:
-        cached_row = None
-        for (i, j) in todo:
+        cached = None  # all checkpoints' row features, when the plan holds them all
+        for i, js in bands:
             r0, r1 = i * R, min(M, (i + 1) * R)
-            c0, c1 = j * Cb, min(N, (j + 1) * Cb)
-            if cached_row is None or cached_row[0] != i:
-                cached_row = (i, [feats(rows, r0, r1, s) for s in states])
-            C = p.shape[2] if len(p.shape) == 4 else 1
-            acc4 = torch.zeros(r1 - r0, c1 - c0, C, C, dtype=torch.float64)
-            diagonal = p.symmetric and i == j
-            side1, side2 = [], []
-            for t, (s, w) in enumerate(zip(states, weights)):
-                cb = None if diagonal else feats(cols, c0, c1, s)
-                a, b = to_terms(mplan, cached_row[1][t], cb, scale=w, stacked=spec.stacked)
-                side1 += a
-                side2 += b or []
-                bar.update(1)
-            _backend.accumulate(acc4, side1, None if diagonal else side2)
-            tile = spec.finish(acc4).to(dtype)
-            store.write(r0, c0, tile)
-            if p.symmetric and i != j:
-                store.write(c0, r0, tile.transpose(0, 1).transpose(2, 3) if tile.dim() == 4
-                            else tile.t())
-            store.commit((i, j))
+            accs = {j: torch.zeros(r1 - r0, min(N, (j + 1) * Cb) - j * Cb, C, C,
+                                   dtype=torch.float64) for j in js}
+            for g0 in range(0, T, k):
+                group = range(g0, min(T, g0 + k))
+                if k == T:
+                    if cached is None or cached[0] != i:
+                        cached = (i, [feats(rows, r0, r1, t) for t in group])
+                    row = cached[1]
+                else:
+                    row = [feats(rows, r0, r1, t) for t in group]
+                for j in js:
+                    diagonal = p.symmetric and i == j
+                    c0, c1 = j * Cb, min(N, (j + 1) * Cb)
+                    side1, side2 = [], []
+                    for rb, t in zip(row, group):
+                        cb = None if diagonal else feats(cols, c0, c1, t)
+                        a, b = to_terms(mplan, rb, cb, scale=weights[t], stacked=spec.stacked)
+                        side1 += a
+                        side2 += b or []
+                        bar.update(1)
+                    _backend.accumulate(accs[j], side1, None if diagonal else side2)
+            _write_band(store, spec, dtype, p.symmetric, i, r0, Cb, accs)
+            store.commit([(i, j) for j in js])
     finally:
         bar.close()
         store.close()

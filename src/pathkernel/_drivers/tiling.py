@@ -7,6 +7,9 @@ features of a sample and cuts the output into tiles that fit the memory budget.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -14,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._capture.blocks import Block
+from .. import _backend
+from .._capture.blocks import Block, concat_blocks, to_terms
 from .._capture.extract import CHUNK, extract
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
@@ -27,12 +31,9 @@ from .._checks import (
     resolve_dtype,
     run_model_once,
 )
-from .._storage.checkpoints import check_checkpoints, checkpoint_state
+from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
 from .._storage.sources import Source
 from .._storage.store import parse_bytes
-
-_GEMM_GUESS = 150e9   # FLOP/s used only for the plan's time estimate
-
 
 @dataclass
 class Job:
@@ -48,42 +49,69 @@ class Job:
     out: Optional[str]
     outputs: OutputsArg
     chunk: int                # examples per forward/backward pass
+    state_bytes: int = 0      # what the checkpoints' states take beyond the caller's tensors
+
+
+@dataclass
+class Costs:
+    """Costs of this model on this machine, measured by ``plan()`` (seconds, FLOP/s)."""
+
+    call: float          # fixed cost of one feature extraction (one block, one checkpoint)
+    per_example: float   # per example of an extraction
+    gram_call: float     # fixed cost of one native accumulation call
+    gram_rate: float     # FLOP/s of the Gram work
+    commit: float        # committing a band of tiles to the store (two fsyncs)
+    per_byte: float      # writing a byte to the store
 
 
 @dataclass
 class PathKernelPlan:
-    """What ``path_kernel`` will do; ``print(plan)`` shows it."""
+    """What ``path_kernel`` will do; ``print(plan)`` shows it.
+
+    The output is cut into tiles of ``row_block x col_block`` examples. ``ckpt_group``
+    checkpoints are handled at once: all of them (the row block's features are then cached
+    for every checkpoint and each tile is accumulated over the whole path in one native call),
+    or fewer, streamed through ``band`` tiles of a row block that are accumulated together
+    (their row features then recomputed once per band). The choice minimizes the estimated
+    time (from costs measured on the model) under the memory budget.
+    """
 
     shape: Tuple[int, ...]
     symmetric: bool
     checkpoints: int
     row_block: int
     col_block: int
+    band: int
+    ckpt_group: int
     tiles: List[Tuple[int, int]]
-    cache_bytes: int
-    tile_bytes: int
+    memory_bytes: int
     feature_bytes_per_example: int
     budget_bytes: int
     gram_flops: float
     extractions: int
     est_seconds: float
+    est_parts: Tuple[float, float, float]   # extraction, Gram, store
     store: str
     job: Optional[Job] = field(default=None, repr=False)
 
     def __str__(self) -> str:
         M, N = self.shape[:2]
         kind = "train x train (symmetric halves)" if self.symmetric else "query x train"
+        T, k = self.checkpoints, self.ckpt_group
+        how = ("row-block features cached for every checkpoint; one native call per tile"
+               if k == T else f"{k} checkpoint(s) at a time through {self.band} tile(s) of a "
+                              "row block accumulated together")
+        ex, gram, store = self.est_parts
         return "\n".join([
             f"path kernel {kind}: {M} x {N}{' x C x C' if len(self.shape) == 4 else ''}, "
-            f"{self.checkpoints} checkpoint(s), store: {self.store}",
-            f"  tiles: {len(self.tiles)} of {self.row_block} x {self.col_block} "
-            f"({self.tile_bytes / 2**20:.1f} MiB float64 accumulator each)",
-            f"  cached: row-block features for every checkpoint "
-            f"({self.cache_bytes / 2**20:.1f} MiB); column-block features recomputed per tile",
+            f"{T} checkpoint(s), store: {self.store}",
+            f"  tiles: {len(self.tiles)} of {self.row_block} x {self.col_block}; {how}",
             f"  features: {self.feature_bytes_per_example} B per example per checkpoint; "
             f"{self.extractions:,} example forward/backward passes",
-            f"  memory budget {fmt_bytes(self.budget_bytes)}; Gram work {self.gram_flops / 1e9:,.1f} GFLOP; "
-            f"estimated {self.est_seconds:,.1f} s",
+            f"  memory {fmt_bytes(self.memory_bytes)} of the {fmt_bytes(self.budget_bytes)} "
+            f"budget; Gram work {self.gram_flops / 1e9:,.1f} GFLOP",
+            f"  estimated {self.est_seconds:,.1f} s (features {ex:,.1f} s, Grams {gram:,.1f} s, "
+            f"store {store:,.1f} s; costs measured on this model)",
         ])
 
 
@@ -114,7 +142,8 @@ def _pair_flops(b: Block, stacked: bool) -> float:
     return 2.0 * fl
 
 
-def _job(model, checkpoints, train, query, outputs, out, dtype, collate) -> Tuple[Job, Block]:
+def _job(model, checkpoints, train, query, outputs, out, dtype, collate
+         ) -> Tuple[Job, tuple, Block]:
     """Validate the arguments, probe the model, load the checkpoints; also returns the
     features of a sample block (for the memory model)."""
     check_model(model)
@@ -123,7 +152,7 @@ def _job(model, checkpoints, train, query, outputs, out, dtype, collate) -> Tupl
     dtype = resolve_dtype(dtype, model)
     cols = Source(train, "train", collate)
     rows = cols if query is None else Source(query, "query", collate)
-    sample_rows = as_inputs(rows.get(0, min(32, rows.n)), rows.name)
+    sample_rows = as_inputs(rows.get(0, min(64, rows.n)), rows.name)
     check_inputs_match(model, sample_rows, rows.name)
     run_model_once(model, sample_rows, rows.name)
     mplan = ModelPlan(model, "auto")
@@ -136,8 +165,122 @@ def _job(model, checkpoints, train, query, outputs, out, dtype, collate) -> Tupl
         probe(mplan, sample_cols)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
     sample = extract(mplan, spec, states[0], cast_inputs(sample_rows, dtype))
-    job = Job(mplan, spec, dtype, rows, cols, states, [w for _, w in ckpts], out, outputs, CHUNK)
-    return job, sample
+    job = Job(mplan, spec, dtype, rows, cols, states, [w for _, w in ckpts], out, outputs, CHUNK,
+              sum(allocated_bytes(w, mplan, dtype) for w, _ in ckpts))
+    return job, sample_rows, sample
+
+
+def _time(fn, repeats: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int) -> Costs:
+    """Time one-example and sample-sized extractions and accumulations on this model."""
+    spec, mplan = job.spec, job.model_plan
+    x = cast_inputs(sample_x, job.dtype)
+    one = tuple(t[:1] for t in x)
+    t1 = _time(lambda: extract(mplan, spec, job.states[0], one))
+    n = sample.n
+    tn = _time(lambda: extract(mplan, spec, job.states[0], x))
+    per_example = max((tn - t1) / max(n - 1, 1), 1e-9)
+    b1 = extract(mplan, spec, job.states[0], one)
+    C = 1 if spec.stacked else sample.C
+    # the Gram rate on a tile of up to 256 x 256 (the sample's features repeated)
+    big = concat_blocks([sample] * max(1, min(256 // n, budget // (8 * max(1, fb * n)))))
+    m = big.n
+    terms1 = to_terms(mplan, b1, b1, stacked=spec.stacked)
+    termsm = to_terms(mplan, big, big, stacked=spec.stacked)
+    g1 = _time(lambda: _backend.accumulate(torch.zeros(1, 1, C, C, dtype=torch.float64), *terms1))
+    gn = _time(lambda: _backend.accumulate(torch.zeros(m, m, C, C, dtype=torch.float64), *termsm))
+    flops = _pair_flops(sample, spec.stacked) * m * m
+    rate = flops / max(gn - g1, 1e-9) if m > 1 else 50e9
+    commit, per_byte = 2e-5, 1e-10
+    if out is not None:  # fsyncs in the output's folder, after a small and a large write
+        folder = os.path.dirname(os.path.abspath(os.fspath(out)))
+        if os.path.isdir(folder):
+            with tempfile.TemporaryFile(dir=folder) as f:
+                def sync(nbytes):
+                    f.seek(0)
+                    f.write(b"x" * nbytes)
+                    f.flush()
+                    os.fsync(f.fileno())
+                small = _time(lambda: sync(4096), 3)
+                large = _time(lambda: sync(1 << 22), 2)
+                commit, per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
+    return Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), commit, per_byte)
+
+
+@dataclass
+class _Choice:
+    R: int
+    Cb: int
+    band: int
+    k: int
+    chunk: int
+    memory: int
+    est: float
+    parts: Tuple[float, float, float]
+    tiles: int
+    extractions: int
+
+
+def _solve(M: int, N: int, T: int, symmetric: bool, fb: int, cc: int, fixed: int,
+           pair_flops: float, costs: Costs, budget: int, out_item: int) -> Optional[_Choice]:
+    """The tiling with the least estimated time whose memory fits ``budget``."""
+    def sizes(n):  # tiles narrower than 16 run the GEMMs badly: only where n is that small
+        return sorted({n} | {2 ** p for p in range(4, 30) if 2 ** p < n})
+    pairs = N * (N + 1) / 2 if symmetric else float(M) * N
+    gram = pairs * T * pair_flops / costs.gram_rate
+    ks = sorted({math.ceil(T / m) for m in range(1, T + 1)}, reverse=True)
+    best = None
+    for R in sizes(M):
+        nr = math.ceil(M / R)
+        for Cb in ([R] if symmetric else sizes(N)):
+            nc = math.ceil(N / Cb)
+            tiles = nr * (nc + 1) // 2 if symmetric else nr * nc
+            offdiag = tiles - (nr if symmetric else 0)
+            cols_per_row = (nc + 1) / 2 if symmetric else nc
+            written = float(M) * N * out_item
+            for k, band, chunk in _variants(T, nc, ks, max(R, Cb)):
+                # a chunk's autograd scratch while extracting: a few times its features
+                mem = fixed + SCRATCH * chunk * fb + R * band * Cb * cc + (R + Cb) * k * fb
+                if mem > budget:
+                    continue
+                # row features: once per row block when all checkpoints are held, else once
+                # per band; column features: once per off-diagonal tile; both per checkpoint
+                row_ex = T * (nr if k == T else nr * math.ceil(cols_per_row / band))
+                t_ex = row_ex * _extraction(R, chunk, costs) + \
+                    offdiag * T * _extraction(Cb, chunk, costs)
+                t_gram = gram + tiles * math.ceil(T / k) * costs.gram_call
+                n_bands = nr if k == T else nr * math.ceil(cols_per_row / band)
+                t_store = n_bands * costs.commit + written * costs.per_byte
+                est = t_ex + t_gram + t_store
+                if best is None or est < best.est:
+                    best = _Choice(R, Cb, band, k, chunk, mem, est, (t_ex, t_gram, t_store),
+                                   tiles, int(row_ex * R + offdiag * T * Cb))
+    return best
+
+
+def _extraction(size: int, chunk: int, costs: Costs) -> float:
+    return math.ceil(size / chunk) * costs.call + size * costs.per_example
+
+
+SCRATCH = 4
+
+
+def _variants(T: int, nc: int, ks, most: int):
+    """(checkpoints at once, tiles per band, examples per extraction pass) to consider."""
+    chunks = sorted({min(most, CHUNK)} | {c for c in (16, 64, 256, 1024) if c < min(most, CHUNK)})
+    for k in ks:
+        bands = [1] if k == T else sorted({1, nc} | {2 ** p for p in range(1, 12) if 2 ** p < nc})
+        for band in bands:
+            for chunk in chunks:
+                yield k, band, chunk
 
 
 @with_autograd
@@ -146,51 +289,55 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
          collate=None) -> PathKernelPlan:
     """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost."""
     budget = parse_bytes(memory_budget)
-    job, sample = _job(model, checkpoints, train, query, outputs, out, dtype, collate)
+    job, sample_x, sample = _job(model, checkpoints, train, query, outputs, out, dtype, collate)
     symmetric = query is None
     fb = max(1, math.ceil(_block_bytes(sample) / sample.n))
     C = sample.C if job.spec.full else 1
     M, N, T = job.rows.n, job.cols.n, len(job.states)
     shape = (M, N, C, C) if job.spec.full else (M, N)
 
-    # Memory: model states, then row features (all checkpoints), a column block's features,
-    # the float64 tile and the extraction scratch (a chunk's activations, several times fb).
-    state_bytes = T * sum(p.numel() for p in model.parameters()) * (4 if job.dtype == torch.float32 else 8)
-    # a chunk's autograd scratch is a few times its features: keep it to ~1/8 of the budget
-    job.chunk = max(16, min(CHUNK, max(M, N), budget // (64 * fb)))
-    usable = budget - state_bytes - 8 * job.chunk * fb
+    # Memory besides the tiling: the checkpoints' states, the extraction scratch (a chunk's
+    # autograd activations, a few times its features) and a kernel kept in RAM.
+    fixed = job.state_bytes
     if out is None:
         kbytes = int(np.prod(shape)) * (4 if job.dtype == torch.float32 else 8)
         if kbytes > budget // 2:
             raise ValueError(
                 f"out: the kernel needs {fmt_bytes(kbytes)}, more than half the memory budget "
                 f"({fmt_bytes(budget)}); pass out='kernel.npy' to write it to disk")
-        usable -= kbytes
-    if usable <= 0:
-        raise ValueError(f"memory_budget: {fmt_bytes(budget)} is too small for this model and "
-                         f"{T} checkpoint(s){'' if out is not None else ' with the kernel in memory (pass out=)'}")
+        fixed += kbytes
     cc = 8 * C * C
-    # The column block's features are held for every checkpoint at once, so one native call
-    # accumulates a tile over the whole path with the tile in cache.
-    if symmetric:
-        # R*T*fb (row cache) + R*T*fb (column features) + R*R*cc (tile) <= usable
-        a, b = cc, 2 * T * fb
-        R = int((-b + math.sqrt(b * b + 4 * a * usable)) / (2 * a))
-        R = max(1, min(N, job.chunk, R))  # a column block is extracted in one pass: no concat
-        Cb = R
-    else:
-        R = max(1, min(M, int(0.4 * usable) // (T * fb)))
-        Cb = max(1, min(N, job.chunk, int(usable - R * T * fb) // (R * cc + T * fb)))
+    pair = _pair_flops(sample, job.spec.stacked)
+    costs = _measure(job, sample_x, sample, out, fb, budget)
+
+    def solve(b):
+        return _solve(M, N, T, symmetric, fb, cc, fixed, pair, costs, b, cc // 8 * (
+            4 if job.dtype == torch.float32 else 8))
+    choice = solve(budget)
+    if choice is None:
+        r, c = min(M, 16), min(N, 16)
+        least = fixed + SCRATCH * min(r, c) * fb + (r + c) * fb + r * c * cc
+        raise ValueError(f"memory_budget: {fmt_bytes(budget)} is too small for this model and "
+                         f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "
+                         f"{fmt_bytes(least)}"
+                         f"{'' if out is not None else ' with the kernel in memory (pass out=)'}")
+    roomy = solve(max(budget, 2 << 30))
+    if choice.est > 3 * roomy.est and choice.est > 10:
+        need = budget
+        while need < (1 << 40) and solve(need).est > 3 * roomy.est:
+            need *= 2
+        raise ValueError(
+            f"memory_budget: {fmt_bytes(budget)} leaves only an inefficient plan (estimated "
+            f"{choice.est:,.0f} s, against {roomy.est:,.0f} s with more memory); the smallest "
+            f"budget within 3x of that is about {fmt_bytes(need)}")
+    R, Cb = choice.R, choice.Cb
+    job.chunk = choice.chunk
     tiles = [(i, j) for i in range(math.ceil(M / R))
              for j in range(i if symmetric else 0, math.ceil(N / Cb))]
-    pair = _pair_flops(sample, job.spec.stacked)
     pairs = (N * (N + 1) / 2) if symmetric else float(M) * N
-    col_widths = sum(min(N, (j + 1) * Cb) - j * Cb for i, j in tiles if not (symmetric and i == j))
-    extractions = T * (M + col_widths)
-    est = pairs * T * pair / _GEMM_GUESS + extractions * 6.0 * sum(
-        p.numel() for p in model.parameters()) / 20e9
     return PathKernelPlan(
-        shape=shape, symmetric=symmetric, checkpoints=T, row_block=R, col_block=Cb, tiles=tiles,
-        cache_bytes=R * T * fb, tile_bytes=R * Cb * cc, feature_bytes_per_example=fb,
-        budget_bytes=budget, gram_flops=pairs * T * pair, extractions=extractions, est_seconds=est,
+        shape=shape, symmetric=symmetric, checkpoints=T, row_block=R, col_block=Cb,
+        band=choice.band, ckpt_group=choice.k, tiles=tiles, memory_bytes=choice.memory,
+        feature_bytes_per_example=fb, budget_bytes=budget, gram_flops=pairs * T * pair,
+        extractions=choice.extractions, est_seconds=choice.est, est_parts=choice.parts,
         store="RAM" if out is None else str(out), job=job)

@@ -28,7 +28,7 @@ def check_checkpoints(checkpoints) -> List[Tuple[object, float]]:
             raise TypeError(f"checkpoints[{i}]: expected a pair (state_dict or path, weight)")
         w, lr = c
         if isinstance(w, nn.Module):
-            w = {k: v.detach().clone() for k, v in w.state_dict().items()}
+            w = {k: v.detach() for k, v in w.state_dict().items()}  # read when the kernel runs
         if not isinstance(w, (dict, str, os.PathLike)):
             raise TypeError(f"checkpoints[{i}]: weights must be a state_dict, a path or an "
                             f"nn.Module, got {type(w).__name__}")
@@ -99,3 +99,15 @@ def _unwrap(sd: dict) -> dict:
             if isinstance(sd.get(key), dict):
                 return sd[key]
     return sd
+
+
+def allocated_bytes(weights, plan: ModelPlan, dtype: torch.dtype) -> int:
+    """Bytes a checkpoint's state takes beyond the caller's own tensors: a loaded file, or a
+    cast to ``dtype`` (a state_dict already in ``dtype`` is used in place)."""
+    item = torch.finfo(dtype).bits // 8
+    total = sum(p.numel() for p in plan.model.parameters()) * item
+    if not isinstance(weights, dict):
+        return total
+    same = all(not v.is_floating_point() or v.dtype == dtype for v in weights.values()
+               if isinstance(v, torch.Tensor))
+    return 0 if same else total

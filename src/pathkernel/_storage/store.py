@@ -27,8 +27,8 @@ class MemoryStore:
     def write(self, i0: int, j0: int, tile: torch.Tensor) -> None:
         self.tensor[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
 
-    def commit(self, key) -> None:
-        self.done.add(tuple(key))
+    def commit(self, keys) -> None:
+        self.done.update(tuple(k) for k in keys)
 
     def result(self):
         return self.tensor
@@ -109,13 +109,13 @@ class FileStore:
         for r in range(a.shape[0]):
             os.pwrite(self.fd, a[r].tobytes(), self.offset + (i0 + r) * row + j0 * inner)
 
-    def commit(self, key) -> None:
-        """Make the tiles written so far durable, then record ``key`` as done."""
+    def commit(self, keys) -> None:
+        """Make the tiles written so far durable, then record ``keys`` as done."""
         os.fsync(self.fd)
-        self.journal.write(json.dumps({"tile": list(key)}) + "\n")
+        self.journal.write("".join(json.dumps({"tile": list(k)}) + "\n" for k in keys))
         self.journal.flush()
         os.fsync(self.journal.fileno())
-        self.done.add(tuple(key))
+        self.done.update(tuple(k) for k in keys)
 
     def result(self):
         return self.path

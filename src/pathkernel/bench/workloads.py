@@ -43,6 +43,22 @@ def wide_mlp(n=2048, seed=0, dtype=torch.float32) -> Tuple[nn.Module, torch.Tens
     return model, x
 
 
+def perturbed_checkpoints(model: nn.Module, T: int, seed: int = 0, step: float = 0.01,
+                          lr: float = 0.1):
+    """T checkpoints of a random walk from the model's weights, each with weight ``lr``."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    walker = copy.deepcopy(model)
+    ckpts = []
+    for _ in range(T):
+        with torch.no_grad():
+            for p in walker.parameters():
+                p.add_(step * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        ckpts.append(({k: v.clone() for k, v in walker.state_dict().items()}, lr))
+    return ckpts
+
+
 def checkpoint_path(n: int, m: int, T: int, seed: int = 0, step: float = 0.01, lr: float = 0.1):
     """The checkpoint-path workload: MLP 64-256-1, n train x m query inputs, T checkpoints of
     randomly perturbed weights (each with weight ``lr``). Returns (model, ckpts, X, Xq)."""
@@ -50,14 +66,7 @@ def checkpoint_path(n: int, m: int, T: int, seed: int = 0, step: float = 0.01, l
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 64, generator=g)
     Xq = torch.randn(m, 64, generator=g)
-    walker = mlp([64, 256, 1], seed=seed)
-    ckpts = []
-    for _ in range(T):
-        with torch.no_grad():
-            for p in walker.parameters():
-                p.add_(step * torch.randn(p.shape, generator=g))
-        ckpts.append(({k: v.clone() for k, v in walker.state_dict().items()}, lr))
-    return model, ckpts, X, Xq
+    return model, perturbed_checkpoints(model, T, seed, step, lr), X, Xq
 
 
 class TinyTransformer(nn.Module):
