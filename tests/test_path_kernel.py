@@ -255,3 +255,32 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
                                          r"smallest budget within 3x of that is about"):
         pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000)
     assert roomy.est_seconds > 0 and len(roomy.tiles) >= 1
+
+
+def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
+    """The tiling is chosen from measured costs; a resumed run keeps the recorded one, so the
+    file is bit-identical even when this machine now measures other costs."""
+    from pathkernel._drivers import tiling
+
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model, T=3)
+    X = torch.randn(300, 4, dtype=torch.float64)
+    costs = [tiling.Costs(0.0, 1e-5, 1e-4, 1e9, 1e-3, 1e-9),     # passes cost nothing: 16 a pass
+             tiling.Costs(0.02, 1e-5, 1e-4, 1e9, 1e-3, 1e-9)]    # passes are dear: 128 a pass
+    clean, part = str(tmp_path / "clean.npy"), str(tmp_path / "part.npy")
+    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: costs[0])
+    p0 = pk.plan(model, ck, X, out=clean, memory_budget=400_000)
+    pk.path_kernel(model, ck, X, out=clean, memory_budget=400_000, progress=False)
+    pk.path_kernel(model, ck, X, out=part, memory_budget=400_000, progress=False)
+    lines = open(part + ".journal").read().splitlines()
+    assert len(lines) > 3
+    with open(part + ".journal", "w") as f:  # interrupted after two tiles, one record torn
+        f.write("\n".join(lines[:3]) + '\n{"tile": [')
+    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: costs[1])
+    fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=400_000)
+    assert fresh.job.chunk != p0.job.chunk
+    resumed = pk.plan(model, ck, X, out=part, memory_budget=400_000)
+    assert (resumed.row_block, resumed.col_block, resumed.ckpt_group, resumed.job.chunk) == \
+        (p0.row_block, p0.col_block, p0.ckpt_group, p0.job.chunk)
+    pk.path_kernel(model, ck, X, out=part, memory_budget=400_000, progress=False)
+    assert open(clean, "rb").read() == open(part, "rb").read()

@@ -9,7 +9,6 @@ block's features are ever in memory.
 """
 from __future__ import annotations
 
-import hashlib
 from typing import List, Tuple
 
 import torch
@@ -26,15 +25,6 @@ from .._progress import progress_bar
 from .._storage.sources import Source
 from .._storage.store import open_store
 from .tiling import PathKernelPlan, plan
-
-
-def _fingerprint_state(state, lr) -> str:
-    h = hashlib.sha1(repr(float(lr)).encode())
-    for n in sorted(state):
-        t = state[n].detach().contiguous()
-        h.update(n.encode())
-        h.update(t.cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @with_autograd
@@ -66,7 +56,7 @@ def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: Ou
         ``[M, N]`` (``[M, N, C, C]`` for ``outputs="full"``) tensor, or the path ``out``.
     """
     p = plan(model, checkpoints, train, query, outputs=outputs, out=out,
-             memory_budget=memory_budget, dtype=dtype, collate=collate)
+             memory_budget=memory_budget, dtype=dtype, resume=resume, collate=collate)
     return run_plan(p, resume=resume, progress=progress)
 
 
@@ -95,15 +85,10 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
     mplan, spec, dtype, rows, cols = job.model_plan, job.spec, job.dtype, job.rows, job.cols
     states, weights = job.states, job.weights
     T, k = len(states), p.ckpt_group
-    fingerprint = {
-        "checkpoints": [_fingerprint_state(s, w) for s, w in zip(states, weights)],
-        "train": cols.fingerprint(),
-        "query": None if p.symmetric else rows.fingerprint(),
-        "outputs": job.outputs if isinstance(job.outputs, (str, int)) else getattr(
-            job.outputs, "__qualname__", repr(job.outputs)),
-        # a tile's bytes depend on its examples and on how its sum over checkpoints is split
-        "tiles": [p.row_block, p.col_block, k],
-    }
+    # a tile's bytes depend on its examples, on how its sum over checkpoints is split and on
+    # the passes its features are extracted in
+    fingerprint = {**job.header(p.symmetric),
+                   "tiles": [p.row_block, p.col_block, k, job.chunk]}
     store = open_store(job.out, p.shape, dtype, fingerprint, resume)
     M, N = p.shape[:2]
     R, Cb = p.row_block, p.col_block

@@ -6,6 +6,7 @@ features of a sample and cuts the output into tiles that fit the memory budget.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -33,7 +34,7 @@ from .._checks import (
 )
 from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
 from .._storage.sources import Source
-from .._storage.store import parse_bytes
+from .._storage.store import parse_bytes, resumed_tiling
 
 @dataclass
 class Job:
@@ -50,6 +51,15 @@ class Job:
     outputs: OutputsArg
     chunk: int                # examples per forward/backward pass
     state_bytes: int = 0      # what the checkpoints' states take beyond the caller's tensors
+
+    def header(self, symmetric: bool) -> dict:
+        """What identifies the problem (a store's journal header, without the tiling)."""
+        outputs = self.outputs if isinstance(self.outputs, (str, int)) else getattr(
+            self.outputs, "__qualname__", repr(self.outputs))
+        return {"checkpoints": [_fingerprint_state(s, w) for s, w in zip(self.states, self.weights)],
+                "train": self.cols.fingerprint(),
+                "query": None if symmetric else self.rows.fingerprint(),
+                "outputs": outputs}
 
 
 @dataclass
@@ -113,6 +123,15 @@ class PathKernelPlan:
             f"  estimated {self.est_seconds:,.1f} s (features {ex:,.1f} s, Grams {gram:,.1f} s, "
             f"store {store:,.1f} s; costs measured on this model)",
         ])
+
+
+def _fingerprint_state(state, lr) -> str:
+    h = hashlib.sha1(repr(float(lr)).encode())
+    for n in sorted(state):
+        t = state[n].detach().contiguous()
+        h.update(n.encode())
+        h.update(t.cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def fmt_bytes(n: float) -> str:
@@ -230,23 +249,25 @@ class _Choice:
 
 
 def _solve(M: int, N: int, T: int, symmetric: bool, fb: int, cc: int, fixed: int,
-           pair_flops: float, costs: Costs, budget: int, out_item: int) -> Optional[_Choice]:
-    """The tiling with the least estimated time whose memory fits ``budget``."""
+           pair_flops: float, costs: Costs, budget: int, out_item: int,
+           tiling: Optional[Tuple[int, int, int, int]] = None) -> Optional[_Choice]:
+    """The tiling with the least estimated time whose memory fits ``budget`` (``tiling``:
+    only that (row block, column block, checkpoints at once, chunk), e.g. a resumed run's)."""
     def sizes(n):  # tiles narrower than 16 run the GEMMs badly: only where n is that small
         return sorted({n} | {2 ** p for p in range(4, 30) if 2 ** p < n})
     pairs = N * (N + 1) / 2 if symmetric else float(M) * N
     gram = pairs * T * pair_flops / costs.gram_rate
     ks = sorted({math.ceil(T / m) for m in range(1, T + 1)}, reverse=True)
     best = None
-    for R in sizes(M):
+    for R in ([tiling[0]] if tiling else sizes(M)):
         nr = math.ceil(M / R)
-        for Cb in ([R] if symmetric else sizes(N)):
+        for Cb in ([tiling[1]] if tiling else [R] if symmetric else sizes(N)):
             nc = math.ceil(N / Cb)
             tiles = nr * (nc + 1) // 2 if symmetric else nr * nc
             offdiag = tiles - (nr if symmetric else 0)
             cols_per_row = (nc + 1) / 2 if symmetric else nc
             written = float(M) * N * out_item
-            for k, band, chunk in _variants(T, nc, ks, max(R, Cb)):
+            for k, band, chunk in _variants(T, nc, ks, max(R, Cb), tiling):
                 # a chunk's autograd scratch while extracting: a few times its features
                 mem = fixed + SCRATCH * chunk * fb + R * band * Cb * cc + (R + Cb) * k * fb
                 if mem > budget:
@@ -273,9 +294,11 @@ def _extraction(size: int, chunk: int, costs: Costs) -> float:
 SCRATCH = 4
 
 
-def _variants(T: int, nc: int, ks, most: int):
+def _variants(T: int, nc: int, ks, most: int, tiling=None):
     """(checkpoints at once, tiles per band, examples per extraction pass) to consider."""
     chunks = sorted({min(most, CHUNK)} | {c for c in (16, 64, 256, 1024) if c < min(most, CHUNK)})
+    if tiling:
+        ks, chunks = [tiling[2]], [tiling[3]]
     for k in ks:
         bands = [1] if k == T else sorted({1, nc} | {2 ** p for p in range(1, 12) if 2 ** p < nc})
         for band in bands:
@@ -285,12 +308,17 @@ def _variants(T: int, nc: int, ks, most: int):
 
 @with_autograd
 def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
-         out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32,
+         out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32, resume: bool = True,
          collate=None) -> PathKernelPlan:
-    """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost."""
+    """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost.
+
+    With ``out=`` holding an interrupted run of the same problem (and ``resume=True``), the
+    plan keeps that run's tiling, so the resumed file is bit-identical to an uninterrupted one.
+    """
     budget = parse_bytes(memory_budget)
     job, sample_x, sample = _job(model, checkpoints, train, query, outputs, out, dtype, collate)
     symmetric = query is None
+    recorded = resumed_tiling(out, job.header(symmetric)) if out is not None and resume else None
     fb = max(1, math.ceil(_block_bytes(sample) / sample.n))
     C = sample.C if job.spec.full else 1
     M, N, T = job.rows.n, job.cols.n, len(job.states)
@@ -310,9 +338,18 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
     pair = _pair_flops(sample, job.spec.stacked)
     costs = _measure(job, sample_x, sample, out, fb, budget)
 
-    def solve(b):
+    def solve(b, tiling=None):
         return _solve(M, N, T, symmetric, fb, cc, fixed, pair, costs, b, cc // 8 * (
-            4 if job.dtype == torch.float32 else 8))
+            4 if job.dtype == torch.float32 else 8), tiling)
+    if recorded is not None:
+        choice = solve(budget, recorded)
+        if choice is None:
+            need = solve(1 << 50, recorded).memory
+            raise ValueError(
+                f"memory_budget: the interrupted run in {os.fspath(out)!r} uses tiles of "
+                f"{recorded[0]} x {recorded[1]} that need {fmt_bytes(need)}, more than "
+                f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over")
+        return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out)
     choice = solve(budget)
     if choice is None:
         r, c = min(M, 16), min(N, 16)
@@ -330,6 +367,11 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
             f"memory_budget: {fmt_bytes(budget)} leaves only an inefficient plan (estimated "
             f"{choice.est:,.0f} s, against {roomy.est:,.0f} s with more memory); the smallest "
             f"budget within 3x of that is about {fmt_bytes(need)}")
+    return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out)
+
+
+def _make_plan(job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N, out
+               ) -> PathKernelPlan:
     R, Cb = choice.R, choice.Cb
     job.chunk = choice.chunk
     tiles = [(i, j) for i in range(math.ceil(M / R))

@@ -143,6 +143,22 @@ def parse_bytes(budget) -> int:
     return int(value)
 
 
+def resumed_tiling(out, header: dict) -> Optional[Tuple[int, ...]]:
+    """The tiling of an interrupted run of the same problem in ``out`` (its journal header
+    equal to ``header`` in every field but the tiling), or None."""
+    path = os.fspath(out) + ".journal"
+    try:
+        with open(path) as f:
+            old = json.loads(f.readline())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(old, dict) or not isinstance(old.get("tiles"), list):
+        return None
+    if any(old.get(k) != v for k, v in header.items()):
+        return None
+    return tuple(int(t) for t in old["tiles"])
+
+
 def open_store(out: Optional[str], shape, dtype, fingerprint, resume):
     if out is None:
         return MemoryStore(shape, dtype)
