@@ -77,16 +77,20 @@ def load_state_dict(path, i: int) -> dict:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of random bytes
             warnings.simplefilter("ignore")
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # random bytes can make the unpickler raise anything
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if zipfile.is_zipfile(path):  # a torch archive whose pickle holds more than tensors
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError:
+            magic = b""
+        if zipfile.is_zipfile(path) and isinstance(e, pickle.UnpicklingError):
             raise ValueError(f"{where}: holds pickled objects, not only tensors (a whole model "
                              f"saved with torch.save(model)?); {_HINT}") from None
+        if magic.startswith(b"PK"):  # a torch archive that does not read back
+            raise ValueError(f"{where}: cannot be read, truncated or corrupt ({first}); "
+                             f"{_HINT}") from None
         raise ValueError(f"{where}: not a torch checkpoint ({first}); {_HINT}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{where}: cannot be read, truncated or not a torch checkpoint "
-                         f"({first}); {_HINT}") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{where}: holds a {type(sd).__name__}; {_HINT}")
     return sd
