@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from pathkernel._capture.dense import math_attention
+
 # Relative tolerances (max |error| / max |reference|), by what is compared:
 #   "pipeline": a kernel computed in that dtype by pathkernel vs the float64 reference
 #   "gram":     the native accumulator in that dtype vs gram_reference
@@ -42,7 +44,8 @@ def jacobians(model, x, rows):
         return rows(out)[0]
 
     try:
-        jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(x))(params, *x)
+        with math_attention():  # fused attention kernels have no vmap rule before torch 2.3
+            jac = vmap(jacrev(single), in_dims=(None,) + (0,) * len(x))(params, *x)
     except RuntimeError:  # no batching rule (RNNs in float64): one example at a time
         per = [jacrev(single)(params, *(t[i] for t in x)) for i in range(x[0].shape[0])]
         jac = {k: torch.stack([p[k] for p in per]) for k in params}

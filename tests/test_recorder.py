@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, vmap
 
 import pathkernel as pk
 from models import CNN, TinyTransformer, mlp
-from reference import jacobians
+from reference import jacobians, math_attention
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -51,7 +51,8 @@ def per_example_loss_grads(model, w, X, Y, idx):
     """[B, P] gradients of the mean batch loss split by example (1/|B| each), torch.func."""
     def single(p, x, y):
         return LOSS(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
-    g = vmap(grad(single), in_dims=(None, 0, 0))(w, X[idx], Y[idx])
+    with math_attention():
+        g = vmap(grad(single), in_dims=(None, 0, 0))(w, X[idx], Y[idx])
     return torch.cat([v.reshape(len(idx), -1) for v in g.values()], 1) / len(idx)
 
 

@@ -22,13 +22,18 @@ _METHOD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _METHODS = ("vmap", "loop", "autograd")
 
 
-def _vmap_friendly_attention():
-    """The math kernel of scaled_dot_product_attention: the fused CPU kernels have no vmap
-    batching rule and fall back to a per-example loop (1.6x slower on tiny-transformer)."""
+def math_attention():
+    """The math kernel of scaled_dot_product_attention: the fused kernels have no vmap
+    batching rule (a per-example loop, 1.6x slower on tiny-transformer; before torch 2.3 an
+    error)."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3
-        return contextlib.nullcontext()
+        try:
+            return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
+                                                  enable_mem_efficient=False)
+        except (AttributeError, TypeError):
+            return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
 
 
@@ -60,7 +65,7 @@ def _single(model, fixed, rows):
 
 
 def _by_vmap(model, fixed, dense, x, rows):
-    with _vmap_friendly_attention():
+    with math_attention():
         return vmap(jacrev(_single(model, fixed, rows)), in_dims=(None,) + (0,) * len(x))(dense, *x)
 
 
