@@ -245,6 +245,7 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
 
     slow = tiling.Costs(call=1e-3, per_example=1e-2, gram_call=1e-4, gram_rate=1e11,
                         commit=1e-3, per_byte=1e-9)
+    monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: slow)
     monkeypatch.setattr(tiling, "_measure", lambda *a, **k: slow)
     model = mlp(d_in=4, hidden=(6,), d_out=3)
     X = torch.randn(3000, 4)
@@ -258,8 +259,8 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
 
 
 def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
-    """The tiling is chosen from measured costs; a resumed run keeps the recorded one, so the
-    file is bit-identical even when this machine now measures other costs."""
+    """A resumed run keeps the recorded tiling, so the file is bit-identical even when the
+    cost model now favours another one (another version of pathkernel, say)."""
     from pathkernel._drivers import tiling
 
     model = mlp(d_in=4, hidden=(6,), d_out=3)
@@ -268,7 +269,7 @@ def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
     costs = [tiling.Costs(0.0, 1e-5, 1e-4, 1e9, 1e-3, 1e-9),     # passes cost nothing: 16 a pass
              tiling.Costs(0.02, 1e-5, 1e-4, 1e9, 1e-3, 1e-9)]    # passes are dear: 128 a pass
     clean, part = str(tmp_path / "clean.npy"), str(tmp_path / "part.npy")
-    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: costs[0])
+    monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[0])
     p0 = pk.plan(model, ck, X, out=clean, memory_budget=400_000)
     pk.path_kernel(model, ck, X, out=clean, memory_budget=400_000, progress=False)
     pk.path_kernel(model, ck, X, out=part, memory_budget=400_000, progress=False)
@@ -276,7 +277,7 @@ def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
     assert len(lines) > 3
     with open(part + ".journal", "w") as f:  # interrupted after two tiles, one record torn
         f.write("\n".join(lines[:3]) + '\n{"tile": [')
-    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: costs[1])
+    monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[1])
     fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=400_000)
     assert fresh.job.chunk != p0.job.chunk
     resumed = pk.plan(model, ck, X, out=part, memory_budget=400_000)

@@ -198,6 +198,48 @@ def _time(fn, repeats: int = 2) -> float:
     return best
 
 
+EXTRACT_RATE = 5e10  # nominal FLOP/s of the per-example gradient work (the choice of tiling)
+
+
+def _nominal_costs(job: Job, sample_x: tuple, sample: Block, out) -> Costs:
+    """Costs the tiling is chosen with: fixed rates applied to this model's work per example
+    (its parameterized ops' FLOPs once forward and twice per output channel backward, and the
+    GEMMs that materialize per-example gradients), so the choice depends on the problem and
+    the budget only: the same on every machine, rank and run."""
+    from .._capture.extract import run_captured
+
+    x = cast_inputs(tuple(t[:1] for t in sample_x), job.dtype)
+    mplan = job.model_plan
+    flops = materialize = 0.0
+    C = sample.C
+    if mplan.groups:
+        _, uses = run_captured(mplan, job.states[0], x, mplan.trace_for(x))
+        flops = sum(use_flops(u) for u in uses)
+        for k, f in sample.factors.items():
+            if f.materialized and k >= 0 and mplan.groups[k].kind == "matrix":
+                S = sum(u.y.numel() // u.y.shape[-1] for u in uses
+                        if u.weight is not None and u.weight.name == mplan.groups[k].weight)
+                materialize += 2.0 * S * f.D.shape[2] * f.D.shape[3]
+    dense = sum(mplan.params[n].numel() for n in mplan.dense)
+    work = (1 + 2 * C) * (flops + 2.0 * dense) + materialize
+    return Costs(call=1e-3, per_example=1e-5 + work / EXTRACT_RATE, gram_call=1e-4,
+                 gram_rate=5e10, commit=2e-3 if out is not None else 0.0,
+                 per_byte=1e-9 if out is not None else 0.0)
+
+
+def use_flops(u) -> float:
+    """Forward FLOPs of one recorded use, for one example's share of the batch."""
+    n = max(1, u.y.shape[0]) if u.y.dim() else 1
+    if u.op in ("linear", "matmul", "addmm"):
+        return 2.0 * u.x.numel() * u.y.shape[-1] / n
+    if u.op == "conv":
+        k = 1
+        for s in u.ctx["kernel"]:
+            k *= s
+        return 2.0 * u.y.numel() * (u.x.shape[1] // u.ctx["groups"]) * k / n
+    return float(u.y.numel()) / n
+
+
 def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int) -> Costs:
     """Time one-example and sample-sized extractions and accumulations on this model."""
     spec, mplan = job.spec, job.model_plan
@@ -248,42 +290,56 @@ class _Choice:
     extractions: int
 
 
-def _solve(M: int, N: int, T: int, symmetric: bool, fb: int, cc: int, fixed: int,
-           pair_flops: float, costs: Costs, budget: int, out_item: int,
+@dataclass
+class _Problem:
+    M: int
+    N: int
+    T: int
+    symmetric: bool
+    fb: int          # feature bytes per example and checkpoint
+    cc: int          # accumulator bytes per pair of examples
+    fixed: int       # memory besides the tiling
+    pair_flops: float
+    out_item: int    # stored bytes per pair of examples
+
+
+def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Costs) -> _Choice:
+    """Memory and estimated time of one tiling."""
+    M, N, T = P.M, P.N, P.T
+    nr, nc = math.ceil(M / R), math.ceil(N / Cb)
+    tiles = nr * (nc + 1) // 2 if P.symmetric else nr * nc
+    offdiag = tiles - (nr if P.symmetric else 0)
+    cols_per_row = (nc + 1) / 2 if P.symmetric else nc
+    # a chunk's autograd scratch while extracting: a few times its features
+    mem = P.fixed + SCRATCH * chunk * P.fb + R * band * Cb * P.cc + (R + Cb) * k * P.fb
+    # row features: once per row block when all checkpoints are held, else once per band;
+    # column features: once per off-diagonal tile; both for every checkpoint
+    bands = nr if k == T else nr * math.ceil(cols_per_row / band)
+    row_ex = T * bands
+    t_ex = row_ex * _extraction(R, chunk, costs) + offdiag * T * _extraction(Cb, chunk, costs)
+    pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
+    t_gram = pairs * T * P.pair_flops / costs.gram_rate + tiles * math.ceil(T / k) * costs.gram_call
+    t_store = bands * costs.commit + float(M) * N * P.out_item * costs.per_byte
+    est = t_ex + t_gram + t_store
+    return _Choice(R, Cb, band, k, chunk, mem, est, (t_ex, t_gram, t_store), tiles,
+                   int(row_ex * R + offdiag * T * Cb))
+
+
+def _solve(P: _Problem, costs: Costs, budget: int,
            tiling: Optional[Tuple[int, int, int, int]] = None) -> Optional[_Choice]:
     """The tiling with the least estimated time whose memory fits ``budget`` (``tiling``:
     only that (row block, column block, checkpoints at once, chunk), e.g. a resumed run's)."""
     def sizes(n):  # tiles narrower than 16 run the GEMMs badly: only where n is that small
         return sorted({n} | {2 ** p for p in range(4, 30) if 2 ** p < n})
-    pairs = N * (N + 1) / 2 if symmetric else float(M) * N
-    gram = pairs * T * pair_flops / costs.gram_rate
-    ks = sorted({math.ceil(T / m) for m in range(1, T + 1)}, reverse=True)
+    ks = sorted({math.ceil(P.T / m) for m in range(1, P.T + 1)}, reverse=True)
     best = None
-    for R in ([tiling[0]] if tiling else sizes(M)):
-        nr = math.ceil(M / R)
-        for Cb in ([tiling[1]] if tiling else [R] if symmetric else sizes(N)):
-            nc = math.ceil(N / Cb)
-            tiles = nr * (nc + 1) // 2 if symmetric else nr * nc
-            offdiag = tiles - (nr if symmetric else 0)
-            cols_per_row = (nc + 1) / 2 if symmetric else nc
-            written = float(M) * N * out_item
-            for k, band, chunk in _variants(T, nc, ks, max(R, Cb), tiling):
-                # a chunk's autograd scratch while extracting: a few times its features
-                mem = fixed + SCRATCH * chunk * fb + R * band * Cb * cc + (R + Cb) * k * fb
-                if mem > budget:
-                    continue
-                # row features: once per row block when all checkpoints are held, else once
-                # per band; column features: once per off-diagonal tile; both per checkpoint
-                row_ex = T * (nr if k == T else nr * math.ceil(cols_per_row / band))
-                t_ex = row_ex * _extraction(R, chunk, costs) + \
-                    offdiag * T * _extraction(Cb, chunk, costs)
-                t_gram = gram + tiles * math.ceil(T / k) * costs.gram_call
-                n_bands = nr if k == T else nr * math.ceil(cols_per_row / band)
-                t_store = n_bands * costs.commit + written * costs.per_byte
-                est = t_ex + t_gram + t_store
-                if best is None or est < best.est:
-                    best = _Choice(R, Cb, band, k, chunk, mem, est, (t_ex, t_gram, t_store),
-                                   tiles, int(row_ex * R + offdiag * T * Cb))
+    for R in ([tiling[0]] if tiling else sizes(P.M)):
+        for Cb in ([tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N)):
+            nc = math.ceil(P.N / Cb)
+            for k, band, chunk in _variants(P.T, nc, ks, max(R, Cb), tiling):
+                c = _cost(P, R, Cb, band, k, chunk, costs)
+                if c.memory <= budget and (best is None or c.est < best.est):
+                    best = c
     return best
 
 
@@ -336,11 +392,17 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
         fixed += kbytes
     cc = 8 * C * C
     pair = _pair_flops(sample, job.spec.stacked)
-    costs = _measure(job, sample_x, sample, out, fb, budget)
+    # The tiling is chosen with nominal costs scaled by the model's work (so it depends only on
+    # the problem and the budget: the same on every rank, in every run); the estimate shown is
+    # that tiling's time under the costs measured on this machine.
+    nominal = _nominal_costs(job, sample_x, sample, out)
+
+    problem = _Problem(M, N, T, symmetric, fb, cc, fixed, pair,
+                       cc // 8 * (4 if job.dtype == torch.float32 else 8))
 
     def solve(b, tiling=None):
-        return _solve(M, N, T, symmetric, fb, cc, fixed, pair, costs, b, cc // 8 * (
-            4 if job.dtype == torch.float32 else 8), tiling)
+        return _solve(problem, nominal, b, tiling)
+
     if recorded is not None:
         choice = solve(budget, recorded)
         if choice is None:
@@ -349,6 +411,8 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
                 f"memory_budget: the interrupted run in {os.fspath(out)!r} uses tiles of "
                 f"{recorded[0]} x {recorded[1]} that need {fmt_bytes(need)}, more than "
                 f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over")
+        costs = _measure(job, sample_x, sample, out, fb, budget)
+        choice = _cost(problem, choice.R, choice.Cb, choice.band, choice.k, choice.chunk, costs)
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out)
     choice = solve(budget)
     if choice is None:
@@ -358,16 +422,20 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
                          f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "
                          f"{fmt_bytes(least)}"
                          f"{'' if out is not None else ' with the kernel in memory (pass out=)'}")
-    roomy = solve(max(budget, 2 << 30))
-    if choice.est > 3 * roomy.est and choice.est > 10:
+    costs = _measure(job, sample_x, sample, out, fb, budget)
+
+    def timed(c: _Choice) -> _Choice:
+        return _cost(problem, c.R, c.Cb, c.band, c.k, c.chunk, costs)
+    chosen, roomy = timed(choice), timed(solve(max(budget, 2 << 30)))
+    if chosen.est > 3 * roomy.est and chosen.est > 10:
         need = budget
-        while need < (1 << 40) and solve(need).est > 3 * roomy.est:
+        while need < (1 << 40) and timed(solve(need)).est > 3 * roomy.est:
             need *= 2
         raise ValueError(
             f"memory_budget: {fmt_bytes(budget)} leaves only an inefficient plan (estimated "
-            f"{choice.est:,.0f} s, against {roomy.est:,.0f} s with more memory); the smallest "
+            f"{chosen.est:,.0f} s, against {roomy.est:,.0f} s with more memory); the smallest "
             f"budget within 3x of that is about {fmt_bytes(need)}")
-    return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out)
+    return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out)
 
 
 def _make_plan(job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N, out

@@ -23,6 +23,7 @@ def _flops(model, x) -> Tuple[float, float, float]:
     from .._capture.outputs import OutputSpec
     from .._capture.plan import ModelPlan, model_state
     from .._capture.probe import probe
+    from .._drivers.tiling import use_flops
 
     spec = OutputSpec("trace")
     plan = ModelPlan(model, "auto")
@@ -30,19 +31,9 @@ def _flops(model, x) -> Tuple[float, float, float]:
     state = model_state(plan, torch.float32)
     n = x.shape[0]
     one = (x[:1],)
-    fwd = 0.0
     out, uses = run_captured(plan, state, one, plan.trace_for(one))
     C = out.reshape(1, -1).shape[1]
-    for u in uses:
-        if u.op in ("linear", "matmul", "addmm"):
-            fwd += 2.0 * u.x.numel() * u.y.shape[-1]
-        elif u.op == "conv":
-            k = 1
-            for s in u.ctx["kernel"]:
-                k *= s
-            fwd += 2.0 * u.y.numel() * u.x.shape[1] // u.ctx["groups"] * k
-        else:
-            fwd += float(u.y.numel())
+    fwd = sum(use_flops(u) for u in uses)
     block = features(plan, spec, state, (x[: min(n, 8)],), 8, "x")
     mat = gram = 0.0
     for k, f in block.factors.items():
