@@ -24,13 +24,14 @@ from .._checks import as_inputs
 from .._progress import progress_bar
 from .._storage.sources import Source
 from .._storage.store import open_store
-from .tiling import PathKernelPlan, plan
+from .collective import Collective
+from .tiling import PathKernelPlan, make_plan
 
 
 @with_autograd
 def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
                 out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32,
-                resume: bool = True, progress: bool = True, collate=None):
+                resume: bool = True, progress: bool = True, collate=None, group=None):
     """Checkpoint path kernel ``sum_t weight_t K_{w_t}(query, train)``, tiled under a budget.
 
     Args:
@@ -50,13 +51,23 @@ def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: Ou
             accumulated over checkpoints in float64 either way.
         resume: with ``out=``, continue a run that was interrupted (completed tiles are kept;
             other arguments than the journal's raise, and nothing is overwritten).
-        progress: show a progress bar over tiles and checkpoints.
+        progress: show a progress bar over tiles and checkpoints (on rank 0).
+        collate: batches a Dataset's items.
+        group: run as a collective call of a torch.distributed group: ``None`` (the default
+            group when torch.distributed is initialised with more than one rank), ``False``
+            (this process alone) or a ``ProcessGroup``. Every rank calls with the same
+            arguments; each takes whole row blocks of the tile grid, which depends only on
+            the problem and ``memory_budget`` (per rank), so the result is bit-identical to a
+            single process with the same threads per process. With ``out=`` (a shared
+            filesystem) every rank writes its tiles and journal and returns the path; without,
+            rank 0 returns the tensor and the other ranks ``None``.
 
     Returns:
         ``[M, N]`` (``[M, N, C, C]`` for ``outputs="full"``) tensor, or the path ``out``.
     """
-    p = plan(model, checkpoints, train, query, outputs=outputs, out=out,
-             memory_budget=memory_budget, dtype=dtype, resume=resume, collate=collate)
+    coll = Collective(group, "path_kernel")
+    p = make_plan(coll, model, checkpoints, train, query, outputs, out, memory_budget, dtype,
+                  resume, collate)
     return run_plan(p, resume=resume, progress=progress)
 
 
@@ -80,20 +91,67 @@ def _write_band(store, spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, a
                                 if tile.dim() == 4 else tile.t())
 
 
+def _open(p: PathKernelPlan, coll: Collective, resume: bool):
+    """The store: rank 0 creates (or checks) it first, then the other ranks open it."""
+    job = p.job
+    fingerprint = {**job.header(p.symmetric),
+                   # a tile's bytes depend on its examples, on how its sum over checkpoints is
+                   # split and on the passes its features are extracted in
+                   "tiles": [p.row_block, p.col_block, p.ckpt_group, job.chunk]}
+
+    def opener(create):
+        return lambda: open_store(job.out, p.shape, job.dtype, fingerprint, resume, coll.rank,
+                                  create, whole=not coll.active)
+    first = coll.agree(opener(True) if coll.lead else lambda: None)
+    later = coll.agree(opener(False) if not coll.lead else lambda: None)
+    return first if coll.lead else later
+
+
+def _assign(p: PathKernelPlan, todo: List[Tuple[int, int]], coll: Collective) -> set:
+    """This rank's tiles: whole row blocks, the largest first to the least loaded rank."""
+    if not coll.active:
+        return set(todo)
+    per_row: dict = {}
+    for i, j in todo:
+        per_row.setdefault(i, []).append((i, j))
+    load = [0] * coll.world
+    mine: set = set()
+    for i in sorted(per_row, key=lambda r: (-len(per_row[r]), r)):
+        r = min(range(coll.world), key=lambda q: (load[q], q))
+        load[r] += len(per_row[i])
+        if r == coll.rank:
+            mine.update(per_row[i])
+    return mine
+
+
 def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
+    coll = p.job.collective or Collective(False, "path_kernel")
+    store = _open(p, coll, resume)
+    try:
+        mine = _assign(p, [t for t in p.tiles if t not in store.done], coll)
+        _compute(p, store, [t for t in p.tiles if t in mine], progress and coll.lead)
+    except BaseException as e:
+        coll.fail(e)
+        store.close()
+        raise
+    store.close()
+    if not coll.active:
+        return store.result()
+    if p.job.out is not None:
+        coll.barrier("written")
+        return store.result()
+    gathered = coll.gather_to_lead(store.tiles)
+    return store.assemble(t for ts in gathered for t in ts) if coll.lead else None
+
+
+def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bool) -> None:
     job = p.job
     mplan, spec, dtype, rows, cols = job.model_plan, job.spec, job.dtype, job.rows, job.cols
     states, weights = job.states, job.weights
     T, k = len(states), p.ckpt_group
-    # a tile's bytes depend on its examples, on how its sum over checkpoints is split and on
-    # the passes its features are extracted in
-    fingerprint = {**job.header(p.symmetric),
-                   "tiles": [p.row_block, p.col_block, k, job.chunk]}
-    store = open_store(job.out, p.shape, dtype, fingerprint, resume)
     M, N = p.shape[:2]
     R, Cb = p.row_block, p.col_block
     C = p.shape[2] if len(p.shape) == 4 else 1
-    todo = [t for t in p.tiles if t not in store.done]
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
 
     def feats(src: Source, lo: int, hi: int, t: int) -> Block:
@@ -136,5 +194,4 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
             store.commit([(i, j) for j in js])
     finally:
         bar.close()
-        store.close()
-    return store.result()
+

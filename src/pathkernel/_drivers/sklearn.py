@@ -15,7 +15,8 @@ def sklearn_kernels(model, checkpoints, X_train, X_query=None, **kwargs
     Returns ``(K_fit, K_predict)``: ``K_fit [N, N]`` (train x train) for ``fit`` and
     ``K_predict [M, N]`` (query x train) for ``predict``/``decision_function``, or None when
     ``X_query`` is None. Keyword arguments go to ``path_kernel`` (``outputs`` must give a
-    scalar kernel: ``"trace"``, an int or a callable).
+    scalar kernel: ``"trace"``, an int or a callable; ``group``: a collective call whose rank
+    0 gets the arrays and the other ranks ``(None, None)``).
 
     Example::
 
@@ -38,4 +39,4 @@ def sklearn_kernels(model, checkpoints, X_train, X_query=None, **kwargs
 
 
 def _numpy(K):
-    return K.double().numpy()
+    return None if K is None else K.double().numpy()

@@ -12,6 +12,7 @@ from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, check_model
 from .._capture.probe import probe
 from .._autograd import with_autograd
+from .collective import Collective
 from .._checks import (
     as_inputs,
     check_batch_size,
@@ -48,7 +49,7 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
 @with_autograd
 def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trace",
                    implementation: str = "auto", dtype: Optional[torch.dtype] = None,
-                   batch_size: Optional[int] = None) -> torch.Tensor:
+                   batch_size: Optional[int] = None, group=None) -> Optional[torch.Tensor]:
     """Empirical tangent kernel ``K(x, x') = J(x) J(x')^T`` of ``model`` at its current weights.
 
     Args:
@@ -63,10 +64,15 @@ def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trac
         dtype: ``torch.float32`` or ``torch.float64``: precision of the computation and output
             (default: the model's).
         batch_size: examples per forward/backward pass when extracting features.
+        group: a collective call on a torch.distributed group (as in ``path_kernel``): the
+            rows are split among the ranks; rank 0 returns the kernel, the others ``None``.
 
     Returns:
         ``[N1, N2]``, or ``[N1, N2, C, C]`` for ``outputs="full"``.
     """
+    coll = Collective(group, "tangent_kernel")
+    if coll.active:
+        return _collective(coll, model, x1, x2, outputs, implementation, dtype, batch_size)
     plan, spec, dtype, x1, x2 = prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
@@ -77,3 +83,25 @@ def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trac
             out = torch.zeros(n1, n2, C, C, dtype=dtype, device=x1[0].device)
         _backend.accumulate(out, side1, side2)
     return spec.finish(out)
+
+
+def _collective(coll: Collective, model, x1, x2, outputs, implementation, dtype, batch_size):
+    """The tangent kernel as the one-checkpoint path kernel of the current weights, its row
+    blocks split among the ranks."""
+    from .path_kernel import run_plan
+    from .tiling import make_plan
+
+    _, spec, dtype, x1, x2 = coll.agree(
+        lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size))
+    n1 = x1[0].shape[0]
+    n2 = n1 if x2 is None else x2[0].shape[0]
+    C = 1
+    if spec.full:
+        with torch.no_grad():
+            C = spec.rows(model(*(t[:1] for t in x1))).shape[1]
+    kernel = n1 * n2 * C * C * torch.finfo(dtype).bits // 8
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    p = make_plan(coll, model, [(weights, 1.0)], x1 if x2 is None else x2,
+                  None if x2 is None else x1, outputs, None, max(2 << 30, 4 * kernel), dtype,
+                  False, None, implementation)
+    return run_plan(p, resume=False, progress=False)

@@ -25,6 +25,7 @@ from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
 from .._autograd import with_autograd
+from .collective import Collective, model_fingerprint
 from .._checks import (
     as_inputs,
     check_inputs_match,
@@ -51,6 +52,7 @@ class Job:
     outputs: OutputsArg
     chunk: int                # examples per forward/backward pass
     state_bytes: int = 0      # what the checkpoints' states take beyond the caller's tensors
+    collective: Optional[Collective] = None   # the ranks that run the plan together
 
     def header(self, symmetric: bool) -> dict:
         """What identifies the problem (a store's journal header, without the tiling)."""
@@ -161,7 +163,7 @@ def _pair_flops(b: Block, stacked: bool) -> float:
     return 2.0 * fl
 
 
-def _job(model, checkpoints, train, query, outputs, out, dtype, collate
+def _job(model, checkpoints, train, query, outputs, out, dtype, collate, implementation="auto"
          ) -> Tuple[Job, tuple, Block]:
     """Validate the arguments, probe the model, load the checkpoints; also returns the
     features of a sample block (for the memory model)."""
@@ -174,7 +176,7 @@ def _job(model, checkpoints, train, query, outputs, out, dtype, collate
     sample_rows = as_inputs(rows.get(0, min(64, rows.n)), rows.name)
     check_inputs_match(model, sample_rows, rows.name)
     run_model_once(model, sample_rows, rows.name)
-    mplan = ModelPlan(model, "auto")
+    mplan = ModelPlan(model, implementation)
     probe(mplan, sample_rows)
     if query is not None:
         sample_cols = as_inputs(cols.get(0, min(8, cols.n)), "train")
@@ -365,15 +367,31 @@ def _variants(T: int, nc: int, ks, most: int, tiling=None):
 @with_autograd
 def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
          out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32, resume: bool = True,
-         collate=None) -> PathKernelPlan:
+         collate=None, group=None) -> PathKernelPlan:
     """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost.
 
     With ``out=`` holding an interrupted run of the same problem (and ``resume=True``), the
     plan keeps that run's tiling, so the resumed file is bit-identical to an uninterrupted one.
+    The tiling depends on the problem and the budget only (``memory_budget`` is per rank), so
+    ``group`` (as in ``path_kernel``: a collective call) gives every rank the same plan.
     """
+    coll = Collective(group, "plan")
+    return make_plan(coll, model, checkpoints, train, query, outputs, out, memory_budget,
+                     dtype, resume, collate)
+
+
+def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, memory_budget,
+              dtype, resume, collate, implementation: str = "auto") -> PathKernelPlan:
     budget = parse_bytes(memory_budget)
-    job, sample_x, sample = _job(model, checkpoints, train, query, outputs, out, dtype, collate)
+    job, sample_x, sample = coll.agree(
+        lambda: _job(model, checkpoints, train, query, outputs, out, dtype, collate,
+                     implementation))
     symmetric = query is None
+    job.collective = coll
+    if coll.active:
+        coll.check_same({"model": model_fingerprint(model), **job.header(symmetric),
+                         "memory_budget": budget, "dtype": str(job.dtype), "resume": resume,
+                         "out": None if out is None else os.path.abspath(os.fspath(out))})
     recorded = resumed_tiling(out, job.header(symmetric)) if out is not None and resume else None
     fb = max(1, math.ceil(_block_bytes(sample) / sample.n))
     C = sample.C if job.spec.full else 1
@@ -411,7 +429,8 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
                 f"memory_budget: the interrupted run in {os.fspath(out)!r} uses tiles of "
                 f"{recorded[0]} x {recorded[1]} that need {fmt_bytes(need)}, more than "
                 f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over")
-        costs = _measure(job, sample_x, sample, out, fb, budget)
+        costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget)
+                               if coll.lead else None)
         choice = _cost(problem, choice.R, choice.Cb, choice.band, choice.k, choice.chunk, costs)
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out)
     choice = solve(budget)
@@ -422,7 +441,7 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
                          f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "
                          f"{fmt_bytes(least)}"
                          f"{'' if out is not None else ' with the kernel in memory (pass out=)'}")
-    costs = _measure(job, sample_x, sample, out, fb, budget)
+    costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget) if coll.lead else None)
 
     def timed(c: _Choice) -> _Choice:
         return _cost(problem, c.R, c.Cb, c.band, c.k, c.chunk, costs)

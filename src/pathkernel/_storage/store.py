@@ -1,17 +1,21 @@
-"""Where a path kernel's tiles go: RAM, or a ``.npy`` file with a journal for resume.
+"""Where a path kernel's tiles go: RAM, or a ``.npy`` file with journals for resume.
 
 The file is a plain ``.npy`` (``np.load(path, mmap_mode="r")`` reads it). Tiles are written
 with ``pwrite`` at their offsets, so the file's pages never count against the process's
-memory, then fsync'ed; only then is the tile appended to the journal (``<path>.journal``).
-A tile that is not in the journal is recomputed on resume, so a run killed at any moment
-never leaves a half-written tile that counts as done.
+memory, then fsync'ed; only then are they appended to a journal. Rank 0 (or a single
+process) creates and sizes the file and writes the run's header as the first line of
+``<path>.journal`` and its records after it; rank r > 0 appends its records to
+``<path>.journal.<r>``. Resuming reads every journal, so a run killed at any moment (on any
+rank) is finished by the same call with any number of ranks; a tile in no journal, or in a
+torn last line, is recomputed.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
-from typing import Optional, Set, Tuple
+from typing import Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -20,12 +24,27 @@ JOURNAL_VERSION = 1
 
 
 class MemoryStore:
-    def __init__(self, shape, dtype: torch.dtype):
-        self.tensor = torch.zeros(shape, dtype=dtype)
+    """The whole kernel in RAM; on a rank of a group, only that rank's tiles (gathered by
+    rank 0 at the end)."""
+
+    def __init__(self, shape, dtype: torch.dtype, whole: bool = True):
+        self.shape, self.dtype = tuple(shape), dtype
+        self.tensor = torch.zeros(shape, dtype=dtype) if whole else None
+        self.tiles: List[Tuple[int, int, torch.Tensor]] = []
         self.done: Set[Tuple[int, int]] = set()
 
     def write(self, i0: int, j0: int, tile: torch.Tensor) -> None:
-        self.tensor[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
+        if self.tensor is not None:
+            self.tensor[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
+        else:
+            self.tiles.append((i0, j0, tile.clone()))
+
+    def assemble(self, tiles: Iterable[Tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+        """The kernel from every rank's tiles (copied, so -0.0 stays -0.0)."""
+        self.tensor = torch.zeros(self.shape, dtype=self.dtype)
+        for i0, j0, t in tiles:
+            self.tensor[i0:i0 + t.shape[0], j0:j0 + t.shape[1]] = t
+        return self.tensor
 
     def commit(self, keys) -> None:
         self.done.update(tuple(k) for k in keys)
@@ -38,9 +57,10 @@ class MemoryStore:
 
 
 class FileStore:
-    """A ``.npy`` file of ``shape`` written tile by tile, with a journal of completed tiles."""
+    """A ``.npy`` file of ``shape`` written tile by tile, with journals of completed tiles."""
 
-    def __init__(self, path, shape, dtype: torch.dtype, fingerprint: dict, resume: bool):
+    def __init__(self, path, shape, dtype: torch.dtype, fingerprint: dict, resume: bool,
+                 rank: int = 0, create: bool = True):
         self.path = os.fspath(path)
         if not self.path.endswith(".npy"):
             raise ValueError(f"out: expected a path ending in .npy, got {self.path!r}")
@@ -52,44 +72,64 @@ class FileStore:
             raise ValueError(f"out: cannot create the folder {folder!r} ({e.strerror})") from None
         self.shape = tuple(int(s) for s in shape)
         self.np_dtype = np.dtype(np.float32 if dtype == torch.float32 else np.float64)
-        header = {"version": JOURNAL_VERSION, "shape": list(self.shape),
-                  "dtype": self.np_dtype.str, **fingerprint}
-        self.done: Set[Tuple[int, int]] = set()
-        if resume and os.path.exists(self.path) and os.path.exists(self.journal_path):
-            self._open_existing(header)
+        self.header = {"version": JOURNAL_VERSION, "shape": list(self.shape),
+                       "dtype": self.np_dtype.str, **fingerprint}
+        if create:  # rank 0: a new run, or the check that the existing one is this problem
+            if resume and os.path.exists(self.path) and os.path.exists(self.journal_path):
+                self._check_header()
+            else:
+                self._create()
         else:
-            self._create(header)
+            self._check_header()
+        self.offset = self._data_offset()
+        self.done: Set[Tuple[int, int]] = self.read_done()
         self.fd = os.open(self.path, os.O_RDWR)
-        self.journal = open(self.journal_path, "a")
+        own = self.journal_path if rank == 0 else f"{self.journal_path}.{rank}"
+        self.journal = open(own, "a")
 
-    def _open_existing(self, header: dict) -> None:
-        with open(self.journal_path) as f:
-            lines = f.read().splitlines()
+    def _journals(self) -> List[str]:
+        return [self.journal_path] + sorted(glob.glob(glob.escape(self.journal_path) + ".*"))
+
+    def _check_header(self) -> None:
         try:
-            old = json.loads(lines[0])
-        except (IndexError, json.JSONDecodeError):
+            with open(self.journal_path) as f:
+                old = json.loads(f.readline())
+        except (OSError, json.JSONDecodeError):
             raise ValueError(f"out: the journal {self.journal_path!r} is unreadable; delete it and "
                              "the store to start over, or pass resume=False") from None
-        diff = [k for k in sorted(set(old) | set(header)) if old.get(k) != header.get(k)]
+        diff = [k for k in sorted(set(old) | set(self.header)) if old.get(k) != self.header.get(k)]
         if diff:
             raise ValueError(
                 f"out: {self.path!r} holds a run with other arguments (differs in: "
                 f"{', '.join(diff)}); nothing was overwritten. Pass another out= path, or "
                 "resume=False to start over")
-        for line in lines[1:]:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line: that tile is simply recomputed
-            self.done.add((rec["tile"][0], rec["tile"][1]))
-        self.offset = self._data_offset()
 
-    def _create(self, header: dict) -> None:
+    def read_done(self) -> Set[Tuple[int, int]]:
+        """The tiles recorded in every rank's journal (torn lines are ignored)."""
+        done = set()
+        for path in self._journals():
+            try:
+                with open(path) as f:
+                    lines = f.read().splitlines()
+            except OSError:
+                continue
+            for line in lines[1 if path == self.journal_path else 0:]:
+                try:
+                    rec = json.loads(line)
+                    done.add((int(rec["tile"][0]), int(rec["tile"][1])))
+                except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+                    continue  # a torn last line: that tile is simply recomputed
+        return done
+
+    def _create(self) -> None:
+        for old in glob.glob(glob.escape(self.journal_path) + ".*"):
+            os.remove(old)  # other ranks' records of an earlier run
         arr = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.np_dtype, shape=self.shape)
         del arr
-        self.offset = self._data_offset()
+        with open(self.path, "rb+") as f:
+            os.fsync(f.fileno())
         with open(self.journal_path, "w") as f:
-            f.write(json.dumps(header) + "\n")
+            f.write(json.dumps(self.header) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -159,7 +199,8 @@ def resumed_tiling(out, header: dict) -> Optional[Tuple[int, ...]]:
     return tuple(int(t) for t in old["tiles"])
 
 
-def open_store(out: Optional[str], shape, dtype, fingerprint, resume):
+def open_store(out: Optional[str], shape, dtype, fingerprint, resume, rank: int = 0,
+               create: bool = True, whole: bool = True):
     if out is None:
-        return MemoryStore(shape, dtype)
-    return FileStore(out, shape, dtype, fingerprint, resume)
+        return MemoryStore(shape, dtype, whole)
+    return FileStore(out, shape, dtype, fingerprint, resume, rank, create)

@@ -1,0 +1,92 @@
+"""torch.distributed (gloo, CPU): collective path kernels are byte-identical to one process
+whatever the world size, survive a killed rank, and refuse ranks that do not join or that
+were handed other arguments. Each job is a torchrun subprocess (tests/distributed_job.py)."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
+JOB = os.path.join(os.path.dirname(__file__), "distributed_job.py")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(scenario, d, ranks=None, restarts=0, env=None, check=True, timeout=180):
+    """torchrun with ``ranks`` processes (None: one plain process), one thread each."""
+    os.makedirs(d, exist_ok=True)
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if ranks is None:
+        cmd = [sys.executable, JOB, scenario, str(d)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+               f"--max-restarts={restarts}", "--master-addr=127.0.0.1",
+               f"--master-port={_port()}", JOB, scenario, str(d)]
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def same_bytes(a, b):
+    return open(a, "rb").read() == open(b, "rb").read()
+
+
+@pytest.mark.parametrize("scenario", ["file", "file-query", "file-full", "ram", "ram-query"])
+def test_two_ranks_byte_identical_to_one_process(scenario, tmp_path):
+    run(scenario, tmp_path / "one")
+    run(scenario, tmp_path / "two", ranks=2)
+    assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
+    if scenario.startswith("file"):  # both ranks wrote tiles and journalled them
+        assert os.path.getsize(tmp_path / "two" / "k.npy.journal.1") > 0
+
+
+def test_killed_rank_restarted_by_torchrun_resumes(tmp_path):
+    run("file", tmp_path / "one")
+    run("file-kill", tmp_path / "two", ranks=2, restarts=1)
+    assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
+
+
+@pytest.mark.parametrize("world", [None, 3])
+def test_crash_finished_with_another_world_size(world, tmp_path):
+    run("file", tmp_path / "one")
+    crashed = run("file-crash", tmp_path / "two", ranks=2, check=False)
+    assert crashed.returncode != 0
+    d = tmp_path / "two"
+    assert os.path.exists(d / "k.npy.journal.1")
+    run("file", d, ranks=world)
+    assert same_bytes(tmp_path / "one" / "k.npy", d / "k.npy")
+
+
+def test_a_rank_that_does_not_join_gives_an_error_not_a_hang(tmp_path):
+    run("rank0-only", tmp_path, ranks=2, env={"PATHKERNEL_JOIN_TIMEOUT": "4"}, timeout=90)
+    msg = (tmp_path / "error.txt").read_text()
+    assert "rank(s) [1] of the group did not join the call within 4 s" in msg
+
+
+def test_ranks_with_other_arguments_are_refused(tmp_path):
+    run("differ", tmp_path, ranks=2)
+    for r in (0, 1):
+        msg = (tmp_path / f"error{r}.txt").read_text()
+        assert msg.startswith("train: differs between the ranks (ranks [0] vs ranks [1])"), msg
+
+
+def test_tangent_kernel_on_two_ranks(tmp_path):
+    """Split by rows over the ranks (the path-kernel engine, float64 tiles): the single
+    process's kernel up to float32 rounding."""
+    from reference import TOL
+
+    run("tangent", tmp_path / "one")
+    run("tangent", tmp_path / "two", ranks=2)
+    a, b = np.load(tmp_path / "one" / "k.npy"), np.load(tmp_path / "two" / "k.npy")
+    assert a.shape == (40, 31, 3, 3)
+    assert np.abs(a - b).max() <= TOL["gram", torch.float32] * np.abs(a).max()
