@@ -90,3 +90,39 @@ def test_tangent_kernel_on_two_ranks(tmp_path):
     a, b = np.load(tmp_path / "one" / "k.npy"), np.load(tmp_path / "two" / "k.npy")
     assert a.shape == (40, 31, 3, 3)
     assert np.abs(a - b).max() <= TOL["gram", torch.float32] * np.abs(a).max()
+
+
+def test_command_line_under_torchrun(tmp_path):
+    """`torchrun -m pathkernel path-kernel` with a model factory, saved checkpoints and .npy
+    inputs equals the same command in one process; `pathkernel describe` reads the factory."""
+    (tmp_path / "factory.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef mlp():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from factory import mlp
+    finally:
+        sys.path.pop(0)
+    g = torch.Generator().manual_seed(0)
+    m = mlp()
+    for t in range(3):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        torch.save(m.state_dict(), tmp_path / f"ck{t}.pt")
+    np.save(tmp_path / "train.npy", torch.randn(150, 5, generator=g).numpy())
+    args = ["path-kernel", "--model", "factory:mlp", "--checkpoints", "ck*.pt", "--weights",
+            "0.1", "--train", "train.npy", "--memory-budget", "100000", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "pathkernel", *args, "--out", "one.npy"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert one.returncode == 0 and one.stdout.strip() == "one.npy", one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                          "--master-addr=127.0.0.1", f"--master-port={_port()}", "-m",
+                          "pathkernel", *args, "--out", "two.npy"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert two.returncode == 0 and two.stdout.strip() == "two.npy", two.stderr[-2000:]
+    assert same_bytes(tmp_path / "one.npy", tmp_path / "two.npy")
+    d = subprocess.run([sys.executable, "-m", "pathkernel", "describe", "--model", "factory:mlp",
+                        "--input", "train.npy"], cwd=tmp_path, capture_output=True, text=True)
+    assert d.returncode == 0 and "0.weight" in d.stdout and "factored" in d.stdout, d.stderr

@@ -9,16 +9,22 @@ import torch
 
 
 class Source:
-    def __init__(self, data, name: str, collate: Optional[Callable] = None):
+    """Examples ``lo:hi`` on demand. Numpy arrays (memory-mapped ``.npy`` files included) stay
+    numpy until a block is read, so a data set larger than RAM is read block by block."""
+
+    def __init__(self, data, name: str, collate: Optional[Callable] = None,
+                 like: Optional[torch.Tensor] = None):
+        """``like``: a parameter of the model; blocks read from numpy arrays take its device
+        and (floating point) its dtype."""
         self.name = name
         self.dataset = None
+        self.like = like
         if isinstance(data, np.ndarray):
-            data = torch.from_numpy(data)
-        if isinstance(data, (tuple, list)) and data and all(isinstance(d, np.ndarray) for d in data):
-            data = tuple(torch.from_numpy(d) for d in data)
+            data = (data,)
+        arrays = (torch.Tensor, np.ndarray)
         if isinstance(data, torch.Tensor):
-            self.tensors: Optional[Tuple[torch.Tensor, ...]] = (data,)
-        elif isinstance(data, (tuple, list)) and data and all(isinstance(d, torch.Tensor) for d in data):
+            self.tensors: Optional[tuple] = (data,)
+        elif isinstance(data, (tuple, list)) and data and all(isinstance(d, arrays) for d in data):
             self.tensors = tuple(data)
         elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
             self.tensors = None
@@ -34,10 +40,19 @@ class Source:
     def get(self, lo: int, hi: int):
         """Examples ``lo:hi`` as a tensor or tuple of tensors (batch first)."""
         if self.tensors is not None:
-            part = tuple(t[lo:hi] for t in self.tensors)
+            part = tuple(self._from_numpy(t[lo:hi]) if isinstance(t, np.ndarray)
+                         else t[lo:hi] for t in self.tensors)
             return part[0] if len(part) == 1 else part
         batch = self.collate([self.dataset[i] for i in range(lo, hi)])
         return batch
+
+    def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.array(a))
+        if self.like is not None:
+            t = t.to(self.like.device)
+            if t.is_floating_point():
+                t = t.to(self.like.dtype)
+        return t
 
     def fingerprint(self) -> str:
         """Identifies the data for resume: a hash of the tensors, or of a Dataset's length and
@@ -45,8 +60,13 @@ class Source:
         h = hashlib.sha1(f"{self.name}:{self.n}".encode())
         if self.tensors is not None:
             for t in self.tensors:
-                h.update(str((tuple(t.shape), t.dtype)).encode())
-                h.update(t.contiguous().numpy().tobytes())
+                h.update(str((tuple(t.shape), str(t.dtype).replace("torch.", ""))).encode())
+                step = max(1, (64 << 20) // max(1, t[:1].nbytes if isinstance(t, np.ndarray)
+                                                 else t[:1].numel() * t.element_size()))
+                for lo in range(0, t.shape[0], step):  # block by block: a memmap stays on disk
+                    part = t[lo:lo + step]
+                    part = part if isinstance(part, np.ndarray) else part.detach().cpu().numpy()
+                    h.update(np.ascontiguousarray(part).tobytes())
         else:
             for i in sorted({0, self.n // 2, self.n - 1}):
                 item = self.collate([self.dataset[i]])

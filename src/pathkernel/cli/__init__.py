@@ -1,4 +1,4 @@
-"""Command line: ``pathkernel demo | bench | info``."""
+"""Command line: ``pathkernel demo | bench | info | path-kernel | describe``."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +24,12 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="about one minute")
     b.add_argument("--only", nargs="*", help="workload names")
     sub.add_parser("info", help="what the native core was built with")
+    from .jobs import add_parsers, run
+
+    add_parsers(sub)
     args = ap.parse_args(argv)
+    if args.cmd in ("path-kernel", "describe"):
+        return run(args)
 
     if args.cmd == "demo":
         from .demo import format_report, run_demo

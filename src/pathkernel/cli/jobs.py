@@ -1,0 +1,114 @@
+"""``pathkernel path-kernel`` and ``pathkernel describe``: the library from a job script.
+
+    torchrun --nproc-per-node=K --max-restarts=3 -m pathkernel path-kernel \\
+        --model pkg.module:factory --checkpoints 'ckpts/*.pt' --train train.npy --out K.npy
+
+The model comes from a factory (``module:function`` returning an ``nn.Module``, put in eval
+mode); checkpoints are saved state_dicts; inputs are ``.npy`` files (memory-mapped). Under
+torchrun every rank joins the process group and computes its share; a restarted job resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("path-kernel", help="a checkpoint path kernel into a .npy (torchrun-ready)")
+    _model_args(p)
+    p.add_argument("--checkpoints", required=True, nargs="+",
+                   help="saved state_dicts: paths or glob patterns (sorted)")
+    p.add_argument("--weights", type=float, nargs="*",
+                   help="one weight (learning rate) per checkpoint, or one for all (default 1)")
+    p.add_argument("--train", required=True, help=".npy of training inputs (columns)")
+    p.add_argument("--query", help=".npy of query inputs (rows); default: train x train")
+    p.add_argument("--out", required=True, help="the .npy to write (resumed if it exists)")
+    p.add_argument("--memory-budget", default="2GB", help="per rank, e.g. 8GB")
+    p.add_argument("--outputs", default="trace", help="trace, full or an output index")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--no-resume", action="store_true", help="start over even if --out exists")
+    p.add_argument("--no-progress", action="store_true")
+    d = sub.add_parser("describe", help="which rule and form each parameter of a model gets")
+    _model_args(d)
+    d.add_argument("--input", required=True, help=".npy of a few example inputs")
+    d.add_argument("--outputs", default="trace")
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True,
+                   help="module:function returning the nn.Module (e.g. mypkg.models:resnet)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank: cuda:LOCAL_RANK)")
+
+
+def load_model(spec: str, device: str) -> torch.nn.Module:
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise SystemExit(f"--model: expected module:function, got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"--model: cannot load {spec!r}: {e}") from None
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"--model: {spec} returned {type(model).__name__}, not an nn.Module")
+    return model.eval().to(device)
+
+
+def _device(name: str) -> str:
+    if name == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return name
+
+
+def _inputs(path: str):
+    """A memory-mapped array: blocks are read (and moved to the model's device) as needed."""
+    return np.load(path, mmap_mode="r")
+
+
+def _outputs(s: str):
+    return int(s) if s.lstrip("-").isdigit() else s
+
+
+def run(args) -> int:
+    from .. import describe, path_kernel
+
+    distributed = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = _device(args.device)
+    if args.cmd == "describe":
+        model = load_model(args.model, device)
+        dt = next(model.parameters()).dtype
+        x = torch.from_numpy(np.array(_inputs(args.input)))
+        x = (x.to(dt) if x.is_floating_point() else x).to(device)
+        print(describe(model, x, outputs=_outputs(args.outputs)))
+        return 0
+    if distributed:
+        from .distributed import init_process_group
+
+        init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, device).to(dtype)
+    paths = sorted(p for pattern in args.checkpoints for p in (glob.glob(pattern) or [pattern]))
+    weights = args.weights or [1.0]
+    if len(weights) == 1:
+        weights = weights * len(paths)
+    if len(weights) != len(paths):
+        raise SystemExit(f"--weights: expected 1 or {len(paths)} values (one per checkpoint), "
+                         f"got {len(weights)}")
+    X = _inputs(args.train)
+    Xq = None if args.query is None else _inputs(args.query)
+    out = path_kernel(model, list(zip(paths, weights)), X, Xq, outputs=_outputs(args.outputs),
+                      out=args.out, memory_budget=args.memory_budget, dtype=dtype,
+                      resume=not args.no_resume, progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0")) if distributed else 0
+    if rank == 0:
+        print(out)
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
