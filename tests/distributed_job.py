@@ -59,8 +59,120 @@ def kill_after(journal: str, records: int):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def ddp_problem():
+    torch.manual_seed(0)
+    model = mlp(d_in=4, hidden=(7,), d_out=3)            # float64, tanh
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 3, (30,), generator=g)
+    Xq = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    # global batches; the last is uneven (3 examples on rank 0, 2 on rank 1)
+    perm = torch.randperm(30, generator=g)
+    batches = [perm[0:8], perm[8:16], perm[16:24], perm[24:29]]
+    return model, X, Y, Xq, batches
+
+
+def shards(batch, world, micro):
+    """Rank r's examples of a global batch (and its micro-batches), in rank order."""
+    per = [batch[r::world] for r in range(world)]
+    return [[p[k::micro] for k in range(micro)] for p in per]
+
+
+def optimizer(kind, params):
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.03, weight_decay=0.05)
+    return torch.optim.SGD(params, lr=0.2, momentum=0.9, weight_decay=0.01)
+
+
+def record(scenario, out_dir, rank, world):
+    """DDP recording on ``world`` ranks, or (world = 1) the single-process reference that
+    weights each example as DDP does: 1 / (world * local batch * micro-batches)."""
+    from torch import nn
+
+    kind = "adamw" if "adamw" in scenario else "sgd"
+    micro = 2 if "nosync" in scenario else 1
+    model, X, Y, Xq, batches = ddp_problem()
+    ce = nn.CrossEntropyLoss(reduction="none")
+    distributed = torch.distributed.is_initialized()
+    W = int(os.environ.get("PK_WORLD", "2"))
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        if "powersgd" in scenario:
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+            net.register_comm_hook(ps.PowerSGDState(process_group=None), ps.powerSGD_hook)
+        opt = optimizer(kind, net.parameters())
+        try:
+            rec = pk.PathRecorder(net, opt, nn.CrossEntropyLoss(), (X, Y), Xq, quadrature=6,
+                                  kernel="batch")
+        except ValueError as e:
+            with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+                f.write(str(e))
+            return
+        for batch in batches:
+            parts = shards(batch, W, micro)[rank]
+            idx = torch.cat(parts)
+            with rec.step(idx):
+                opt.zero_grad()
+                for k, part in enumerate(parts):
+                    ctx = net.no_sync() if k < len(parts) - 1 else _Null()
+                    with ctx:
+                        (nn.functional.cross_entropy(net(X[part]), Y[part]) / micro).backward()
+                opt.step()
+    else:
+        opt = optimizer(kind, model.parameters())
+        steps = []
+        for batch in batches:
+            parts = shards(batch, W, micro)
+            idx = torch.cat([torch.cat(p) for p in parts])
+            w = torch.cat([torch.full((len(q),), 1.0 / (W * len(q) * micro), dtype=torch.float64)
+                           for p in parts for q in p])
+            steps.append((idx, w))
+        holder = {}
+
+        def loss(out, y):
+            return (ce(out, y) * holder["w"]).sum()
+        rec = pk.PathRecorder(model, opt, loss, (X, Y), Xq, quadrature=6, kernel="batch")
+        for idx, w in steps:
+            holder["w"] = w
+            with rec.step(idx):
+                opt.zero_grad()
+                loss(model(X[idx]), Y[idx]).backward()
+                opt.step()
+    km = rec.kernel_machine()
+    if rank == 0:
+        np.savez(os.path.join(out_dir, "km.npz"), contributions=km.contributions.numpy(),
+                 bias=km.bias.numpy(), predict=km.predict().numpy(),
+                 path_kernel=km.path_kernel.numpy(), fT=km.model_output.numpy())
+    else:
+        assert km is None
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def finish():
+    """Leave together, with every DDP reducer gone before its process group (a reducer
+    destroyed after the group aborts the process at exit)."""
+    import gc
+
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main():
     scenario, out_dir = sys.argv[1], sys.argv[2]
+    if scenario.startswith("ddp"):
+        rank = init()
+        record(scenario, out_dir, rank, 2)
+        finish()
+        return
     budget = {"ram": 450000, "ram-query": 110000}.get(scenario, 60000)
     rank = init()
     symmetric = "query" not in scenario
@@ -104,8 +216,7 @@ def main():
         K = pk.tangent_kernel(model, X[:40], X[40:71], outputs="full")
         if rank == 0:
             np.save(os.path.join(out_dir, "k.npy"), K.numpy())
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    finish()
     with open(os.path.join(out_dir, f"done{rank}.json"), "w") as f:
         json.dump({"rank": rank}, f)
 

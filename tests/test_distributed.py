@@ -126,3 +126,23 @@ def test_command_line_under_torchrun(tmp_path):
     d = subprocess.run([sys.executable, "-m", "pathkernel", "describe", "--model", "factory:mlp",
                         "--input", "train.npy"], cwd=tmp_path, capture_output=True, text=True)
     assert d.returncode == 0 and "0.weight" in d.stdout and "factored" in d.stdout, d.stderr
+
+
+@pytest.mark.parametrize("scenario", ["ddp-sgd", "ddp-adamw", "ddp-sgd-nosync"])
+def test_ddp_recording_equals_one_process(scenario, tmp_path):
+    """Two ranks, each recording its shard of every global batch (the last one uneven), give
+    rank 0 the kernel machine of a single-process recording that weights the examples as DDP
+    does: contributions to 1e-10 relative in float64."""
+    run(scenario, tmp_path / "one")
+    run(scenario, tmp_path / "two", ranks=2)
+    a, b = np.load(tmp_path / "one" / "km.npz"), np.load(tmp_path / "two" / "km.npz")
+    for key in ("contributions", "bias", "predict", "path_kernel", "fT"):
+        scale = np.abs(a[key]).max()
+        assert np.abs(a[key] - b[key]).max() <= 1e-10 * scale, key
+    assert np.abs(b["predict"] - b["fT"]).max() <= 1e-6 * np.abs(b["fT"] - a["bias"]).max()
+
+
+def test_ddp_compression_hook_refused(tmp_path):
+    run("ddp-sgd-powersgd", tmp_path, ranks=2)
+    msg = (tmp_path / "error0.txt").read_text()
+    assert msg.startswith("model: DistributedDataParallel with the communication hook"), msg

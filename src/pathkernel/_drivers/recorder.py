@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from .. import _backend
 from .._backend import Term
-from .._capture.blocks import dot_params, per_example_grads, summed_grads, to_terms
+from .._capture.blocks import concat_blocks, dot_params, per_example_grads, summed_grads, to_terms
 from .._capture.extract import CHUNK, block_from_recorded, features
 from .._capture.recording import StepRecording
 from .._capture.outputs import OutputsArg, OutputSpec
@@ -33,6 +33,7 @@ from .._checks import (
     resolve_dtype,
     run_model_once,
 )
+from .ddp import DataParallel
 from .machine import KernelMachine
 from .optim import OptimizerModel
 from .optim import quadrature as quadrature_rule
@@ -75,6 +76,9 @@ class PathRecorder:
                  outputs: OutputsArg = "trace", dtype: Optional[torch.dtype] = None,
                  out=None):
         check_model(model)
+        self.dp = DataParallel(model)   # a DDP model: this rank's shard of every step
+        model = self.dp.module
+        self.share = 1.0 / self.dp.world  # DDP averages the ranks' gradients
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss(output, target), got {type(loss_fn).__name__}")
         if not isinstance(train, (tuple, list)) or len(train) != 2:
@@ -128,7 +132,8 @@ class PathRecorder:
                 self.plan.group_size(k) for k in self.plan.group_keys()))))
             self.U = {n: torch.zeros(self.N, self.plan.params[n].numel(), dtype=torch.float64)
                       for n in names}
-            self.U_rest = {n: v.reshape(-1) for n, v in self.opt.init_state(names).items()}
+            self.U_rest = {n: v.reshape(-1) if self.dp.lead else torch.zeros_like(v.reshape(-1))
+                           for n, v in self.opt.init_state(names).items()}
         self.steps = 0
         self.step_errors = []
         self.broken: Optional[str] = None
@@ -166,6 +171,7 @@ class PathRecorder:
         if self.broken:
             raise RuntimeError(f"PathRecorder: cannot record after a refused step ({self.broken})")
         idx = self._check_idx(idx)
+        self.dp.check_hooks()
         w_t = {n: p.detach().clone() for n, p in self.plan.params.items()}
         had = {n: self.opt.has_buffer(n) for n in w_t} if self.stateful else {}
         cap = StepRecording(self.plan, self.trace)
@@ -212,11 +218,11 @@ class PathRecorder:
     def _record(self, idx, w_t, had, cap: StepRecording) -> None:
         """Check the step, then add its contributions (and path kernel) to the accumulators."""
         xb = tuple(x[idx] for x in self.X)
-        u = self._verified_cotangent(idx, xb, cap)
+        parts = self._verified_forwards(idx, xb, cap)
         state_t = self._state(w_t)
-        train = block_from_recorded(self.plan, cap.uses[0], self.trace, state_t,
-                                    cast_inputs(xb, self.dtype),
-                                    u.to(self.dtype))
+        train = concat_blocks([
+            block_from_recorded(self.plan, uses, self.trace, state_t, cast_inputs(x, self.dtype),
+                                u.to(self.dtype)) for uses, x, u in parts])
         check_finite_block(train, "train")
         delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
         # torch optimizers skip parameters that got no gradient (weight decay included)
@@ -230,19 +236,30 @@ class PathRecorder:
             self._add_path_kernel(idx, state_t)
         self.steps += 1
 
-    def _verified_cotangent(self, idx, xb, cap: StepRecording) -> torch.Tensor:
-        """The loss gradient at the model output that the user's backward pass sent, checked
-        to be that of ``loss_fn(model(X[idx]), Y[idx])``."""
-        if len(cap.root_outputs) != 1:
-            self._fail(f"expected one forward pass of the model inside the block, saw {len(cap.root_outputs)}")
-        xin = cap.root_inputs[0]
-        if len(xin) != len(xb) or not all(isinstance(a, torch.Tensor) and a.shape == b.shape
-                                          and torch.equal(a, b) for a, b in zip(xin, xb)):
-            self._fail("the model was called on inputs other than train[0][idx]")
-        u = cap.root_grads[0]
-        if u is None:
+    def _verified_forwards(self, idx, xb, cap: StepRecording):
+        """``(uses, inputs, output gradient)`` of each forward pass in the block (several under
+        DDP's ``no_sync()`` gradient accumulation), whose inputs together must be
+        ``train[0][idx]``. With one pass, its output gradient must be that of
+        ``loss_fn(model(X[idx]), Y[idx])``; with several, the user's own scaling of the
+        micro-batch losses is allowed (the update check still holds them to account)."""
+        K = len(cap.root_outputs)
+        if K == 0:
+            self._fail("expected a forward pass of the model inside the block, saw none")
+        ins = [tuple(a) for a in cap.root_inputs]
+        joined = tuple(torch.cat([x[i] for x in ins]) if all(
+            isinstance(x[i], torch.Tensor) for x in ins) else None for i in range(len(ins[0])))
+        if len(joined) != len(xb) or not all(a is not None and a.shape == b.shape and
+                                             torch.equal(a, b) for a, b in zip(joined, xb)):
+            self._fail("the model was called on inputs other than train[0][idx]" +
+                       (" (its forward passes, in order)" if K > 1 else ""))
+        if any(u is None for u in cap.root_grads):
             self._fail("no backward pass reached the model's output inside the block")
-        fl = cap.root_outputs[0].detach().clone().requires_grad_(True)
+        if K == 1:
+            self._check_loss_gradient(idx, cap.root_outputs[0], cap.root_grads[0])
+        return list(zip(cap.uses, ins, cap.root_grads))
+
+    def _check_loss_gradient(self, idx, out, u) -> None:
+        fl = out.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss_fn(fl, self.Y[idx])
         if not torch.isfinite(loss).all():
@@ -252,17 +269,20 @@ class PathRecorder:
         if gap > self._tol():
             self._fail(f"the gradient at the model output is not that of loss_fn(model(X[idx]), Y[idx]) "
                        f"(relative difference {gap:.2e})")
-        return u
 
     def _plain_sgd_rest(self, train, w_t, delta, skipped) -> Dict[str, torch.Tensor]:
         """Plain SGD: check the update against the batch gradient and return the part of it
         that no example carries (weight decay)."""
         lr, wd = self.opt.lr(), self.opt.weight_decay()
-        gsum = {n: g.double() for n, g in summed_grads(self.plan, train).items()}
+        local = summed_grads(self.plan, train)
+        gsum = self.dp.allreduce({n: self.share * local.get(n, torch.zeros_like(delta[n])).double()
+                                  for n in delta})
         pred = {n: torch.zeros_like(delta[n]) if n in skipped else
-                -lr * (gsum.get(n, 0) + wd * w_t[n].double()) for n in delta}
+                -lr * (gsum[n] + wd * w_t[n].double()) for n in delta}
         self._check_update(pred, delta)
-        return {n: delta[n] + lr * gsum.get(n, 0) for n in delta}
+        if not self.dp.lead:  # the rest is rank 0's
+            return {n: torch.zeros_like(delta[n]) for n in delta}
+        return {n: delta[n] + lr * gsum[n] for n in delta}
 
     def _accumulate_nodes(self, idx, train, w_t, shares, rest) -> None:
         """The query side at each quadrature node of the segment w_t -> w_{t+1}: the bias
@@ -282,7 +302,7 @@ class PathRecorder:
                 side2 += b
         if not self.stateful:
             tmp = torch.zeros(self.M, idx.numel(), self.C, 1, dtype=torch.float64)
-            _backend.accumulate(tmp, side1, side2, alpha=-self.opt.lr())
+            _backend.accumulate(tmp, side1, side2, alpha=-self.opt.lr() * self.share)
             self.contributions[:, idx] += tmp[..., 0]
         else:  # straight into the accumulator: no per-step M x N temporary
             _backend.accumulate(self.contributions.view(self.M, self.N, self.C, 1),
@@ -290,7 +310,7 @@ class PathRecorder:
                                 [Term(None, shares[:, None, None, :], 0.0)])
 
     def _stateful_shares(self, idx, train, w_t, had, delta, skipped):
-        G = per_example_grads(self.plan, train)[:, 0].double()        # [B, P], plan order
+        G = self.share * per_example_grads(self.plan, train)[:, 0].double()   # [B, P]
         g = self.plan.unflatten(G)
         shares, rest = {}, {}
         for n in self.U:
@@ -298,18 +318,27 @@ class PathRecorder:
                 shares[n] = torch.zeros_like(self.U[n])
                 rest[n] = torch.zeros(self.U[n].shape[1], dtype=torch.float64)
                 continue
+            w = w_t[n].double().reshape(-1)
             share, r = self.opt.step_dense(n, self.U[n], self.U_rest[n], idx,
                                            g[n].reshape(idx.numel(), -1),
-                                           w_t[n].double().reshape(-1), first=not had[n])
+                                           w if self.dp.lead else torch.zeros_like(w),
+                                           first=not had[n])
             shares[n] = share
             rest[n] = r
         shares = self.plan.flatten(shares, lead=(self.N,))             # [N, P], plan layout
-        total = self.plan.unflatten(shares.sum(0))
-        self._check_update({n: total[n] + rest[n].reshape(total[n].shape) for n in delta}, delta)
-        # The part of the actual update that no example carries (weight decay, prior state).
+        local = self.plan.unflatten(shares.sum(0))
+        total = self.dp.allreduce(local)
+        pred = self.dp.allreduce({n: local[n] + rest[n].reshape(local[n].shape) for n in delta})
+        self._check_update(pred, delta)
+        # The part of the actual update that no example carries (weight decay, prior state),
+        # counted on rank 0.
+        if not self.dp.lead:
+            return shares, {n: torch.zeros_like(delta[n]) for n in delta}
         return shares, {n: delta[n] - total[n] for n in delta}
 
     def _add_path_kernel(self, idx, state_t) -> None:
+        if self.kernel == "full" and not self.dp.lead:  # every column at every step: rank 0's
+            return
         lr = self.opt.lr()
         q = features(self.plan, self.spec, state_t, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
         cols = idx if self.kernel == "batch" else torch.arange(self.N)
@@ -348,14 +377,25 @@ class PathRecorder:
         return self.full.rows(out).double()
 
     @with_autograd
-    def kernel_machine(self) -> KernelMachine:
-        """The kernel machine of the steps recorded so far."""
+    def kernel_machine(self) -> Optional[KernelMachine]:
+        """The kernel machine of the steps recorded so far. With a DDP model this is a
+        collective call: rank 0 gets the machine of the global run, the other ranks ``None``."""
         if self.broken:
             raise RuntimeError(f"PathRecorder: a step was refused, so no kernel machine explains "
                                f"this run ({self.broken})")
+        fT = self._query_outputs()
+        if self.dp.active:
+            contributions = self.dp.reduce_to_lead(self.contributions)
+            moved = self.dp.reduce_to_lead(self.bias - self.f0)
+            kernel = None if self.path_kernel is None else self.dp.reduce_to_lead(self.path_kernel)
+            if not self.dp.lead:
+                return None
+            return KernelMachine(contributions, self.f0 + moved, kernel, f0=self.f0, fT=fT,
+                                 steps=self.steps, quadrature=self.quadrature,
+                                 step_errors=list(self.step_errors))
         # with out= the machine shares the stores instead of copying them into RAM
         own = (lambda t: t) if self.out is not None else (lambda t: t.clone())
         return KernelMachine(own(self.contributions), self.bias.clone(),
                              None if self.path_kernel is None else own(self.path_kernel),
-                             f0=self.f0, fT=self._query_outputs(), steps=self.steps,
+                             f0=self.f0, fT=fT, steps=self.steps,
                              quadrature=self.quadrature, step_errors=list(self.step_errors))
