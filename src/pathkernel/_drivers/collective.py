@@ -71,6 +71,15 @@ class Collective:
     def active(self) -> bool:
         return self.group is not None
 
+    def native_threads(self) -> int:
+        """Threads of the native core on this rank: OpenMP's choice (OMP_NUM_THREADS, which
+        torchrun sets to 1 per rank) when set; otherwise the cores divided among the ranks
+        on this machine, so that ranks sharing it do not oversubscribe its cores."""
+        if not self.active or "OMP_NUM_THREADS" in os.environ:
+            return 0
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        return max(1, (os.cpu_count() or 1) // max(1, local))
+
     @property
     def lead(self) -> bool:
         return self.rank == 0

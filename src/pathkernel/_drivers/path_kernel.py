@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
+import math
+
 import torch
 from torch import nn
 
@@ -108,20 +110,53 @@ def _open(p: PathKernelPlan, coll: Collective, resume: bool):
 
 
 def _assign(p: PathKernelPlan, todo: List[Tuple[int, int]], coll: Collective) -> set:
-    """This rank's tiles: whole row blocks, the largest first to the least loaded rank."""
+    """This rank's tiles. Whole row blocks (their features are then extracted once), the
+    heaviest first to the least loaded rank; then single tiles move from the most to the
+    least loaded rank while that evens the loads (a moved tile's row features are extracted
+    once more). Loads are estimated times under the measured costs, the same on every rank."""
     if not coll.active:
         return set(todo)
-    per_row: dict = {}
-    for i, j in todo:
-        per_row.setdefault(i, []).append((i, j))
-    load = [0] * coll.world
-    mine: set = set()
-    for i in sorted(per_row, key=lambda r: (-len(per_row[r]), r)):
+    M, N = p.shape[:2]
+    T, c = p.checkpoints, p.costs
+
+    def extraction(n):
+        return T * (math.ceil(n / p.job.chunk) * c.call + n * c.per_example)
+
+    def weight(t):
+        i, j = t
+        h = min(M, (i + 1) * p.row_block) - i * p.row_block
+        w = min(N, (j + 1) * p.col_block) - j * p.col_block
+        diagonal = p.symmetric and i == j
+        pairs = h * (h + 1) / 2 if diagonal else float(h * w)
+        return (pairs * T * p.pair_flops / c.gram_rate + math.ceil(T / p.ckpt_group) * c.gram_call
+                + (0.0 if diagonal else extraction(w)))
+
+    def row_cost(i):
+        return extraction(min(M, (i + 1) * p.row_block) - i * p.row_block)
+    rows: dict = {}
+    for t in todo:
+        rows.setdefault(t[0], []).append(t)
+    owner: dict = {}
+    load = [0.0] * coll.world
+    for i in sorted(rows, key=lambda r: (-sum(map(weight, rows[r])), r)):
         r = min(range(coll.world), key=lambda q: (load[q], q))
-        load[r] += len(per_row[i])
-        if r == coll.rank:
-            mine.update(per_row[i])
-    return mine
+        for t in rows[i]:
+            owner[t] = r
+        load[r] += row_cost(i) + sum(map(weight, rows[i]))
+    while True:
+        hi = max(range(coll.world), key=lambda q: (load[q], -q))
+        lo = min(range(coll.world), key=lambda q: (load[q], q))
+        gap = load[hi] - load[lo]
+        movable = sorted((t for t in todo if owner[t] == hi
+                          and weight(t) + row_cost(t[0]) < gap),
+                         key=lambda t: (-weight(t), t))
+        if not movable:
+            break
+        t = movable[0]
+        owner[t] = lo
+        load[hi] -= weight(t)
+        load[lo] += weight(t) + row_cost(t[0])
+    return {t for t in todo if owner[t] == coll.rank}
 
 
 def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
@@ -149,6 +184,7 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
     mplan, spec, dtype, rows, cols = job.model_plan, job.spec, job.dtype, job.rows, job.cols
     states, weights = job.states, job.weights
     T, k = len(states), p.ckpt_group
+    threads = job.collective.native_threads() if job.collective is not None else 0
     M, N = p.shape[:2]
     R, Cb = p.row_block, p.col_block
     C = p.shape[2] if len(p.shape) == 4 else 1
@@ -189,7 +225,8 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
                         side1 += a
                         side2 += b or []
                         bar.update(1)
-                    _backend.accumulate(accs[j], side1, None if diagonal else side2)
+                    _backend.accumulate(accs[j], side1, None if diagonal else side2,
+                                        threads=threads)
             _write_band(store, spec, dtype, p.symmetric, i, r0, Cb, accs)
             store.commit([(i, j) for j in js])
     finally:

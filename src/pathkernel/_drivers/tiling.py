@@ -105,6 +105,8 @@ class PathKernelPlan:
     est_parts: Tuple[float, float, float]   # extraction, Gram, store
     store: str
     job: Optional[Job] = field(default=None, repr=False)
+    costs: Optional[Costs] = field(default=None, repr=False)  # measured (rank 0's on a group)
+    pair_flops: float = field(default=0.0, repr=False)
 
     def __str__(self) -> str:
         M, N = self.shape[:2]
@@ -433,7 +435,7 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
         costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget)
                                if coll.lead else None)
         choice = _cost(problem, choice.R, choice.Cb, choice.band, choice.k, choice.chunk, costs)
-        return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out)
+        return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, costs)
     choice = solve(budget)
     if choice is None:
         r, c = min(M, 16), min(N, 16)
@@ -455,11 +457,11 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
             f"memory_budget: {fmt_bytes(budget)} leaves only an inefficient plan (estimated "
             f"{chosen.est:,.0f} s, against {roomy.est:,.0f} s with more memory); the smallest "
             f"budget within 3x of that is about {fmt_bytes(need)}")
-    return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out)
+    return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out, costs)
 
 
-def _make_plan(job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N, out
-               ) -> PathKernelPlan:
+def _make_plan(job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N, out,
+               costs: Costs) -> PathKernelPlan:
     R, Cb = choice.R, choice.Cb
     job.chunk = choice.chunk
     tiles = [(i, j) for i in range(math.ceil(M / R))
@@ -470,4 +472,4 @@ def _make_plan(job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N
         band=choice.band, ckpt_group=choice.k, tiles=tiles, memory_bytes=choice.memory,
         feature_bytes_per_example=fb, budget_bytes=budget, gram_flops=pairs * T * pair,
         extractions=choice.extractions, est_seconds=choice.est, est_parts=choice.parts,
-        store="RAM" if out is None else str(out), job=job)
+        store="RAM" if out is None else str(out), job=job, costs=costs, pair_flops=pair)
