@@ -84,7 +84,7 @@ def _write_band(store, spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, a
         else:
             runs.append([j])
     for run in runs:
-        tiles = [spec.finish(accs[j]).to(dtype) for j in run]
+        tiles = [spec.finish(accs[j]).to(dtype).cpu() for j in run]
         store.write(r0, run[0] * Cb, tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1))
         if symmetric:
             for j, tile in zip(run, tiles):
@@ -185,6 +185,7 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
     states, weights = job.states, job.weights
     T, k = len(states), p.ckpt_group
     threads = job.collective.native_threads() if job.collective is not None else 0
+    device = next((q.device for q in mplan.params.values()), torch.device("cpu"))
     M, N = p.shape[:2]
     R, Cb = p.row_block, p.col_block
     C = p.shape[2] if len(p.shape) == 4 else 1
@@ -205,8 +206,10 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
         cached = None  # all checkpoints' row features, when the plan holds them all
         for i, js in bands:
             r0, r1 = i * R, min(M, (i + 1) * R)
+            # float64 accumulators on the features' device (the GPU's float64 output path
+            # accumulates TF32/bf16 Grams exactly as the CPU does float32 ones)
             accs = {j: torch.zeros(r1 - r0, min(N, (j + 1) * Cb) - j * Cb, C, C,
-                                   dtype=torch.float64) for j in js}
+                                   dtype=torch.float64, device=device) for j in js}
             for g0 in range(0, T, k):
                 group = range(g0, min(T, g0 + k))
                 if k == T:

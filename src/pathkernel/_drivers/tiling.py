@@ -250,9 +250,12 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
     spec, mplan = job.spec, job.model_plan
     x = cast_inputs(sample_x, job.dtype)
     one = tuple(t[:1] for t in x)
-    t1 = _time(lambda: extract(mplan, spec, job.states[0], one))
+    def sync():
+        if x[0].device.type == "cuda":
+            torch.cuda.synchronize(x[0].device)
+    t1 = _time(lambda: (extract(mplan, spec, job.states[0], one), sync()))
     n = sample.n
-    tn = _time(lambda: extract(mplan, spec, job.states[0], x))
+    tn = _time(lambda: (extract(mplan, spec, job.states[0], x), sync()))
     per_example = max((tn - t1) / max(n - 1, 1), 1e-9)
     b1 = extract(mplan, spec, job.states[0], one)
     C = 1 if spec.stacked else sample.C
@@ -261,8 +264,15 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
     m = big.n
     terms1 = to_terms(mplan, b1, b1, stacked=spec.stacked)
     termsm = to_terms(mplan, big, big, stacked=spec.stacked)
-    g1 = _time(lambda: _backend.accumulate(torch.zeros(1, 1, C, C, dtype=torch.float64), *terms1))
-    gn = _time(lambda: _backend.accumulate(torch.zeros(m, m, C, C, dtype=torch.float64), *termsm))
+    dev = terms1[0][0].D.device
+
+    def timed(n, terms):
+        def run():
+            _backend.accumulate(torch.zeros(n, n, C, C, dtype=torch.float64, device=dev), *terms)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        return _time(run)
+    g1, gn = timed(1, terms1), timed(m, termsm)
     flops = _pair_flops(sample, spec.stacked) * m * m
     rate = flops / max(gn - g1, 1e-9) if m > 1 else 50e9
     commit, per_byte = 2e-5, 1e-10

@@ -58,7 +58,7 @@ def checkpoint_state(plan: ModelPlan, weights, dtype: torch.dtype, i: int) -> Di
         if tuple(v.shape) != tuple(state[n].shape):
             raise ValueError(f"checkpoints[{i}]: '{n}' has shape {tuple(v.shape)}, the model's is "
                              f"{tuple(state[n].shape)}")
-        t = normal_tensor(v.detach())
+        t = normal_tensor(v.detach()).to(state[n].device)  # a host checkpoint for a GPU model
         t = t.to(dtype) if t.is_floating_point() else t
         state[n] = t.requires_grad_(state[n].requires_grad)
     return state

@@ -14,8 +14,9 @@ class Source:
 
     def __init__(self, data, name: str, collate: Optional[Callable] = None,
                  like: Optional[torch.Tensor] = None):
-        """``like``: a parameter of the model; blocks read from numpy arrays take its device
-        and (floating point) its dtype."""
+        """``like``: a parameter of the model. Blocks go to its device (a data set on the host
+        streams to a model on the GPU block by block); blocks read from numpy arrays also take
+        its floating-point dtype."""
         self.name = name
         self.dataset = None
         self.like = like
@@ -41,10 +42,21 @@ class Source:
         """Examples ``lo:hi`` as a tensor or tuple of tensors (batch first)."""
         if self.tensors is not None:
             part = tuple(self._from_numpy(t[lo:hi]) if isinstance(t, np.ndarray)
-                         else t[lo:hi] for t in self.tensors)
+                         else self._to_device(t[lo:hi]) for t in self.tensors)
             return part[0] if len(part) == 1 else part
         batch = self.collate([self.dataset[i] for i in range(lo, hi)])
+        if isinstance(batch, torch.Tensor):
+            return self._to_device(batch)
+        if isinstance(batch, (tuple, list)):
+            return type(batch)(self._to_device(b) if isinstance(b, torch.Tensor) else b
+                               for b in batch)
         return batch
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.like is None or t.device == self.like.device:
+            return t
+        pin = t.device.type == "cpu" and self.like.device.type == "cuda"
+        return (t.pin_memory() if pin else t).to(self.like.device, non_blocking=pin)
 
     def _from_numpy(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.array(a))

@@ -52,6 +52,11 @@ class ResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+def resnet18_cifar(classes: int = 10, width: int = 64) -> ResNet:
+    """ResNet-18, CIFAR variant (3x3 stem, no max-pool; 11M parameters at width 64)."""
+    return ResNet(classes, width, (2, 2, 2, 2))
+
+
 class ViTBlock(nn.Module):
     def __init__(self, d, heads):
         super().__init__()
