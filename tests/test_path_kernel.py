@@ -266,22 +266,22 @@ def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
     model = mlp(d_in=4, hidden=(6,), d_out=3)
     ck = checkpoints(model, T=3)
     X = torch.randn(300, 4, dtype=torch.float64)
-    costs = [tiling.Costs(0.0, 1e-5, 1e-4, 1e9, 1e-3, 1e-9),     # passes cost nothing: 16 a pass
-             tiling.Costs(0.02, 1e-5, 1e-4, 1e9, 1e-3, 1e-9)]    # passes are dear: 128 a pass
+    costs = [tiling.Costs(0.0, 1e-6, 1e-6, 1e8, 1e-3, 1e-9),     # passes cost nothing
+             tiling.Costs(0.05, 1e-6, 1e-6, 1e8, 1e-3, 1e-9)]    # passes are dear: fewer, wider
     clean, part = str(tmp_path / "clean.npy"), str(tmp_path / "part.npy")
     monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[0])
-    p0 = pk.plan(model, ck, X, out=clean, memory_budget=400_000)
-    pk.path_kernel(model, ck, X, out=clean, memory_budget=400_000, progress=False)
-    pk.path_kernel(model, ck, X, out=part, memory_budget=400_000, progress=False)
+    p0 = pk.plan(model, ck, X, out=clean, memory_budget=250_000)
+    pk.path_kernel(model, ck, X, out=clean, memory_budget=250_000, progress=False)
+    pk.path_kernel(model, ck, X, out=part, memory_budget=250_000, progress=False)
     lines = open(part + ".journal").read().splitlines()
     assert len(lines) > 3
     with open(part + ".journal", "w") as f:  # interrupted after two tiles, one record torn
         f.write("\n".join(lines[:3]) + '\n{"tile": [')
     monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[1])
-    fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=400_000)
-    assert fresh.job.chunk != p0.job.chunk
-    resumed = pk.plan(model, ck, X, out=part, memory_budget=400_000)
+    fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=250_000)
+    assert (fresh.row_block, fresh.ckpt_group) != (p0.row_block, p0.ckpt_group)
+    resumed = pk.plan(model, ck, X, out=part, memory_budget=250_000)
     assert (resumed.row_block, resumed.col_block, resumed.ckpt_group, resumed.job.chunk) == \
         (p0.row_block, p0.col_block, p0.ckpt_group, p0.job.chunk)
-    pk.path_kernel(model, ck, X, out=part, memory_budget=400_000, progress=False)
+    pk.path_kernel(model, ck, X, out=part, memory_budget=250_000, progress=False)
     assert open(clean, "rb").read() == open(part, "rb").read()

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 from .._checks import check_finite_block
 from .blocks import Block, Factor, choose_form, concat_blocks, to_terms
-from .dense import dense_jacobian
+from .dense import dense_jacobian, math_attention
 from .layout import Layout
 from .ops import MATRIX_OPS, OpCapture, Use
 from .outputs import OutputSpec
@@ -37,7 +37,9 @@ def run_captured(plan: ModelPlan, state, x: tuple, trace: Trace) -> Tuple[torch.
     """The model output and its uses, recorded under the trace's layouts."""
     n = x[0].shape[0]
     ids = param_ids(plan, state)
-    with torch.enable_grad():
+    # the math attention kernel: the fused ones have no batching rule for the backward
+    # passes vmapped over output channels
+    with torch.enable_grad(), math_attention():
         with OpCapture(ids, n, trace.expand) as cap:
             out = functional_call(plan.model, state, x)
         if any(u.y._version != u.version for u in cap.uses):  # modified in place downstream

@@ -69,7 +69,7 @@ def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: Ou
     """
     coll = Collective(group, "path_kernel")
     p = make_plan(coll, model, checkpoints, train, query, outputs, out, memory_budget, dtype,
-                  resume, collate)
+                  resume, collate, measure=False)
     return run_plan(p, resume=resume, progress=progress)
 
 

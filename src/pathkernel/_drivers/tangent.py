@@ -103,5 +103,5 @@ def _collective(coll: Collective, model, x1, x2, outputs, implementation, dtype,
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     p = make_plan(coll, model, [(weights, 1.0)], x1 if x2 is None else x2,
                   None if x2 is None else x1, outputs, None, max(2 << 30, 4 * kernel), dtype,
-                  False, None, implementation)
+                  False, None, implementation, measure=False)
     return run_plan(p, resume=False, progress=False)

@@ -344,14 +344,16 @@ def _solve(P: _Problem, costs: Costs, budget: int,
            tiling: Optional[Tuple[int, int, int, int]] = None) -> Optional[_Choice]:
     """The tiling with the least estimated time whose memory fits ``budget`` (``tiling``:
     only that (row block, column block, checkpoints at once, chunk), e.g. a resumed run's)."""
-    def sizes(n):  # tiles narrower than 16 run the GEMMs badly: only where n is that small
-        return sorted({n} | {2 ** p for p in range(4, 30) if 2 ** p < n})
+    def sizes(n, most=1 << 30):  # tiles narrower than 16 run the GEMMs badly
+        return sorted(s for s in {n} | {2 ** p for p in range(4, 30) if 2 ** p < n} if s <= most
+                      ) or [most]
     ks = sorted({math.ceil(P.T / m) for m in range(1, P.T + 1)}, reverse=True)
     best = None
     for R in ([tiling[0]] if tiling else sizes(P.M)):
-        for Cb in ([tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N)):
+        # a column block is extracted in one pass (at most CHUNK examples)
+        for Cb in ([tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N, CHUNK)):
             nc = math.ceil(P.N / Cb)
-            for k, band, chunk in _variants(P.T, nc, ks, max(R, Cb), tiling):
+            for k, band, chunk in _variants(P.T, nc, ks, max(R, Cb), tiling, Cb):
                 c = _cost(P, R, Cb, band, k, chunk, costs)
                 if c.memory <= budget and (best is None or c.est < best.est):
                     best = c
@@ -365,9 +367,11 @@ def _extraction(size: int, chunk: int, costs: Costs) -> float:
 SCRATCH = 4
 
 
-def _variants(T: int, nc: int, ks, most: int, tiling=None):
-    """(checkpoints at once, tiles per band, examples per extraction pass) to consider."""
-    chunks = sorted({min(most, CHUNK)} | {c for c in (16, 64, 256, 1024) if c < min(most, CHUNK)})
+def _variants(T: int, nc: int, ks, most: int, tiling=None, least: int = 1):
+    """(checkpoints at once, tiles per band, examples per extraction pass) to consider; a
+    pass covers at least ``least`` examples (a column block: no concatenation)."""
+    chunks = sorted(c for c in {min(most, CHUNK)} | {c for c in (16, 64, 256, 1024)
+                                                      if c < min(most, CHUNK)} if c >= least)
     if tiling:
         ks, chunks = [tiling[2]], [tiling[3]]
     for k in ks:
@@ -394,7 +398,11 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
 
 
 def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, memory_budget,
-              dtype, resume, collate, implementation: str = "auto") -> PathKernelPlan:
+              dtype, resume, collate, implementation: str = "auto", measure: bool = True
+              ) -> PathKernelPlan:
+    """The plan on every rank of ``coll``. ``measure=False`` (path_kernel) times the model
+    only when the nominal costs suggest the budget may be too tight; the plan's estimate is
+    then the nominal one."""
     budget = parse_bytes(memory_budget)
     job, sample_x, sample = coll.agree(
         lambda: _job(model, checkpoints, train, query, outputs, out, dtype, collate,
@@ -443,7 +451,7 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
                 f"{recorded[0]} x {recorded[1]} that need {fmt_bytes(need)}, more than "
                 f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over")
         costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget)
-                               if coll.lead else None)
+                               if coll.lead else None) if measure else nominal
         choice = _cost(problem, choice.R, choice.Cb, choice.band, choice.k, choice.chunk, costs)
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, costs)
     choice = solve(budget)
@@ -454,6 +462,9 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
                          f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "
                          f"{fmt_bytes(least)}"
                          f"{'' if out is not None else ' with the kernel in memory (pass out=)'}")
+    roomy_nominal = solve(max(budget, 2 << 30))
+    if not measure and not (choice.est > 3 * roomy_nominal.est and choice.est > 10):
+        return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, nominal)
     costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget) if coll.lead else None)
 
     def timed(c: _Choice) -> _Choice:
