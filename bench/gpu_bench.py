@@ -7,6 +7,7 @@ tangent-kernel pipeline on GPU against the CPU one for the same work. Each kerne
 checked against the composition before it is timed. Times are medians of CUDA-event timings.
 Writes a Markdown section with the card's name.
 """
+
 import argparse
 import os
 import statistics
@@ -46,9 +47,14 @@ def main():
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--pipeline-n", type=int, default=4096)
     ap.add_argument("--out", default="bench/RESULTS.md")
-    ap.add_argument("--variants", default=os.environ.get("GPU_BENCH_VARIANTS", "ldm32 wg32").replace(" ", ","))
-    ap.add_argument("--profile", default=None,
-                    help="launch the bf16 fused kernel of this variant once (under ncu) and exit")
+    ap.add_argument(
+        "--variants", default=os.environ.get("GPU_BENCH_VARIANTS", "ldm32 wg32").replace(" ", ",")
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="launch the bf16 fused kernel of this variant once (under ncu) and exit",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
@@ -57,9 +63,13 @@ def main():
     model, x = model.to(dev), x.to(dev)
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
     s32, _, _ = tangent_terms(plan, spec, dtype, x1, None, 4096)
-    sides = {"float32": s32,
-             "bfloat16": [Term(None if t.A is None else t.A.bfloat16(), t.D.bfloat16(), t.beta) for t in s32],
-             "float16": [Term(None if t.A is None else t.A.half(), t.D.half(), t.beta) for t in s32]}
+    sides = {
+        "float32": s32,
+        "bfloat16": [
+            Term(None if t.A is None else t.A.bfloat16(), t.D.bfloat16(), t.beta) for t in s32
+        ],
+        "float16": [Term(None if t.A is None else t.A.half(), t.D.half(), t.beta) for t in s32],
+    }
     if args.profile:
         os.environ["PATHKERNEL_CUDA_FUSED"] = args.profile
         out = torch.zeros(n, n, 1, 1, device=dev)
@@ -70,8 +80,11 @@ def main():
     sizes = [128, 1024, 1024, 1]
     fl_full = mlp_factored_flops(sizes, n, n, False)
     fl_sym = mlp_factored_flops(sizes, n, n, True)
-    print(f"{name}: wide-mlp N={n}, terms {[(None if t.A is None else t.A.shape[-1], t.D.shape[-1]) for t in s32]}",
-          flush=True)
+    print(
+        f"{name}: wide-mlp N={n}, terms "
+        f"{[(None if t.A is None else t.A.shape[-1], t.D.shape[-1]) for t in s32]}",
+        flush=True,
+    )
 
     def composition(side):
         K = torch.zeros(n, n, device=dev)
@@ -86,8 +99,12 @@ def main():
 
     rates, rows, comp_t = {}, [], {}
     ref = None
-    for label, dt, tf32 in [("float32", "float32", False), ("tf32", "float32", True),
-                            ("bfloat16", "bfloat16", False), ("float16", "float16", False)]:
+    for label, dt, tf32 in [
+        ("float32", "float32", False),
+        ("tf32", "float32", True),
+        ("bfloat16", "bfloat16", False),
+        ("float16", "float16", False),
+    ]:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         rates[label] = matmul_rate(n, 4096, getattr(torch, dt), dev)
         comp_t[label] = cuda_time(lambda: composition(sides[dt]), 5)
@@ -101,8 +118,12 @@ def main():
     for variant in args.variants.split(","):
         os.environ["PATHKERNEL_CUDA_FUSED"] = variant
         # 3xTF32 has float32 accuracy: its peer is the float32 composition and matmul
-        for dt, prec, rate_key in [("float32", "tf32", "tf32"), ("float32", "3xtf32", "float32"),
-                                   ("bfloat16", "tf32", "bfloat16"), ("float16", "tf32", "float16")]:
+        for dt, prec, rate_key in [
+            ("float32", "tf32", "tf32"),
+            ("float32", "3xtf32", "float32"),
+            ("bfloat16", "tf32", "bfloat16"),
+            ("float16", "tf32", "float16"),
+        ]:
             for sym in [False, True]:
                 side2 = None if sym else sides[dt]
                 out.zero_()
@@ -112,7 +133,10 @@ def main():
                     got = got.triu() + got.triu(1).T
                 err = (got - ref).norm().item() / ref_norm
                 t = cuda_time(lambda: accumulate(out, sides[dt], side2, precision=prec), 5)
-                what = f"{variant} {dt}{'/' + prec if dt == 'float32' else ''}{' symmetric' if sym else ''}"
+                what = (
+                    f"{variant} {dt}{'/' + prec if dt == 'float32' else ''}"
+                    f"{' symmetric' if sym else ''}"
+                )
                 fl = fl_sym if sym else fl_full
                 rows.append((what, t, fl, rates[rate_key], (comp_t[rate_key] / t, err)))
                 print(rows[-1], flush=True)
@@ -128,21 +152,33 @@ def main():
     kc, kg = pk.tangent_kernel(cm, cx), pk.tangent_kernel(gm, gx).cpu()
     perr = ((kc - kg).norm() / kc.norm()).item()
 
-    lines = [f"## CUDA backend on {name} ({time.strftime('%Y-%m-%d')}, `bash bench/gpu_check.sh`)", "",
-             f"wide-mlp (128-1024-1024-1) factor Grams, N = {n} ({fl_full / 1e12:.2f} TFLOP full, "
-             f"{fl_sym / 1e12:.2f} symmetric). Median of CUDA-event timings. 'vs composition' = torch "
-             "composition time at the same precision / this time; 'of matmul' = factored TFLOP/s / "
-             "torch.matmul TFLOP/s at the same precision (N x 4096 @ 4096 x N, same run); error = "
-             "relative Frobenius error against the float32 composition.", "",
-             "| what | ms | TFLOP/s | of matmul | vs composition | rel. error |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"## CUDA backend on {name} ({time.strftime('%Y-%m-%d')}, `bash bench/gpu_check.sh`)",
+        "",
+        f"wide-mlp (128-1024-1024-1) factor Grams, N = {n} ({fl_full / 1e12:.2f} TFLOP full, "
+        f"{fl_sym / 1e12:.2f} symmetric). Median of CUDA-event timings. 'vs composition' = torch "
+        "composition time at the same precision / this time; 'of matmul' = factored TFLOP/s / "
+        "torch.matmul TFLOP/s at the same precision (N x 4096 @ 4096 x N, same run); error = "
+        "relative Frobenius error against the float32 composition.",
+        "",
+        "| what | ms | TFLOP/s | of matmul | vs composition | rel. error |",
+        "|---|---|---|---|---|---|",
+    ]
     for what, t, fl, rate, extra in rows:
         tf = fl / t / 1e12
         vs, err = ("", "") if extra is None else (f"{extra[0]:.2f}x", f"{extra[1]:.1e}")
-        lines.append(f"| {what} | {t * 1e3:.2f} | {tf:.1f} | {tf * 1e12 / rate:.0%} | {vs} | {err} |")
-    lines += ["", "matmul rates (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.0f}" for k, v in rates.items()),
-              "", f"tangent_kernel pipeline, wide-mlp N = {pn}, float32 trace: CPU ({os.cpu_count()} cores) "
-              f"{t_cpu:.3f} s, GPU {t_gpu * 1e3:.1f} ms, ratio {t_cpu / t_gpu:.0f}x "
-              f"(relative difference {perr:.1e})", ""]
+        lines.append(
+            f"| {what} | {t * 1e3:.2f} | {tf:.1f} | {tf * 1e12 / rate:.0%} | {vs} | {err} |"
+        )
+    lines += [
+        "",
+        "matmul rates (TFLOP/s): " + ", ".join(f"{k} {v / 1e12:.0f}" for k, v in rates.items()),
+        "",
+        f"tangent_kernel pipeline, wide-mlp N = {pn}, float32 trace: CPU ({os.cpu_count()} cores) "
+        f"{t_cpu:.3f} s, GPU {t_gpu * 1e3:.1f} ms, ratio {t_cpu / t_gpu:.0f}x "
+        f"(relative difference {perr:.1e})",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     with open(args.out, "a") as f:

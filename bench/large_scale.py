@@ -1,9 +1,10 @@
 """Issue targets for the out-of-core path kernel, each run in a fresh process for its RSS.
 
-    python bench/large_scale.py large-n            # 200,000 x 2,000, 10 checkpoints, 2 GB budget
-    python bench/large_scale.py symmetric DIR      # 50,000 x 50,000 (10 GB store), 4 GB budget,
-                                                   # kill -9 halfway, resume, compare with a clean run
+python bench/large_scale.py large-n            # 200,000 x 2,000, 10 checkpoints, 2 GB budget
+python bench/large_scale.py symmetric DIR      # 50,000 x 50,000 (10 GB store), 4 GB budget,
+                                               # kill -9 halfway, resume, compare with a clean run
 """
+
 import os
 import signal
 import subprocess
@@ -22,7 +23,8 @@ else:
 print(pk.plan(model, ckpts, X, Xq, out=out, memory_budget=budget), flush=True)
 t = time.perf_counter()
 pk.path_kernel(model, ckpts, X, Xq, out=out, memory_budget=budget, progress=False)
-print(f"seconds {time.perf_counter() - t:.1f}  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB", flush=True)
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(f"seconds {time.perf_counter() - t:.1f}  peak RSS {rss:.2f} GiB", flush=True)
 """
 
 
@@ -39,9 +41,13 @@ def main():
                 os.remove(p)
         run("large-n", out, "2GB")
         from pathkernel.bench.workloads import gemm_rate, mlp_factored_flops, native_gemm_rate
+
         flops = mlp_factored_flops([64, 256, 1], 2000, 200000, False) * 10
         rate = max(gemm_rate(2048), native_gemm_rate(2048))
-        print(f"GEMM roofline {flops / rate:.1f} s ({flops / 1e12:.2f} TFLOP at {rate / 1e9:.0f} GFLOP/s)")
+        print(
+            f"GEMM roofline {flops / rate:.1f} s ({flops / 1e12:.2f} TFLOP at "
+            f"{rate / 1e9:.0f} GFLOP/s)"
+        )
         return
     d = sys.argv[2]
     clean, part = os.path.join(d, "clean.npy"), os.path.join(d, "part.npy")
@@ -53,7 +59,10 @@ def main():
     proc = subprocess.Popen([sys.executable, "-c", RUN, "symmetric", part, "4GB"])
     while True:
         time.sleep(0.2)
-        if os.path.exists(part + ".journal") and len(open(part + ".journal").read().splitlines()) - 1 >= total // 2:
+        if (
+            os.path.exists(part + ".journal")
+            and len(open(part + ".journal").read().splitlines()) - 1 >= total // 2
+        ):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()

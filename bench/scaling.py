@@ -7,6 +7,7 @@ times the same train x train ``path_kernel`` (MLP 64-256-256-10, trace, into a .
 process, checks the files are byte-identical where the threads per process match, and prints
 the speed-up and parallel efficiency.
 """
+
 import argparse
 import os
 import subprocess
@@ -41,13 +42,38 @@ def run(ranks: int, threads: int, n: int, T: int, out: str) -> float:
     if ranks == 1:
         cmd = [sys.executable, "-c", JOB, str(n), str(T), out]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", "--master-port=29577", "-c", JOB, str(n), str(T), out]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               "--master-addr=127.0.0.1", "--master-port=29577", "--no-python", sys.executable,
-               "-c", JOB, str(n), str(T), out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={ranks}",
+            "--master-addr=127.0.0.1",
+            "--master-port=29577",
+            "-c",
+            JOB,
+            str(n),
+            str(T),
+            out,
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={ranks}",
+            "--master-addr=127.0.0.1",
+            "--master-port=29577",
+            "--no-python",
+            sys.executable,
+            "-c",
+            JOB,
+            str(n),
+            str(T),
+            out,
+        ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return float([line for line in p.stdout.splitlines() if line.startswith("seconds")][-1].split()[1])
+    return float(
+        [line for line in p.stdout.splitlines() if line.startswith("seconds")][-1].split()[1]
+    )
 
 
 def main():
@@ -61,12 +87,17 @@ def main():
             out = f"{d}/k{ranks}x{threads}.npy"
             t = time.perf_counter()
             runs[ranks, threads] = run(ranks, threads, args.n, args.checkpoints, out)
-            print(f"{ranks} rank(s) x {threads} thread(s): {runs[ranks, threads]:.2f} s "
-                  f"(wall {time.perf_counter() - t:.1f} s with start-up)", flush=True)
+            print(
+                f"{ranks} rank(s) x {threads} thread(s): {runs[ranks, threads]:.2f} s "
+                f"(wall {time.perf_counter() - t:.1f} s with start-up)",
+                flush=True,
+            )
         same = open(f"{d}/k1x1.npy", "rb").read() == open(f"{d}/k2x1.npy", "rb").read()
     s = runs[1, 1] / runs[2, 1]
-    print(f"2 ranks x 1 thread vs 1 x 1: {s:.2f}x (efficiency {s / 2:.0%}); files "
-          f"{'byte-identical' if same else 'DIFFER'}")
+    print(
+        f"2 ranks x 1 thread vs 1 x 1: {s:.2f}x (efficiency {s / 2:.0%}); files "
+        f"{'byte-identical' if same else 'DIFFER'}"
+    )
     print(f"2 ranks x 1 thread vs 1 rank x 2 threads: {runs[1, 2] / runs[2, 1]:.2f}x")
 
 

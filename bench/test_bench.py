@@ -58,15 +58,21 @@ def cnn():
 @pytest.mark.benchmark(group="digits-cnn NTK N=256 full")
 def test_digits_cnn_pathkernel(benchmark, cnn):
     model, x = cnn
-    benchmark.pedantic(pk.tangent_kernel, args=(model, x), kwargs=dict(outputs="full"), rounds=2,
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        pk.tangent_kernel, args=(model, x), kwargs=dict(outputs="full"), rounds=2, warmup_rounds=1
+    )
 
 
 @pytest.mark.benchmark(group="checkpoint path 20000x200")
 def test_checkpoint_path_pathkernel(benchmark):
     model, ck, X, Xq = checkpoint_path(20000, 200, 3)
-    benchmark.pedantic(pk.path_kernel, args=(model, ck, X, Xq), kwargs=dict(progress=False),
-                       rounds=2, warmup_rounds=1)
+    benchmark.pedantic(
+        pk.path_kernel,
+        args=(model, ck, X, Xq),
+        kwargs=dict(progress=False),
+        rounds=2,
+        warmup_rounds=1,
+    )
 
 
 @pytest.mark.benchmark(group="digits-mlp recorded step")
@@ -93,6 +99,7 @@ def test_digits_mlp_recorded_steps(benchmark):
 @pytest.fixture(scope="module")
 def tiny():
     from pathkernel.bench.workloads import tiny_transformer
+
     return tiny_transformer(512)
 
 
@@ -112,5 +119,9 @@ def test_tiny_transformer_torch_func(benchmark, tiny):
 def test_large_n_reduced(benchmark, tmp_path):
     model, ck, X, Xq = checkpoint_path(20000, 500, 3)
     out = str(tmp_path / "k.npy")
-    benchmark.pedantic(pk.path_kernel, args=(model, ck, X, Xq),
-                       kwargs=dict(out=out, memory_budget="2GB", resume=False, progress=False), rounds=2)
+    benchmark.pedantic(
+        pk.path_kernel,
+        args=(model, ck, X, Xq),
+        kwargs=dict(out=out, memory_budget="2GB", resume=False, progress=False),
+        rounds=2,
+    )

@@ -9,6 +9,7 @@ budgets must not fall off a cliff). Each workload's plan, estimate and measured 
 - small-cnn-10: the same with 10 outputs, "trace": 200 KB of features per example and
   checkpoint, so budgets below ~64 MB are refused with the smallest sensible budget
 """
+
 import argparse
 import tempfile
 import time
@@ -22,14 +23,26 @@ from pathkernel.bench.workloads import DigitsCNN, mlp, perturbed_checkpoints
 def workloads():
     g = torch.Generator().manual_seed(0)
     m = mlp([64, 256, 256, 10], seed=0)
-    yield "digits-mlp-full", m, perturbed_checkpoints(m, 24), torch.rand(256, 64, generator=g), \
-        None, "full"
+    yield (
+        "digits-mlp-full",
+        m,
+        perturbed_checkpoints(m, 24),
+        torch.rand(256, 64, generator=g),
+        None,
+        "full",
+    )
     X, Xq = torch.randn(6000, 1, 8, 8, generator=g), torch.randn(1200, 1, 8, 8, generator=g)
     for classes in (1, 10):
         torch.manual_seed(0)
         c = DigitsCNN(classes)
-        yield ("small-cnn" if classes == 1 else "small-cnn-10"), c, perturbed_checkpoints(c, 3), \
-            X, Xq, "trace"
+        yield (
+            ("small-cnn" if classes == 1 else "small-cnn-10"),
+            c,
+            perturbed_checkpoints(c, 3),
+            X,
+            Xq,
+            "trace",
+        )
 
 
 def main():
@@ -48,14 +61,17 @@ def main():
                     rows.append(f"  {b:>6}: refused: {e}")
                     continue
                 t = time.perf_counter()
-                pk.path_kernel(model, ck, X, Xq, outputs=outputs, out=out, memory_budget=b,
-                               progress=False)
+                pk.path_kernel(
+                    model, ck, X, Xq, outputs=outputs, out=out, memory_budget=b, progress=False
+                )
                 t = time.perf_counter() - t
             ref = ref or t
-            rows.append(f"  {b:>6}: {len(p.tiles):5d} tiles of {p.row_block} x {p.col_block}, "
-                        f"{p.ckpt_group} ckpt(s) at a time, band {p.band}; estimated "
-                        f"{p.est_seconds:7.2f} s, measured {t:7.2f} s = {t / ref:.2f}x the "
-                        f"{args.budgets[-1]} time")
+            rows.append(
+                f"  {b:>6}: {len(p.tiles):5d} tiles of {p.row_block} x {p.col_block}, "
+                f"{p.ckpt_group} ckpt(s) at a time, band {p.band}; estimated "
+                f"{p.est_seconds:7.2f} s, measured {t:7.2f} s = {t / ref:.2f}x the "
+                f"{args.budgets[-1]} time"
+            )
         print(name)
         print("\n".join(reversed(rows)), flush=True)
 

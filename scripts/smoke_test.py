@@ -1,5 +1,6 @@
 """Smoke test of an installed pathkernel (a wheel, in a fresh environment): the native core
 loads with its BLAS, and a tangent kernel equals the dense (torch.func) one."""
+
 import torch
 from torch import nn
 

@@ -7,6 +7,7 @@ over the batch, a tied output head, norms' affine parameters, grouped, depthwise
 convolutions, LoRA matrices applied with ``matmul``, a layer applied to a constant buffer,
 and recurrent layers that only the dense path covers.
 """
+
 import torch
 from torch import nn
 
@@ -99,7 +100,7 @@ class BufferLinear(nn.Module):
 
     def forward(self, x):
         k = torch.tanh(self.key(self.memory) + self.table_proj(self.table))  # [1, 3, d]
-        h = torch.tanh(self.inp(x)).unsqueeze(1) * k                        # [n, 3, d]
+        h = torch.tanh(self.inp(x)).unsqueeze(1) * k  # [n, 3, d]
         return self.head(h.sum(1))
 
 
@@ -133,23 +134,47 @@ def cases():
         "gpt2": (GPT2Style(), lambda k: torch.randint(0, 13, (k, 6)), set()),
         "mha-self": (SelfAttention(), _float(0, 4, 8), set()),
         "mha-self-batch-first": (SelfAttention(batch_first=True), _float(0, 4, 8), set()),
-        "mha-bias-kv": (SelfAttention(bias_kv=True), _float(0, 4, 8), {"attn.bias_k", "attn.bias_v"}),
-        "mha-cross": (CrossAttention(), lambda k: (torch.randn(k, 3, 8, dtype=torch.float64),
-                                                   torch.randn(k, 4, 5, dtype=torch.float64)), set()),
-        "mha-cross-kdim": (CrossAttention(kdim=6), lambda k: (
-            torch.randn(k, 3, 8, dtype=torch.float64), torch.randn(k, 4, 5, dtype=torch.float64)),
-            set()),
+        "mha-bias-kv": (
+            SelfAttention(bias_kv=True),
+            _float(0, 4, 8),
+            {"attn.bias_k", "attn.bias_v"},
+        ),
+        "mha-cross": (
+            CrossAttention(),
+            lambda k: (
+                torch.randn(k, 3, 8, dtype=torch.float64),
+                torch.randn(k, 4, 5, dtype=torch.float64),
+            ),
+            set(),
+        ),
+        "mha-cross-kdim": (
+            CrossAttention(kdim=6),
+            lambda k: (
+                torch.randn(k, 3, 8, dtype=torch.float64),
+                torch.randn(k, 4, 5, dtype=torch.float64),
+            ),
+            set(),
+        ),
         "encoder": (Encoder(), _float(0, 4, 8), set()),
-        "encoder-seq-first-norm-first": (Encoder(batch_first=False, norm_first=True),
-                                         _float(0, 4, 8), set()),
+        "encoder-seq-first-norm-first": (
+            Encoder(batch_first=False, norm_first=True),
+            _float(0, 4, 8),
+            set(),
+        ),
         "separable-cnn": (SeparableCNN(2, 4, 3), _float(0, 2, 6, 6), set()),
         "conv3d": (Conv3dNet(), _float(0, 2, 3, 5, 6), set()),
         "lora": (LoRA(), _float(0, 6), set()),
         "buffer-linear": (BufferLinear(), _float(0, 4), {"table_proj.weight", "table_proj.bias"}),
-        "lstm": (Recurrent(nn.LSTM), _float(0, 5, 3), {"rnn.weight_ih_l0", "rnn.weight_hh_l0",
-                                                      "rnn.bias_ih_l0", "rnn.bias_hh_l0"}),
-        "gru": (Recurrent(nn.GRU), _float(0, 5, 3), {"rnn.weight_ih_l0", "rnn.weight_hh_l0",
-                                                    "rnn.bias_ih_l0", "rnn.bias_hh_l0"}),
+        "lstm": (
+            Recurrent(nn.LSTM),
+            _float(0, 5, 3),
+            {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"},
+        ),
+        "gru": (
+            Recurrent(nn.GRU),
+            _float(0, 5, 3),
+            {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"},
+        ),
         "norms": (RMSScale(), _float(0, 4), set()),
     }
     out = {}

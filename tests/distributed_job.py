@@ -5,6 +5,7 @@
 Every rank builds the same problem (a seeded MLP, perturbed checkpoints, data sizes the tiles
 do not divide) and calls pathkernel collectively; results go to DIR.
 """
+
 import json
 import os
 import signal
@@ -46,6 +47,7 @@ def init():
 
 def kill_after(journal: str, records: int):
     """SIGKILL this process once its journal holds ``records`` tiles (a crash mid-run)."""
+
     def watch():
         while True:
             try:
@@ -56,12 +58,13 @@ def kill_after(journal: str, records: int):
             if n >= records:
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(0.001)
+
     threading.Thread(target=watch, daemon=True).start()
 
 
 def ddp_problem():
     torch.manual_seed(0)
-    model = mlp(d_in=4, hidden=(7,), d_out=3)            # float64, tanh
+    model = mlp(d_in=4, hidden=(7,), d_out=3)  # float64, tanh
     g = torch.Generator().manual_seed(2)
     X = torch.randn(30, 4, generator=g, dtype=torch.float64)
     Y = torch.randint(0, 3, (30,), generator=g)
@@ -99,11 +102,13 @@ def record(scenario, out_dir, rank, world):
         net = torch.nn.parallel.DistributedDataParallel(model)
         if "powersgd" in scenario:
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
             net.register_comm_hook(ps.PowerSGDState(process_group=None), ps.powerSGD_hook)
         opt = optimizer(kind, net.parameters())
         try:
-            rec = pk.PathRecorder(net, opt, nn.CrossEntropyLoss(), (X, Y), Xq, quadrature=6,
-                                  kernel="batch")
+            rec = pk.PathRecorder(
+                net, opt, nn.CrossEntropyLoss(), (X, Y), Xq, quadrature=6, kernel="batch"
+            )
         except ValueError as e:
             with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
                 f.write(str(e))
@@ -124,13 +129,19 @@ def record(scenario, out_dir, rank, world):
         for batch in batches:
             parts = shards(batch, W, micro)
             idx = torch.cat([torch.cat(p) for p in parts])
-            w = torch.cat([torch.full((len(q),), 1.0 / (W * len(q) * micro), dtype=torch.float64)
-                           for p in parts for q in p])
+            w = torch.cat(
+                [
+                    torch.full((len(q),), 1.0 / (W * len(q) * micro), dtype=torch.float64)
+                    for p in parts
+                    for q in p
+                ]
+            )
             steps.append((idx, w))
         holder = {}
 
         def loss(out, y):
             return (ce(out, y) * holder["w"]).sum()
+
         rec = pk.PathRecorder(model, opt, loss, (X, Y), Xq, quadrature=6, kernel="batch")
         for idx, w in steps:
             holder["w"] = w
@@ -140,9 +151,14 @@ def record(scenario, out_dir, rank, world):
                 opt.step()
     km = rec.kernel_machine()
     if rank == 0:
-        np.savez(os.path.join(out_dir, "km.npz"), contributions=km.contributions.numpy(),
-                 bias=km.bias.numpy(), predict=km.predict().numpy(),
-                 path_kernel=km.path_kernel.numpy(), fT=km.model_output.numpy())
+        np.savez(
+            os.path.join(out_dir, "km.npz"),
+            contributions=km.contributions.numpy(),
+            bias=km.bias.numpy(),
+            predict=km.predict().numpy(),
+            path_kernel=km.path_kernel.numpy(),
+            fT=km.model_output.numpy(),
+        )
     else:
         assert km is None
 
@@ -177,19 +193,26 @@ def main():
     rank = init()
     symmetric = "query" not in scenario
     model, ck, X, Xq = problem(symmetric)
-    kw = dict(memory_budget=budget, progress=False, outputs="full" if "full" in scenario else "trace")
+    kw = dict(
+        memory_budget=budget, progress=False, outputs="full" if "full" in scenario else "trace"
+    )
     if scenario.startswith("file"):
         out = os.path.join(out_dir, "k.npy")
-        if "kill" in scenario and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" \
-                and rank == int(os.environ.get("PK_KILL_RANK", "1")):
+        if (
+            "kill" in scenario
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            and rank == int(os.environ.get("PK_KILL_RANK", "1"))
+        ):
             own = out + ".journal" + ("" if rank == 0 else f".{rank}")
             kill_after(own, 2)
         if "crash" in scenario and rank == 1:
             kill_after(out + ".journal.1", 2)
         assert pk.path_kernel(model, ck, X, Xq, out=out, **kw) == out
     elif scenario.startswith("ram"):
-        assert len(pk.plan(model, ck, X, Xq, **{k: v for k, v in kw.items()
-                                               if k != "progress"}).tiles) > 2
+        assert (
+            len(pk.plan(model, ck, X, Xq, **{k: v for k, v in kw.items() if k != "progress"}).tiles)
+            > 2
+        )
         K = pk.path_kernel(model, ck, X, Xq, **kw)
         if rank == 0:
             np.save(os.path.join(out_dir, "k.npy"), K.numpy())

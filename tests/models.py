@@ -1,4 +1,5 @@
 """Small models that exercise every rule and every fallback."""
+
 import torch
 from torch import nn
 
@@ -23,8 +24,8 @@ class CNN(nn.Module):
 
     def forward(self, x):
         h = torch.tanh(self.c1(x))
-        h = torch.tanh(self.c2(h))               # [n, c, 3, 3]
-        h = h.flatten(2)[:, :, :3]              # [n, c, 3] as a sequence
+        h = torch.tanh(self.c2(h))  # [n, c, 3, 3]
+        h = h.flatten(2)[:, :, :3]  # [n, c, 3] as a sequence
         h = torch.tanh(self.c3(h))
         return self.fc(h.flatten(1))
 
@@ -56,10 +57,10 @@ class Tied(nn.Module):
         self.mix = nn.Linear(d, d)
 
     def forward(self, tokens):
-        h = self.emb(tokens)                        # [n, S, d]
+        h = self.emb(tokens)  # [n, S, d]
         h = torch.tanh(self.mix(h))
-        h = torch.tanh(self.mix(h))                 # the same module, a second time
-        return h.mean(1) @ self.emb.weight.t()      # the tied role: [n, vocab]
+        h = torch.tanh(self.mix(h))  # the same module, a second time
+        return h.mean(1) @ self.emb.weight.t()  # the tied role: [n, vocab]
 
 
 class SharedLinear(nn.Module):
@@ -84,8 +85,8 @@ class FrozenBN(nn.Module):
         self.bn = nn.BatchNorm1d(6)
         self.l2 = nn.Linear(6, 6)
         self.l3 = nn.Linear(6, 2)
-        self.l1.weight.requires_grad_(False)   # frozen weight, trainable bias
-        self.l2.bias.requires_grad_(False)     # trainable weight, frozen bias
+        self.l1.weight.requires_grad_(False)  # frozen weight, trainable bias
+        self.l2.bias.requires_grad_(False)  # trainable weight, frozen bias
 
     def forward(self, x):
         h = self.bn(self.l1(x))

@@ -4,6 +4,7 @@
 - ``gram_reference``: the native accumulator's formula by brute force in numpy (each
   example's per-term feature materialized, then contracted).
 """
+
 import numpy as np
 import torch
 from torch.func import functional_call, jacrev, vmap
@@ -32,7 +33,8 @@ def assert_close(got, ref, dtype, kind="pipeline"):
 
 
 def jacobians(model, x, rows):
-    """``[n, C, P]`` per-example Jacobians of ``rows(model(x))`` w.r.t. trainable params, float64."""
+    """``[n, C, P]`` per-example Jacobians of ``rows(model(x))`` w.r.t. trainable parameters,
+    in float64."""
     x = (x,) if isinstance(x, torch.Tensor) else tuple(x)
     x = tuple(t.double() if t.is_floating_point() else t for t in x)
     params = {n: p.detach().double() for n, p in model.named_parameters() if p.requires_grad}
@@ -57,7 +59,7 @@ def rows_for(outputs):
     if outputs in ("trace", "full"):
         return lambda o: o.reshape(o.shape[0], -1)
     if isinstance(outputs, int):
-        return lambda o: o.reshape(o.shape[0], -1)[:, outputs:outputs + 1]
+        return lambda o: o.reshape(o.shape[0], -1)[:, outputs : outputs + 1]
     return lambda o: outputs(o).reshape(-1, 1)
 
 
@@ -81,12 +83,16 @@ def gram_reference(side1, side2, alpha, weights):
     for t1, t2 in zip(side1, side2):
         D1, D2 = t1.D.double().numpy() * t1.scale, t2.D.double().numpy()
         if t1.A is None:
-            F1, F2 = D1.sum(1), D2.sum(1)                    # [n, C, dd]
+            F1, F2 = D1.sum(1), D2.sum(1)  # [n, C, dd]
             K += np.einsum("icd,jed->ijce", F1, F2)
         else:
-            A1 = np.concatenate([t1.A.double().numpy(), np.sqrt(t1.beta) * np.ones(t1.A.shape[:2] + (1,))], 2)
-            A2 = np.concatenate([t2.A.double().numpy(), np.sqrt(t2.beta) * np.ones(t2.A.shape[:2] + (1,))], 2)
-            G1 = np.einsum("isa,iscd->icda", A1, D1)         # per-example materialized gradient
+            A1 = np.concatenate(
+                [t1.A.double().numpy(), np.sqrt(t1.beta) * np.ones(t1.A.shape[:2] + (1,))], 2
+            )
+            A2 = np.concatenate(
+                [t2.A.double().numpy(), np.sqrt(t2.beta) * np.ones(t2.A.shape[:2] + (1,))], 2
+            )
+            G1 = np.einsum("isa,iscd->icda", A1, D1)  # per-example materialized gradient
             G2 = np.einsum("jsa,jscd->jcda", A2, D2)
             K += np.einsum("icda,jeda->ijce", G1, G2)
     w = np.ones(n2) if weights is None else weights.double().numpy()

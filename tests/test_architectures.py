@@ -1,6 +1,7 @@
 """Real architectures: float64 tangent kernels equal the torch.func oracle in every output
 mode, and the parameters go where they should (factored or elementwise, dense only where no
 rule applies)."""
+
 import pytest
 import torch
 
@@ -24,10 +25,16 @@ def test_matches_torch_func_float64(name, outputs):
     model, make, _ = CASES[name]
     torch.manual_seed(5)
     x1, x2 = _inputs(make, 7), _inputs(make, 4)
-    assert_close(pk.tangent_kernel(model, x1, outputs=outputs),
-                 reference_ntk(model, x1, None, outputs), torch.float64)
-    assert_close(pk.tangent_kernel(model, x1, x2, outputs=outputs, batch_size=3),
-                 reference_ntk(model, x1, x2, outputs), torch.float64)
+    assert_close(
+        pk.tangent_kernel(model, x1, outputs=outputs),
+        reference_ntk(model, x1, None, outputs),
+        torch.float64,
+    )
+    assert_close(
+        pk.tangent_kernel(model, x1, x2, outputs=outputs, batch_size=3),
+        reference_ntk(model, x1, x2, outputs),
+        torch.float64,
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -39,8 +46,9 @@ def test_dense_only_where_no_rule_applies(name):
 
 
 @pytest.mark.parametrize("form", ["factored", "materialized"])
-@pytest.mark.parametrize("name", ["resnet", "vit", "gpt2", "separable-cnn", "conv3d", "lora",
-                                  "mha-cross"])
+@pytest.mark.parametrize(
+    "name", ["resnet", "vit", "gpt2", "separable-cnn", "conv3d", "lora", "mha-cross"]
+)
 def test_each_form_is_exact(name, form, monkeypatch):
     """Whichever form the cost model picks for a layer, the kernel is the same."""
     from pathkernel._capture import blocks
@@ -51,5 +59,8 @@ def test_each_form_is_exact(name, form, monkeypatch):
     torch.manual_seed(6)
     x1, x2 = _inputs(make, 5), _inputs(make, 3)
     for outputs in ("trace", "full"):
-        assert_close(pk.tangent_kernel(model, x1, x2, outputs=outputs),
-                     reference_ntk(model, x1, x2, outputs), torch.float64)
+        assert_close(
+            pk.tangent_kernel(model, x1, x2, outputs=outputs),
+            reference_ntk(model, x1, x2, outputs),
+            torch.float64,
+        )

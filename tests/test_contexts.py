@@ -1,5 +1,6 @@
 """Entry points work inside torch.no_grad() and torch.inference_mode(), as torch.func does,
 and on inference tensors."""
+
 import pytest
 import torch
 
@@ -24,8 +25,9 @@ def test_entry_points_inside_contexts(context):
         xi = x.clone()  # an inference tensor under inference_mode
         ckpt = {k: v.clone() for k, v in model.state_dict().items()}
     assert torch.equal(pk.tangent_kernel(model, xi), K)
-    assert torch.equal(pk.path_kernel(model, [(ckpt, 0.5)], xi, dtype=torch.float64,
-                                      progress=False), P)
+    assert torch.equal(
+        pk.path_kernel(model, [(ckpt, 0.5)], xi, dtype=torch.float64, progress=False), P
+    )
 
 
 def test_recorder_built_under_no_grad():

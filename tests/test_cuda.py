@@ -1,4 +1,5 @@
 """CUDA backend: every kernel against a float64 reference on the GPU (skipped without one)."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +16,10 @@ def test_module_built_when_a_gpu_is_present():
     if not HAS_GPU:
         pytest.skip("no CUDA GPU")
     info = pk.backend_info()
-    assert info["cuda"], ("a GPU is present but pathkernel._native_cuda was not built: "
-                          "reinstall with nvcc on the PATH (PATHKERNEL_CUDA=ON)")
+    assert info["cuda"], (
+        "a GPU is present but pathkernel._native_cuda was not built: "
+        "reinstall with nvcc on the PATH (PATHKERNEL_CUDA=ON)"
+    )
     assert info["cuda_devices"] >= 1
 
 
@@ -26,8 +29,10 @@ def _side(g, n, C, specs, dtype, device):
         A = None if da is None else torch.randn(n, S, da, generator=g, dtype=torch.float64)
         D = torch.randn(n, S, C, dd, generator=g, dtype=torch.float64)
         terms.append(Term(A, D, beta))
-    gpu = [Term(None if t.A is None else t.A.to(device, dtype), t.D.to(device, dtype), t.beta)
-           for t in terms]
+    gpu = [
+        Term(None if t.A is None else t.A.to(device, dtype), t.D.to(device, dtype), t.beta)
+        for t in terms
+    ]
     return terms, gpu
 
 
@@ -39,8 +44,12 @@ CASES = [  # n1, n2, C, specs: tensor-core tiles (S = C = 1) and the generic ker
     (300, 261, 1, [(1, 64, 40, 1.0), (1, None, 8, 0.0), (1, 24, 1, 1.0)]),  # several tiles
     (40, 50, 1, [(1, 3, 5, 1.0)] * 18),  # more terms than one launch takes
 ]
-PRECISIONS = {torch.float32: ["3xtf32", "tf32", "exact"], torch.float16: ["3xtf32"],
-              torch.bfloat16: ["3xtf32"], torch.float64: ["exact"]}
+PRECISIONS = {
+    torch.float32: ["3xtf32", "tf32", "exact"],
+    torch.float16: ["3xtf32"],
+    torch.bfloat16: ["3xtf32"],
+    torch.float64: ["exact"],
+}
 
 
 def torch_composition(side1, side2, alpha, w, precision):
@@ -54,8 +63,11 @@ def torch_composition(side1, side2, alpha, w, precision):
         out = 0
         for t1, t2 in zip(side1, side2):
             GD = torch.einsum("iscd,jted->ijstce", t1.D, t2.D)
-            GA = (torch.ones((), dtype=t1.D.dtype, device=t1.D.device) if t1.A is None else
-                  torch.einsum("isa,jta->ijst", t1.A, t2.A) + t1.beta)
+            GA = (
+                torch.ones((), dtype=t1.D.dtype, device=t1.D.device)
+                if t1.A is None
+                else torch.einsum("isa,jta->ijst", t1.A, t2.A) + t1.beta
+            )
             GA = GA.reshape(GA.shape + (1, 1)) if t1.A is not None else GA
             out = out + t1.scale * (GA * GD).sum((2, 3))
         out = alpha * out * w.to(out.dtype).reshape(1, -1, 1, 1)
@@ -73,6 +85,7 @@ def test_kernels_against_float64(case, dtype, precision, out_dtype, symmetric):
     """Error against float64 (inputs rounded as the kernel sees them) within twice the error
     of the torch composition at the same precision (float64: 1e-12 relative)."""
     from reference import gram_reference
+
     n1, n2, C, specs = CASES[case]
     if symmetric:
         n2 = n1
@@ -85,8 +98,10 @@ def test_kernels_against_float64(case, dtype, precision, out_dtype, symmetric):
     out = init.to("cuda", out_dtype)
     accumulate(out, g1, g2, alpha=0.75, col_weights=w.to("cuda", out_dtype), precision=precision)
     torch.cuda.synchronize()
-    rounded = lambda side: [Term(None if t.A is None else t.A.to(dtype).double(),
-                                 t.D.to(dtype).double(), t.beta) for t in side]
+    rounded = lambda side: [
+        Term(None if t.A is None else t.A.to(dtype).double(), t.D.to(dtype).double(), t.beta)
+        for t in side
+    ]
     ref = gram_reference(rounded(s1), None if symmetric else rounded(s2), 0.75, w)
     scale = np.abs(ref).max()
     err = np.abs(out.double().cpu().numpy() - init.numpy() - ref).max() / scale
@@ -102,8 +117,11 @@ def test_kernels_against_float64(case, dtype, precision, out_dtype, symmetric):
 @needs_gpu
 def test_tangent_kernel_pipeline_on_gpu_matches_cpu():
     from models import CNN, mlp
-    for model, x in [(mlp(), torch.randn(40, 6, dtype=torch.float64)),
-                     (CNN().double(), torch.randn(12, 1, 6, 6, dtype=torch.float64))]:
+
+    for model, x in [
+        (mlp(), torch.randn(40, 6, dtype=torch.float64)),
+        (CNN().double(), torch.randn(12, 1, 6, 6, dtype=torch.float64)),
+    ]:
         cpu = pk.tangent_kernel(model, x, outputs="full")
         gpu = pk.tangent_kernel(model.cuda(), x.cuda(), outputs="full")
         assert gpu.device.type == "cuda"

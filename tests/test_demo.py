@@ -1,4 +1,5 @@
 """The demo in a reduced size: the kernel machine reproduces the network, plots are written."""
+
 import os
 
 import pytest
@@ -10,8 +11,9 @@ pytest.importorskip("matplotlib")
 def test_demo_small(tmp_path):
     from pathkernel.cli.demo import format_report, run_demo
 
-    s = run_demo(out=str(tmp_path), steps=12, seed=1, quadrature=4, checkpoint_every=4,
-                 progress=False)
+    s = run_demo(
+        out=str(tmp_path), steps=12, seed=1, quadrature=4, checkpoint_every=4, progress=False
+    )
     for f in s["files"]:
         assert os.path.getsize(f) > 1000, f
     assert s["km_relative_error"] < 1e-8

@@ -1,6 +1,7 @@
 """torch.distributed (gloo, CPU): collective path kernels are byte-identical to one process
 whatever the world size, survive a killed rank, and refuse ranks that do not join or that
 were handed other arguments. Each job is a torchrun subprocess (tests/distributed_job.py)."""
+
 import os
 import socket
 import subprocess
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
 JOB = os.path.join(os.path.dirname(__file__), "distributed_job.py")
 
 
@@ -28,9 +30,18 @@ def run(scenario, d, ranks=None, restarts=0, env=None, check=True, timeout=180):
     if ranks is None:
         cmd = [sys.executable, JOB, scenario, str(d)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               f"--max-restarts={restarts}", "--master-addr=127.0.0.1",
-               f"--master-port={_port()}", JOB, scenario, str(d)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={ranks}",
+            f"--max-restarts={restarts}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_port()}",
+            JOB,
+            scenario,
+            str(d),
+        ]
     p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -97,7 +108,8 @@ def test_command_line_under_torchrun(tmp_path):
     inputs equals the same command in one process; `pathkernel describe` reads the factory."""
     (tmp_path / "factory.py").write_text(
         "import torch\nfrom torch import nn\n\n\ndef mlp():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))\n")
+        "    return nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         from factory import mlp
@@ -111,20 +123,65 @@ def test_command_line_under_torchrun(tmp_path):
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         torch.save(m.state_dict(), tmp_path / f"ck{t}.pt")
     np.save(tmp_path / "train.npy", torch.randn(150, 5, generator=g).numpy())
-    args = ["path-kernel", "--model", "factory:mlp", "--checkpoints", "ck*.pt", "--weights",
-            "0.1", "--train", "train.npy", "--memory-budget", "100000", "--no-progress"]
+    args = [
+        "path-kernel",
+        "--model",
+        "factory:mlp",
+        "--checkpoints",
+        "ck*.pt",
+        "--weights",
+        "0.1",
+        "--train",
+        "train.npy",
+        "--memory-budget",
+        "100000",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "pathkernel", *args, "--out", "one.npy"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "pathkernel", *args, "--out", "one.npy"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0 and one.stdout.strip() == "one.npy", one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                          "--master-addr=127.0.0.1", f"--master-port={_port()}", "-m",
-                          "pathkernel", *args, "--out", "two.npy"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={_port()}",
+            "-m",
+            "pathkernel",
+            *args,
+            "--out",
+            "two.npy",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0 and two.stdout.strip() == "two.npy", two.stderr[-2000:]
     assert same_bytes(tmp_path / "one.npy", tmp_path / "two.npy")
-    d = subprocess.run([sys.executable, "-m", "pathkernel", "describe", "--model", "factory:mlp",
-                        "--input", "train.npy"], cwd=tmp_path, capture_output=True, text=True)
+    d = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pathkernel",
+            "describe",
+            "--model",
+            "factory:mlp",
+            "--input",
+            "train.npy",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert d.returncode == 0 and "0.weight" in d.stdout and "factored" in d.stdout, d.stderr
 
 

@@ -1,4 +1,5 @@
 """Bad input to the public API: a clear exception naming the argument, before heavy work."""
+
 import pytest
 import torch
 from torch import nn
@@ -18,13 +19,19 @@ def test_not_a_module():
 
 
 def test_wrong_feature_shape(model):
-    with pytest.raises(ValueError, match=r"x1: the model rejects inputs of per-example shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"x1: the model rejects inputs of per-example shape \(5,\)"
+    ):
         pk.tangent_kernel(model, torch.randn(3, 5, dtype=torch.float64))
 
 
 def test_x2_feature_shape_mismatch(model):
-    with pytest.raises(ValueError, match=r"x2: the model rejects inputs of per-example shape \(7,\)"):
-        pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"x2: the model rejects inputs of per-example shape \(7,\)"
+    ):
+        pk.tangent_kernel(
+            model, torch.randn(3, 6, dtype=torch.float64), torch.randn(2, 7, dtype=torch.float64)
+        )
 
 
 def test_integer_inputs_to_a_float_model_are_a_dtype_problem(model):
@@ -49,14 +56,19 @@ def test_inputs_of_different_sizes_where_the_model_accepts_both():
     x1 = torch.randn(4, 1, 6, 6, dtype=torch.float64)
     x2 = torch.randn(3, 1, 9, 7, dtype=torch.float64)
     for outputs in ("trace", "full"):
-        assert_close(pk.tangent_kernel(m, x1, x2, outputs=outputs),
-                     reference_ntk(m, x1, x2, outputs), torch.float64)
+        assert_close(
+            pk.tangent_kernel(m, x1, x2, outputs=outputs),
+            reference_ntk(m, x1, x2, outputs),
+            torch.float64,
+        )
     K = pk.path_kernel(m, [(m, 1.0)], x1, x2, dtype=torch.float64, progress=False)
     assert_close(K, reference_ntk(m, x2, x1), torch.float64)
 
 
 def test_dtype_mismatch(model):
-    with pytest.raises(TypeError, match="x1: has dtype torch.float32 but the model's parameters are torch.float64"):
+    with pytest.raises(
+        TypeError, match="x1: has dtype torch.float32 but the model's parameters are torch.float64"
+    ):
         pk.tangent_kernel(model, torch.randn(3, 6))
 
 
@@ -91,12 +103,16 @@ def test_unknown_outputs(model):
 
 
 def test_output_index_out_of_range(model):
-    with pytest.raises(ValueError, match="outputs: output index 3 is out of range for a model with 3 outputs"):
+    with pytest.raises(
+        ValueError, match="outputs: output index 3 is out of range for a model with 3 outputs"
+    ):
         pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), outputs=3)
 
 
 def test_callable_outputs_wrong_shape(model):
-    with pytest.raises(ValueError, match=r"outputs: the callable must return one scalar per example"):
+    with pytest.raises(
+        ValueError, match=r"outputs: the callable must return one scalar per example"
+    ):
         pk.tangent_kernel(model, torch.randn(3, 6, dtype=torch.float64), outputs=lambda o: o)
 
 
@@ -107,7 +123,9 @@ def test_empty_batch(model):
 
 def test_batchnorm_training_mode():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).double()
-    with pytest.raises(ValueError, match=r"model: BatchNorm module '1' is in training mode.*model.eval\(\)"):
+    with pytest.raises(
+        ValueError, match=r"model: BatchNorm module '1' is in training mode.*model.eval\(\)"
+    ):
         pk.tangent_kernel(m, torch.randn(5, 3, dtype=torch.float64))
 
 

@@ -1,6 +1,7 @@
 """The data-set-scale GPU workload (bench/gpu_scale.py: ResNet-18, CIFAR variant, the path
 kernel of the logit margin over checkpoints of a short training run), on the CPU at small
 N and width against a float64 torch.func reference, and on a GPU against the CPU."""
+
 import copy
 import importlib.util
 import os
@@ -32,8 +33,9 @@ def _workload(n=10, width=4, T=2):
 
 def test_resnet18_path_kernel_on_the_cpu_matches_float64_reference():
     mod, model, ck, X = _workload()
-    K = pk.path_kernel(model, ck, X, outputs=mod.margin, dtype=torch.float64,
-                       memory_budget="64MB", progress=False)
+    K = pk.path_kernel(
+        model, ck, X, outputs=mod.margin, dtype=torch.float64, memory_budget="64MB", progress=False
+    )
     R = 0
     for sd, w in ck:
         m = copy.deepcopy(model)
@@ -43,9 +45,25 @@ def test_resnet18_path_kernel_on_the_cpu_matches_float64_reference():
 
 
 def test_script_smoke_on_the_cpu():
-    p = subprocess.run([sys.executable, SCRIPT, "--n", "24", "--width", "4", "--checkpoints", "2",
-                        "--device", "cpu", "--memory-budget", "256MB"],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--n",
+            "24",
+            "--width",
+            "4",
+            "--checkpoints",
+            "2",
+            "--device",
+            "cpu",
+            "--memory-budget",
+            "256MB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "extrapolated to N = 50,000" in p.stdout and "peak host RSS" in p.stdout
 
@@ -54,9 +72,16 @@ def test_script_smoke_on_the_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_resnet18_path_kernel_on_the_gpu_matches_the_cpu():
     mod, model, ck, X = _workload(n=40, width=8, T=2)
-    cpu = pk.path_kernel(model, ck, X, outputs=mod.margin, dtype=torch.float64,
-                         memory_budget="256MB", progress=False)
+    cpu = pk.path_kernel(
+        model, ck, X, outputs=mod.margin, dtype=torch.float64, memory_budget="256MB", progress=False
+    )
     m32 = copy.deepcopy(model).float().cuda()
-    gpu = pk.path_kernel(m32, [({k: v.float() for k, v in sd.items()}, w) for sd, w in ck],
-                         X.float(), outputs=mod.margin, memory_budget="2GB", progress=False)
+    gpu = pk.path_kernel(
+        m32,
+        [({k: v.float() for k, v in sd.items()}, w) for sd, w in ck],
+        X.float(),
+        outputs=mod.margin,
+        memory_budget="2GB",
+        progress=False,
+    )
     assert_close(gpu.double(), cpu, torch.float32)

@@ -1,4 +1,5 @@
 """path_kernel: tiled, out-of-core, resumable; against float64 references."""
+
 import copy
 import os
 import signal
@@ -58,8 +59,9 @@ def test_tiled_matches_reference(outputs, symmetric):
     X = torch.randn(50, 4, dtype=torch.float64)
     Xq = None if symmetric else torch.randn(23, 4, dtype=torch.float64)
     budget = small_budget(model, ck, X, Xq, outputs=outputs, dtype=torch.float64)
-    K = pk.path_kernel(model, ck, X, Xq, outputs=outputs, memory_budget=budget,
-                       dtype=torch.float64, progress=False)
+    K = pk.path_kernel(
+        model, ck, X, Xq, outputs=outputs, memory_budget=budget, dtype=torch.float64, progress=False
+    )
     R = reference(model, ck, X if symmetric else Xq, X, outputs)
     assert_close(K, R, torch.float64)
 
@@ -109,8 +111,14 @@ def test_dataset_input():
     ck = checkpoints(model, T=2)
     X = torch.randn(11, 4, dtype=torch.float64)
     ds = torch.utils.data.TensorDataset(X, torch.zeros(11))
-    K = pk.path_kernel(model, ck, ds, dtype=torch.float64, progress=False,
-                       collate=lambda items: torch.stack([x for x, _ in items]))
+    K = pk.path_kernel(
+        model,
+        ck,
+        ds,
+        dtype=torch.float64,
+        progress=False,
+        collate=lambda items: torch.stack([x for x, _ in items]),
+    )
     assert_close(K, reference(model, ck, X, X), torch.float64)
 
 
@@ -121,7 +129,9 @@ def test_resume_mismatch_is_refused_and_nothing_overwritten(tmp_path):
     path = str(tmp_path / "k.npy")
     pk.path_kernel(model, ck, X, out=path, memory_budget=150_000, progress=False)
     before = open(path, "rb").read()
-    with pytest.raises(ValueError, match=r"out: .* holds a run with other arguments \(differs in: checkpoints"):
+    with pytest.raises(
+        ValueError, match=r"out: .* holds a run with other arguments \(differs in: checkpoints"
+    ):
         pk.path_kernel(model, ck[:2], X, out=path, memory_budget=150_000, progress=False)
     with pytest.raises(ValueError, match=r"differs in: .*train"):
         pk.path_kernel(model, ck, X + 1, out=path, memory_budget=150_000, progress=False)
@@ -174,7 +184,10 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(tests=tests, out=part)])
     deadline = time.time() + 120
     while time.time() < deadline:
-        if os.path.exists(part + ".journal") and len(open(part + ".journal").read().splitlines()) - 1 >= n_tiles // 2:
+        if (
+            os.path.exists(part + ".journal")
+            and len(open(part + ".journal").read().splitlines()) - 1 >= n_tiles // 2
+        ):
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -194,21 +207,31 @@ def test_checkpoint_errors_name_the_checkpoint_and_say_what_is_expected(tmp_path
     data = (tmp_path / "ok.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save([1, 2], tmp_path / "list.pt")
-    expected = {"whole": "holds pickled objects, not only tensors",
-                "random": "not a torch checkpoint",
-                "truncated": "cannot be read, truncated",
-                "list": "holds a list"}
+    expected = {
+        "whole": "holds pickled objects, not only tensors",
+        "random": "not a torch checkpoint",
+        "truncated": "cannot be read, truncated",
+        "list": "holds a list",
+    }
     for name, what in expected.items():
-        with pytest.raises(ValueError, match=rf"checkpoints\[1\] \(.*{name}.pt'\): {what}.*"
-                                             r"a state_dict is expected"):
-            pk.path_kernel(model, [(model.state_dict(), 1.0), (str(tmp_path / f"{name}.pt"), 1.0)],
-                           X, progress=False)
+        with pytest.raises(
+            ValueError,
+            match=rf"checkpoints\[1\] \(.*{name}.pt'\): {what}.*"
+            r"a state_dict is expected",
+        ):
+            pk.path_kernel(
+                model,
+                [(model.state_dict(), 1.0), (str(tmp_path / f"{name}.pt"), 1.0)],
+                X,
+                progress=False,
+            )
     # a training checkpoint holding the state_dict, and the model itself, are accepted
     torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, tmp_path / "train.pt")
     ref = pk.path_kernel(model, [(model.state_dict(), 1.0)], X, dtype=torch.float64, progress=False)
     for ck in (str(tmp_path / "train.pt"), model):
-        assert torch.equal(pk.path_kernel(model, [(ck, 1.0)], X, dtype=torch.float64,
-                                          progress=False), ref)
+        assert torch.equal(
+            pk.path_kernel(model, [(ck, 1.0)], X, dtype=torch.float64, progress=False), ref
+        )
 
 
 def test_out_in_a_new_directory_is_created(tmp_path):
@@ -243,17 +266,21 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
     refused, naming a budget that gives a plan within 3x of a roomy one."""
     from pathkernel._drivers import tiling
 
-    slow = tiling.Costs(call=1e-3, per_example=1e-2, gram_call=1e-4, gram_rate=1e11,
-                        commit=1e-3, per_byte=1e-9)
+    slow = tiling.Costs(
+        call=1e-3, per_example=1e-2, gram_call=1e-4, gram_rate=1e11, commit=1e-3, per_byte=1e-9
+    )
     monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: slow)
     monkeypatch.setattr(tiling, "_measure", lambda *a, **k: slow)
     model = mlp(d_in=4, hidden=(6,), d_out=3)
     X = torch.randn(3000, 4)
     ck = checkpoints(model.float(), T=2)
     roomy = pk.plan(model.float(), ck, X, out="k.npy", memory_budget="2GB")
-    with pytest.raises(ValueError, match=r"memory_budget: .* leaves only an inefficient plan "
-                                         r"\(estimated .* s, against .* s with more memory\); the "
-                                         r"smallest budget within 3x of that is about"):
+    with pytest.raises(
+        ValueError,
+        match=r"memory_budget: .* leaves only an inefficient plan "
+        r"\(estimated .* s, against .* s with more memory\); the "
+        r"smallest budget within 3x of that is about",
+    ):
         pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000)
     assert roomy.est_seconds > 0 and len(roomy.tiles) >= 1
 
@@ -266,8 +293,10 @@ def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
     model = mlp(d_in=4, hidden=(6,), d_out=3)
     ck = checkpoints(model, T=3)
     X = torch.randn(300, 4, dtype=torch.float64)
-    costs = [tiling.Costs(0.0, 1e-6, 1e-6, 1e8, 1e-3, 1e-9),     # passes cost nothing
-             tiling.Costs(0.05, 1e-6, 1e-6, 1e8, 1e-3, 1e-9)]    # passes are dear: fewer, wider
+    costs = [
+        tiling.Costs(0.0, 1e-6, 1e-6, 1e8, 1e-3, 1e-9),  # passes cost nothing
+        tiling.Costs(0.05, 1e-6, 1e-6, 1e8, 1e-3, 1e-9),
+    ]  # passes are dear: fewer, wider
     clean, part = str(tmp_path / "clean.npy"), str(tmp_path / "part.npy")
     monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[0])
     p0 = pk.plan(model, ck, X, out=clean, memory_budget=250_000)
@@ -281,7 +310,11 @@ def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
     fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=250_000)
     assert (fresh.row_block, fresh.ckpt_group) != (p0.row_block, p0.ckpt_group)
     resumed = pk.plan(model, ck, X, out=part, memory_budget=250_000)
-    assert (resumed.row_block, resumed.col_block, resumed.ckpt_group, resumed.job.chunk) == \
-        (p0.row_block, p0.col_block, p0.ckpt_group, p0.job.chunk)
+    assert (resumed.row_block, resumed.col_block, resumed.ckpt_group, resumed.job.chunk) == (
+        p0.row_block,
+        p0.col_block,
+        p0.ckpt_group,
+        p0.job.chunk,
+    )
     pk.path_kernel(model, ck, X, out=part, memory_budget=250_000, progress=False)
     assert open(clean, "rb").read() == open(part, "rb").read()

@@ -1,4 +1,5 @@
 """PathRecorder and the kernel machine against brute-force float64 references."""
+
 import copy
 
 import pytest
@@ -49,8 +50,10 @@ class _null:
 
 def per_example_loss_grads(model, w, X, Y, idx):
     """[B, P] gradients of the mean batch loss split by example (1/|B| each), torch.func."""
+
     def single(p, x, y):
         return LOSS(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
     with math_attention():
         g = vmap(grad(single), in_dims=(None, 0, 0))(w, X[idx], Y[idx])
     return torch.cat([v.reshape(len(idx), -1) for v in g.values()], 1) / len(idx)
@@ -61,21 +64,24 @@ def query_jac(model, w, Xq):
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.copy_(w[n])
-    return jacobians(m, Xq, lambda o: o.reshape(o.shape[0], -1))   # [M, C, P]
+    return jacobians(m, Xq, lambda o: o.reshape(o.shape[0], -1))  # [M, C, P]
 
 
 def brute_force_sgd(model, ws, X, Y, Xq, idxs, lr, n_nodes):
     """Q_i(x) = sum_t -lr * phibar_t(x) g_{i,t}, with phibar by Gauss-Legendre on torch.func
     Jacobians; only valid for plain SGD (shares are step-local)."""
     import numpy as np
+
     s, wq = np.polynomial.legendre.leggauss(n_nodes)
     s, wq = (s + 1) / 2, wq / 2
     C = model(Xq[:1]).reshape(1, -1).shape[1]
     Q = torch.zeros(Xq.shape[0], X.shape[0], C, dtype=torch.float64)
     for t, idx in enumerate(idxs):
         w0, w1 = ws[t], ws[t + 1]
-        phibar = sum(float(b) * query_jac(model, {n: w0[n] + float(a) * (w1[n] - w0[n]) for n in w0}, Xq)
-                     for a, b in zip(s, wq))
+        phibar = sum(
+            float(b) * query_jac(model, {n: w0[n] + float(a) * (w1[n] - w0[n]) for n in w0}, Xq)
+            for a, b in zip(s, wq)
+        )
         G = per_example_loss_grads(model, w0, X, Y, idx)
         Q[:, idx] += -lr * torch.einsum("mcp,bp->mbc", phibar, G)
     return Q
@@ -103,7 +109,11 @@ def test_sgd_weight_decay_exact_and_matches_brute_force():
 
 
 def test_momentum_and_nesterov_exact():
-    for kw in [dict(momentum=0.9), dict(momentum=0.8, dampening=0.3), dict(momentum=0.9, nesterov=True)]:
+    for kw in [
+        dict(momentum=0.9),
+        dict(momentum=0.8, dampening=0.3),
+        dict(momentum=0.9, nesterov=True),
+    ]:
         X, Y, Xq = data(seed=4)
         model = mlp(d_in=4, hidden=(6,), d_out=3, seed=5)
         opt = torch.optim.SGD(model.parameters(), lr=0.2, weight_decay=0.01, **kw)
@@ -124,6 +134,7 @@ def test_momentum_contributions_match_brute_force():
     idxs = batches(24, 8, 6)
     ws = train(model, opt, X, Y, idxs, rec)
     import numpy as np
+
     s, wq = np.polynomial.legendre.leggauss(5)
     s, wq = (s + 1) / 2, wq / 2
     P = sum(p.numel() for p in ref.parameters())
@@ -132,16 +143,26 @@ def test_momentum_contributions_match_brute_force():
     for t, idx in enumerate(idxs):
         U *= mu
         U[idx] += per_example_loss_grads(ref, ws[t], X, Y, idx)
-        phibar = sum(float(b) * query_jac(ref, {n: ws[t][n] + float(a) * (ws[t + 1][n] - ws[t][n]) for n in ws[t]}, Xq)
-                     for a, b in zip(s, wq))
+        phibar = sum(
+            float(b)
+            * query_jac(
+                ref, {n: ws[t][n] + float(a) * (ws[t + 1][n] - ws[t][n]) for n in ws[t]}, Xq
+            )
+            for a, b in zip(s, wq)
+        )
         Q += -lr * torch.einsum("mcp,np->mnc", phibar, U)
     km = rec.kernel_machine()
     assert (km.contributions - Q).abs().max() <= 1e-9 * Q.abs().max()
 
 
-@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, dict(weight_decay=0.01)),
-                                    (torch.optim.AdamW, dict(weight_decay=0.1)),
-                                    (torch.optim.AdamW, dict(weight_decay=0.1, amsgrad=True))])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (torch.optim.Adam, dict(weight_decay=0.01)),
+        (torch.optim.AdamW, dict(weight_decay=0.1)),
+        (torch.optim.AdamW, dict(weight_decay=0.1, amsgrad=True)),
+    ],
+)
 def test_adam_exact(cls, kw):
     X, Y, Xq = data(seed=8)
     model = mlp(d_in=4, hidden=(6,), d_out=3, seed=9)
@@ -155,7 +176,7 @@ def test_state_before_recording_goes_to_bias():
     X, Y, Xq = data(seed=10)
     model = mlp(d_in=4, hidden=(6,), d_out=3, seed=11)
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    train(model, opt, X, Y, batches(24, 6, 3))              # unrecorded warm-up
+    train(model, opt, X, Y, batches(24, 6, 3))  # unrecorded warm-up
     rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq, quadrature=6)
     train(model, opt, X, Y, batches(24, 6, 5, seed=2), rec)
     assert rec.kernel_machine().report()["relative_error"] <= 1e-9
@@ -270,6 +291,7 @@ def test_top_contributors():
 
 # ---- refusals ---------------------------------------------------------------------------------
 
+
 def _setup(seed=20, **kw):
     X, Y, Xq = data(seed=seed)
     model = mlp(d_in=4, hidden=(6,), d_out=3, seed=seed)
@@ -324,7 +346,9 @@ def test_bad_idx_and_arguments():
     with pytest.raises(ValueError, match="idx: contains repeated indices"):
         with rec.step([1, 1]):
             pass
-    with pytest.raises(ValueError, match=r"query: the model rejects inputs of per-example shape \(5,\)"):
+    with pytest.raises(
+        ValueError, match=r"query: the model rejects inputs of per-example shape \(5,\)"
+    ):
         pk.PathRecorder(model, opt, LOSS, (X, Y), torch.randn(3, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="quadrature: expected a positive int"):
         pk.PathRecorder(model, opt, LOSS, (X, Y), quadrature=0)
@@ -349,6 +373,7 @@ def test_non_finite_loss_is_refused():
 
 def test_out_store_matches_in_memory(tmp_path):
     import numpy as np
+
     kms = []
     for out in [None, tmp_path / "rec"]:
         X, Y, Xq = data(seed=21)
@@ -365,18 +390,27 @@ def test_out_store_matches_in_memory(tmp_path):
 
 def test_dense_shares_that_cannot_fit_are_refused(monkeypatch):
     import os
+
     model, opt, X, Y, Xq = _setup(momentum=0.9)
     real = os.sysconf
     monkeypatch.setattr(os, "sysconf", lambda k: 1 if k == "SC_PHYS_PAGES" else real(k))
-    with pytest.raises(ValueError, match=r"optimizer: SGD with momentum or moments needs per-example shares"):
+    with pytest.raises(
+        ValueError, match=r"optimizer: SGD with momentum or moments needs per-example shares"
+    ):
         pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
 
 
-@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.3, weight_decay=0.1),
-                                      lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, weight_decay=0.1),
-                                      lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1)])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.3, weight_decay=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, weight_decay=0.1),
+        lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    ],
+)
 def test_parameter_without_gradient_is_skipped_like_torch(make_opt):
     """torch optimizers leave a parameter with no gradient untouched (no weight decay either)."""
+
     class WithUnused(nn.Module):
         def __init__(self):
             super().__init__()
@@ -406,9 +440,11 @@ def test_scheduler_inside_the_block_and_step_count():
             opt.zero_grad()
             LOSS(model(X[idx]), Y[idx]).backward()
             opt.step()
-            sched.step()          # changes the lr before the recorder reads it
+            sched.step()  # changes the lr before the recorder reads it
     assert rec.kernel_machine().report()["relative_error"] <= 1e-10
-    with pytest.raises(pk.StepMismatchError, match=r"expected one optimizer.step\(\) inside the block, saw 0"):
+    with pytest.raises(
+        pk.StepMismatchError, match=r"expected one optimizer.step\(\) inside the block, saw 0"
+    ):
         with rec.step(torch.arange(3)):
             opt.zero_grad()
             LOSS(model(X[:3]), Y[:3]).backward()

@@ -1,4 +1,5 @@
 """scikit-learn interoperability: precomputed kernels in the orientation sklearn expects."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """tangent_kernel against float64 per-example Jacobians contracted densely."""
+
 import pytest
 import torch
 from torch import nn
@@ -30,7 +31,10 @@ def _cases():
         "cnn": (CNN().double(), lambda n: torch.randn(n, 1, 6, 6, dtype=torch.float64)),
         "transformer": (TinyTransformer().double().eval(), lambda n: torch.randint(0, 11, (n, 5))),
         "tied": (Tied().double(), lambda n: torch.randint(0, 7, (n, 4))),
-        "shared-linear": (SharedLinear().double(), lambda n: torch.randn(n, 4, dtype=torch.float64)),
+        "shared-linear": (
+            SharedLinear().double(),
+            lambda n: torch.randn(n, 4, dtype=torch.float64),
+        ),
         "frozen-bn": (bn, lambda n: torch.randn(n, 5, dtype=torch.float64)),
     }
 
@@ -44,10 +48,16 @@ def test_matches_dense_reference_float64(name, outputs):
     model, make = CASES[name]
     torch.manual_seed(2)
     x1, x2 = make(9), make(6)
-    _check(pk.tangent_kernel(model, x1, outputs=outputs), reference_ntk(model, x1, None, outputs),
-           torch.float64)
-    _check(pk.tangent_kernel(model, x1, x2, outputs=outputs, batch_size=4),
-           reference_ntk(model, x1, x2, outputs), torch.float64)
+    _check(
+        pk.tangent_kernel(model, x1, outputs=outputs),
+        reference_ntk(model, x1, None, outputs),
+        torch.float64,
+    )
+    _check(
+        pk.tangent_kernel(model, x1, x2, outputs=outputs, batch_size=4),
+        reference_ntk(model, x1, x2, outputs),
+        torch.float64,
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -58,12 +68,16 @@ def test_float32_matches_reference(name):
     m32 = _float_copy(model)
     x1f = x1.float() if x1.is_floating_point() else x1
     x2f = x2.float() if x2.is_floating_point() else x2
-    _check(pk.tangent_kernel(m32, x1f, x2f, outputs="full"), reference_ntk(model, x1, x2, "full"),
-           torch.float32)
+    _check(
+        pk.tangent_kernel(m32, x1f, x2f, outputs="full"),
+        reference_ntk(model, x1, x2, "full"),
+        torch.float32,
+    )
 
 
 def _float_copy(model):
     import copy
+
     return copy.deepcopy(model).float()
 
 
@@ -89,8 +103,11 @@ class ExpScale(nn.Module):
 def test_factored_refuses_uncovered_parameters():
     model = ExpScale().double()
     x = torch.randn(5, 3, dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"implementation: 'factored' needs a factored rule .*"
-                                         r"\['log_scale'\] \(used by torch.exp"):
+    with pytest.raises(
+        ValueError,
+        match=r"implementation: 'factored' needs a factored rule .*"
+        r"\['log_scale'\] \(used by torch.exp",
+    ):
         pk.tangent_kernel(model, x, implementation="factored")
     _check(pk.tangent_kernel(model, x), reference_ntk(model, x), torch.float64)
 
@@ -138,8 +155,12 @@ def test_tuple_inputs_and_vector_output():
 def test_inplace_activation_after_a_layer():
     """An in-place op on a covered layer's output must not corrupt the captured gradients."""
     torch.manual_seed(8)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 4), nn.Tanh(),
-                          nn.Linear(4, 2)).double()
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 4), nn.Tanh(), nn.Linear(4, 2)
+    ).double()
     x = torch.randn(9, 5, dtype=torch.float64)
-    _check(pk.tangent_kernel(model, x, outputs="full"), reference_ntk(model, x, None, "full"),
-           torch.float64)
+    _check(
+        pk.tangent_kernel(model, x, outputs="full"),
+        reference_ntk(model, x, None, "full"),
+        torch.float64,
+    )

@@ -8,6 +8,7 @@ Layout: ``_capture`` (per-example features: rules, model plan, capture, blocks, 
 machine), ``_storage`` (stores, sources, checkpoints), ``_backend`` (the one door to the
 native modules), ``cli`` and ``bench`` (apart from the core; nothing in it imports them).
 """
+
 from ._backend import __version__
 from ._backend import info as backend_info
 from ._capture.describe import Description, describe
@@ -18,7 +19,17 @@ from ._drivers.sklearn import sklearn_kernels
 from ._drivers.tangent import tangent_kernel
 from ._drivers.tiling import PathKernelPlan, plan
 
-__all__ = ["Description", "KernelMachine", "describe", "PathKernelPlan", "PathRecorder",
-           "path_kernel", "plan",
-           "sklearn_kernels", "StepMismatchError", "backend_info", "tangent_kernel",
-           "__version__"]
+__all__ = [
+    "Description",
+    "KernelMachine",
+    "describe",
+    "PathKernelPlan",
+    "PathRecorder",
+    "path_kernel",
+    "plan",
+    "sklearn_kernels",
+    "StepMismatchError",
+    "backend_info",
+    "tangent_kernel",
+    "__version__",
+]

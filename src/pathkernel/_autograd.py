@@ -5,6 +5,7 @@ kernels need gradients, as torch.func's transforms do. Inference tensors handed 
 checkpoint weights created under ``inference_mode``) are copied into normal tensors, since
 autograd cannot save them for backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,6 +18,7 @@ def with_autograd(fn):
     def wrapper(*args, **kwargs):
         with torch.inference_mode(False), torch.enable_grad():
             return fn(*args, **kwargs)
+
     return wrapper
 
 

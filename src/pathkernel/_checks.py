@@ -1,4 +1,5 @@
 """Argument checks shared by the public entry points: fail early, name the argument."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -14,16 +15,23 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 def as_inputs(x, name: str) -> Tuple[torch.Tensor, ...]:
     """A tensor or tuple of tensors, batch-first, one length, non-empty and finite."""
     xs = (x,) if isinstance(x, torch.Tensor) else x
-    if not isinstance(xs, (tuple, list)) or not xs or not all(isinstance(t, torch.Tensor) for t in xs):
-        raise TypeError(f"{name}: expected a tensor or a tuple of tensors (batch first), "
-                        f"got {type(x).__name__}")
+    if (
+        not isinstance(xs, (tuple, list))
+        or not xs
+        or not all(isinstance(t, torch.Tensor) for t in xs)
+    ):
+        raise TypeError(
+            f"{name}: expected a tensor or a tuple of tensors (batch first), got {type(x).__name__}"
+        )
     xs = tuple(normal_tensor(t) for t in xs)
     for i, t in enumerate(xs):
         if t.dim() == 0:
             raise ValueError(f"{name}: expected a batch dimension, got a 0-d tensor")
         if t.shape[0] != xs[0].shape[0]:
-            raise ValueError(f"{name}: all input tensors must have the same batch size; "
-                             f"input 0 has {xs[0].shape[0]}, input {i} has {t.shape[0]}")
+            raise ValueError(
+                f"{name}: all input tensors must have the same batch size; "
+                f"input 0 has {xs[0].shape[0]}, input {i} has {t.shape[0]}"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero()[:5, 0].tolist()
             raise ValueError(f"{name}: contains NaN or Inf (examples {bad}...)")
@@ -43,11 +51,14 @@ def check_inputs_match(model: nn.Module, xs, name: str) -> None:
     mdtype, mdev = model_dtype_device(model)
     for t in xs:
         if t.device != mdev:
-            raise ValueError(f"{name}: is on {t.device} but the model is on {mdev}; "
-                             "move them to the same device")
+            raise ValueError(
+                f"{name}: is on {t.device} but the model is on {mdev}; move them to the same device"
+            )
         if t.is_floating_point() and t.dtype != mdtype:
-            raise TypeError(f"{name}: has dtype {t.dtype} but the model's parameters are {mdtype}; "
-                            "convert one of them (the kernel's precision is set by dtype=)")
+            raise TypeError(
+                f"{name}: has dtype {t.dtype} but the model's parameters are {mdtype}; "
+                "convert one of them (the kernel's precision is set by dtype=)"
+            )
 
 
 def check_same_features(x1, x2, n1: str = "x1", n2: str = "x2") -> None:
@@ -57,9 +68,11 @@ def check_same_features(x1, x2, n1: str = "x1", n2: str = "x2") -> None:
         raise ValueError(f"{n2}: expected {len(x1)} input tensors like {n1}, got {len(x2)}")
     for i, (a, b) in enumerate(zip(x1, x2)):
         if a.is_floating_point() != b.is_floating_point() or a.dim() != b.dim():
-            raise ValueError(f"{n2}: input {i} is {b.dtype} of per-example shape "
-                             f"{tuple(b.shape[1:])}, {n1}'s is {a.dtype} of shape "
-                             f"{tuple(a.shape[1:])}")
+            raise ValueError(
+                f"{n2}: input {i} is {b.dtype} of per-example shape "
+                f"{tuple(b.shape[1:])}, {n1}'s is {a.dtype} of shape "
+                f"{tuple(a.shape[1:])}"
+            )
 
 
 def resolve_dtype(dtype: Optional[torch.dtype], model: nn.Module) -> torch.dtype:
@@ -71,8 +84,9 @@ def resolve_dtype(dtype: Optional[torch.dtype], model: nn.Module) -> torch.dtype
 
 
 def check_batch_size(batch_size: Optional[int]) -> None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
 
 
@@ -85,12 +99,16 @@ def run_model_once(model: nn.Module, xs, name: str) -> None:
         ints = [t.dtype for t in xs if not t.is_floating_point()]
         msg = str(e)
         if ints and any(w in msg for w in ("dtype", "scalar type", "Long", "Int", "Byte")):
-            raise TypeError(f"{name}: the model rejects {ints[0]} inputs ({msg.splitlines()[0]}); "
-                            "a model with float parameters takes float inputs: convert them, "
-                            "e.g. x.float() or x.double()") from e
+            raise TypeError(
+                f"{name}: the model rejects {ints[0]} inputs ({msg.splitlines()[0]}); "
+                "a model with float parameters takes float inputs: convert them, "
+                "e.g. x.float() or x.double()"
+            ) from e
         shapes = [tuple(t.shape[1:]) for t in xs]
-        raise ValueError(f"{name}: the model rejects inputs of per-example shape "
-                         f"{shapes[0] if len(shapes) == 1 else shapes}: {e}") from e
+        raise ValueError(
+            f"{name}: the model rejects inputs of per-example shape "
+            f"{shapes[0] if len(shapes) == 1 else shapes}: {e}"
+        ) from e
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -101,6 +119,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def check_finite_block(block, name: str) -> None:
     for f in block.factors.values():
-        if not _all_finite(f.D) or (f.A is not None and f.A.is_floating_point()
-                                    and not _all_finite(f.A)):
+        if not _all_finite(f.D) or (
+            f.A is not None and f.A.is_floating_point() and not _all_finite(f.A)
+        ):
             raise ValueError(f"{name}: the model's gradients contain NaN or Inf on these inputs")

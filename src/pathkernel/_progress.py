@@ -1,4 +1,5 @@
 """Progress bars: tqdm when it is installed and wanted, otherwise nothing."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ contiguous); the native side re-validates what it is handed. CUDA tensors cross 
 ``pathkernel._native_cuda`` as (pointer, shape, strides, dtype, device) with torch's current
 stream, or are refused with a message that says how to build the CUDA module.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -49,24 +50,46 @@ def _as_numpy(t: torch.Tensor, name: str) -> np.ndarray:
 
 
 def _side(terms: Sequence[Term], name: str, conv) -> list:
-    return [(None if t.A is None else conv(t.A, f"{name}[{i}].A"), conv(t.D, f"{name}[{i}].D"),
-             float(t.beta), float(t.scale)) for i, t in enumerate(terms)]
+    return [
+        (
+            None if t.A is None else conv(t.A, f"{name}[{i}].A"),
+            conv(t.D, f"{name}[{i}].D"),
+            float(t.beta),
+            float(t.scale),
+        )
+        for i, t in enumerate(terms)
+    ]
 
 
 def _cuda_desc(keep: list):
     """Descriptor (ptr, shape, strides, dtype, device) of a contiguous CUDA tensor; ``keep``
     holds the contiguous copies alive until the launch has been queued on the stream."""
+
     def conv(t: torch.Tensor, name: str):
         t = t.detach().contiguous()
         keep.append(t)
-        return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype).replace("torch.", ""),
-                t.device.index)
+        return (
+            t.data_ptr(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            str(t.dtype).replace("torch.", ""),
+            t.device.index,
+        )
+
     return conv
 
 
-def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequence[Term]] = None,
-               *, alpha: float = 1.0, col_weights: Optional[torch.Tensor] = None,
-               tile: int = 512, threads: int = 0, precision: str = "3xtf32") -> torch.Tensor:
+def accumulate(
+    out: torch.Tensor,
+    side1: Sequence[Term],
+    side2: Optional[Sequence[Term]] = None,
+    *,
+    alpha: float = 1.0,
+    col_weights: Optional[torch.Tensor] = None,
+    tile: int = 512,
+    threads: int = 0,
+    precision: str = "3xtf32",
+) -> torch.Tensor:
     """``out[i,j,c1,c2] += alpha * w_j * sum_l scale_l sum_{s,s'} (A1.A2 + beta_l)(D1.D2)``.
 
     ``side2=None`` means side 2 is side 1 (symmetric: only the upper half is computed).
@@ -76,7 +99,9 @@ def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequenc
     """
     if not out.is_contiguous():
         raise ValueError("out: expected a contiguous tensor")
-    tensors = [out] + [x for t in list(side1) + list(side2 or []) for x in (t.A, t.D) if x is not None]
+    tensors = [out] + [
+        x for t in list(side1) + list(side2 or []) for x in (t.A, t.D) if x is not None
+    ]
     if col_weights is not None:
         tensors.append(col_weights)
     devices = {t.device for t in tensors}
@@ -87,25 +112,42 @@ def accumulate(out: torch.Tensor, side1: Sequence[Term], side2: Optional[Sequenc
             raise ValueError(
                 f"out: got tensors on {out.device}, but pathkernel was built without CUDA; "
                 "reinstall where nvcc is found (pip install . --config-settings="
-                "cmake.define.PATHKERNEL_CUDA=ON) or move the model and inputs to the CPU")
+                "cmake.define.PATHKERNEL_CUDA=ON) or move the model and inputs to the CPU"
+            )
         from .cuda_check import selfcheck
 
-        selfcheck(out.dtype, side1[0].D.dtype, precision, out.device,
-                        tensor_cores=all(t.D.shape[1] == 1 for t in side1) and out.shape[2:] == (1, 1))
+        selfcheck(
+            out.dtype,
+            side1[0].D.dtype,
+            precision,
+            out.device,
+            tensor_cores=all(t.D.shape[1] == 1 for t in side1) and out.shape[2:] == (1, 1),
+        )
         keep: list = []
         conv = _cuda_desc(keep)
         stream = torch.cuda.current_stream(out.device).cuda_stream
-        _native_cuda.accumulate(conv(out, "out"), _side(side1, "side1", conv),
-                                None if side2 is None else _side(side2, "side2", conv), float(alpha),
-                                None if col_weights is None else conv(col_weights, "col_weights"),
-                                precision, stream, out.device.index)
+        _native_cuda.accumulate(
+            conv(out, "out"),
+            _side(side1, "side1", conv),
+            None if side2 is None else _side(side2, "side2", conv),
+            float(alpha),
+            None if col_weights is None else conv(col_weights, "col_weights"),
+            precision,
+            stream,
+            out.device.index,
+        )
         return out
     if out.device.type != "cpu":
         raise ValueError(f"out: tensors on {out.device} are not supported (CPU or CUDA)")
-    _native.accumulate(_as_numpy(out, "out"), _side(side1, "side1", _as_numpy),
-                       None if side2 is None else _side(side2, "side2", _as_numpy), float(alpha),
-                       None if col_weights is None else _as_numpy(col_weights, "col_weights"),
-                       int(tile), int(threads))
+    _native.accumulate(
+        _as_numpy(out, "out"),
+        _side(side1, "side1", _as_numpy),
+        None if side2 is None else _side(side2, "side2", _as_numpy),
+        float(alpha),
+        None if col_weights is None else _as_numpy(col_weights, "col_weights"),
+        int(tile),
+        int(threads),
+    )
     return out
 
 

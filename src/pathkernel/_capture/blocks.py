@@ -6,6 +6,7 @@ per-example gradient (``A = None``, ``D [n, 1, C, P_group]``). Which form is kep
 per group by the cost of a pair of examples (docs/design.md, section 2). In the
 "trace" mode the C channels are stacked into the feature dim only when the blocks are paired.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from .rules import apply_weight, one_hot, weight_grad_sum, weight_grads
 @dataclass
 class Factor:
     A: Optional[torch.Tensor]  # [n, S, da] float | [n, S] long tokens | None
-    D: torch.Tensor            # [n, S, C, dd]
-    beta: float                # 1.0 when the group's bias is trainable (folded into A . A')
+    D: torch.Tensor  # [n, S, C, dd]
+    beta: float  # 1.0 when the group's bias is trainable (folded into A . A')
     materialized: bool = False  # D holds flattened per-example gradients, A is None
 
 
@@ -32,8 +33,9 @@ class Block:
     factors: Dict[int, Factor] = field(default_factory=dict)
 
 
-def pair_cost(S: int, da: int, dd: int, C: int, stacked: bool, groups: int = 1
-              ) -> Tuple[float, float]:
+def pair_cost(
+    S: int, da: int, dd: int, C: int, stacked: bool, groups: int = 1
+) -> Tuple[float, float]:
     """(factored, materialized) multiply-adds for one pair of examples of one group (a
     grouped convolution: ``groups`` terms of ``da`` inputs and ``dd / groups`` outputs).
 
@@ -48,8 +50,9 @@ def pair_cost(S: int, da: int, dd: int, C: int, stacked: bool, groups: int = 1
 
 
 def _grad_args(group) -> dict:
-    return dict(shape=group.shape, transposed=group.transposed, vocab=group.vocab,
-                groups=group.conv_groups)
+    return dict(
+        shape=group.shape, transposed=group.transposed, vocab=group.vocab, groups=group.conv_groups
+    )
 
 
 def materialize(group, f: Factor) -> Factor:
@@ -85,8 +88,9 @@ def _stack(D: torch.Tensor, stacked: bool) -> torch.Tensor:
     return D.reshape(D.shape[0], D.shape[1], 1, -1) if stacked else D
 
 
-def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0, stacked: bool = False
-             ) -> Tuple[List[Term], Optional[List[Term]]]:
+def to_terms(
+    plan, b1: Block, b2: Optional[Block], scale: float = 1.0, stacked: bool = False
+) -> Tuple[List[Term], Optional[List[Term]]]:
     """Native terms for the pair of blocks (``b2 = None``: b1 against itself), each weighted
     by ``scale``; ``stacked``: sum over channels inside the kernel (trace)."""
     s1: List[Term] = []
@@ -103,8 +107,9 @@ def to_terms(plan, b1: Block, b2: Optional[Block], scale: float = 1.0, stacked: 
             A1, A2 = _shared_one_hot(A1, A2 if b2 is not None else None, f1.D.dtype)
         g = 1 if f1.materialized else plan.group(k).conv_groups
         # a grouped convolution: one term per group (no pairs across groups)
-        for A1j, D1j, A2j, D2j in zip(_split(A1, g), _split(f1.D, g), _split(A2, g),
-                                      _split(f2.D, g)):
+        for A1j, D1j, A2j, D2j in zip(
+            _split(A1, g), _split(f1.D, g), _split(A2, g), _split(f2.D, g)
+        ):
             s1.append(Term(A1j, _stack(D1j, stacked), f1.beta, scale))
             s2.append(Term(A2j, _stack(D2j, stacked), f2.beta, scale))
     if not s1:
@@ -116,7 +121,7 @@ def _split(t: Optional[torch.Tensor], g: int) -> list:
     if t is None or g == 1:
         return [t] * g
     w = t.shape[-1] // g
-    return [t[..., j * w:(j + 1) * w] for j in range(g)]
+    return [t[..., j * w : (j + 1) * w] for j in range(g)]
 
 
 def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
@@ -124,13 +129,13 @@ def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
     both = t1 if t2 is None else torch.cat([t1.reshape(-1), t2.reshape(-1)])
     vocab, inverse = torch.unique(both.reshape(-1), return_inverse=True)
     has_pad = bool(vocab.numel()) and int(vocab[0]) < 0
-    idx = inverse - 1 if has_pad else inverse       # -1 stays "no token"
+    idx = inverse - 1 if has_pad else inverse  # -1 stays "no token"
     V = max(1, vocab.numel() - int(has_pad))
     i1 = idx[: t1.numel()].reshape(t1.shape)
     oh1 = one_hot(i1, V, dtype)
     if t2 is None:
         return oh1, oh1
-    i2 = idx[t1.numel():].reshape(t2.shape)
+    i2 = idx[t1.numel() :].reshape(t2.shape)
     return oh1, one_hot(i2, V, dtype)
 
 
@@ -161,8 +166,11 @@ def per_example_grads(plan, block: Block) -> torch.Tensor:
         f = block.factors.get(k)
         if f is None:
             ref = next(iter(block.factors.values())).D
-            parts.append(torch.zeros(block.n, block.C, plan.group_size(k), dtype=ref.dtype,
-                                     device=ref.device))
+            parts.append(
+                torch.zeros(
+                    block.n, block.C, plan.group_size(k), dtype=ref.dtype, device=ref.device
+                )
+            )
             continue
         if not f.materialized:
             f = materialize(plan.group(k), f)

@@ -6,6 +6,7 @@ functions without a vmap rule) fall back to ``jacrev`` one example at a time, an
 fails too, to plain autograd, one backward pass per example and output. The verdict is
 remembered per model so the failing attempt is made once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,15 +31,20 @@ def math_attention():
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # torch < 2.3
         try:
-            return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True,
-                                                  enable_mem_efficient=False)
+            return torch.backends.cuda.sdp_kernel(
+                enable_flash=False, enable_math=True, enable_mem_efficient=False
+            )
         except (AttributeError, TypeError):
             return contextlib.nullcontext()
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def dense_jacobian(plan: ModelPlan, state: Dict[str, torch.Tensor], x: tuple,
-                   rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def dense_jacobian(
+    plan: ModelPlan,
+    state: Dict[str, torch.Tensor],
+    x: tuple,
+    rows: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """``[n, C, P_dense]`` per-example Jacobians of ``rows(model(x))`` w.r.t. the dense params."""
     names = plan.dense
     fixed = {k: v.detach() for k, v in state.items() if k not in names}
@@ -61,6 +67,7 @@ def _single(model, fixed, rows):
     def f(dp, *xs):
         out = functional_call(model, {**fixed, **dp}, tuple(t.unsqueeze(0) for t in xs))
         return rows(out)[0]
+
     return f
 
 
@@ -80,12 +87,17 @@ def _by_autograd(model, fixed, dense, x, rows):
     for i in range(x[0].shape[0]):
         dp = {k: v.detach().requires_grad_(True) for k, v in dense.items()}
         with torch.enable_grad():
-            o = rows(functional_call(model, {**fixed, **dp}, tuple(t[i:i + 1] for t in x)))[0]
-            per = [torch.autograd.grad(o[c], list(dp.values()), retain_graph=c < o.shape[0] - 1,
-                                       allow_unused=True) for c in range(o.shape[0])]
+            o = rows(functional_call(model, {**fixed, **dp}, tuple(t[i : i + 1] for t in x)))[0]
+            per = [
+                torch.autograd.grad(
+                    o[c], list(dp.values()), retain_graph=c < o.shape[0] - 1, allow_unused=True
+                )
+                for c in range(o.shape[0])
+            ]
         for j, k in enumerate(dp):
-            out[k].append(torch.stack([torch.zeros_like(dp[k]) if p[j] is None else p[j]
-                                       for p in per]))
+            out[k].append(
+                torch.stack([torch.zeros_like(dp[k]) if p[j] is None else p[j] for p in per])
+            )
     return {k: torch.stack(v) for k, v in out.items()}
 
 

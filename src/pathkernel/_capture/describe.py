@@ -1,4 +1,5 @@
 """``describe``: which rule and which form each parameter of a model gets, and why."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from torch import nn
 
 from .._autograd import with_autograd
 from .extract import extract
-from .outputs import OutputSpec, OutputsArg
+from .outputs import OutputsArg, OutputSpec
 from .plan import ModelPlan, cast_inputs, model_state
 from .probe import probe
 
@@ -24,7 +25,7 @@ FORMS = {
 class ParameterRow:
     name: str
     shape: tuple
-    form: str   # "factored" | "materialized" | "elementwise" | "dense"
+    form: str  # "factored" | "materialized" | "elementwise" | "dense"
     why: str
 
 
@@ -51,8 +52,11 @@ class Description:
         counts = {f: sum(_numel(r.shape) for r in self.rows if r.form == f) for f in FORMS}
         total = max(sum(counts.values()), 1)
         lines.append("")
-        lines += [f"{f:<13} {100 * c / total:5.1f}% of parameters: {FORMS[f]}"
-                  for f, c in counts.items() if c]
+        lines += [
+            f"{f:<13} {100 * c / total:5.1f}% of parameters: {FORMS[f]}"
+            for f, c in counts.items()
+            if c
+        ]
         return "\n".join(lines)
 
 
@@ -64,8 +68,9 @@ def _numel(shape) -> int:
 
 
 @with_autograd
-def describe(model: nn.Module, x, *, outputs: OutputsArg = "trace",
-             implementation: str = "auto") -> Description:
+def describe(
+    model: nn.Module, x, *, outputs: OutputsArg = "trace", implementation: str = "auto"
+) -> Description:
     """How ``tangent_kernel`` (and the other entry points) will treat each parameter.
 
     Args:
@@ -93,9 +98,11 @@ def describe(model: nn.Module, x, *, outputs: OutputsArg = "trace",
         if k is None:
             form = "dense"
         elif plan.groups[k].kind == "sum":
-            form = "elementwise" if not set(plan.groups[k].ops) & {"linear", "matmul", "addmm",
-                                                                   "conv", "embedding"} \
+            form = (
+                "elementwise"
+                if not set(plan.groups[k].ops) & {"linear", "matmul", "addmm", "conv", "embedding"}
                 else "materialized"
+            )
         else:
             f = block.factors.get(k)
             form = "materialized" if f is not None and f.materialized else "factored"

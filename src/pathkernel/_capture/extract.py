@@ -6,6 +6,7 @@ of the *sum* over the batch with respect to example i's part of an op output is 
 own, so one backward pass per output channel (vmapped over channels) yields every example's
 factors at once. Parameters without a rule get per-example Jacobians from the dense path.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Tuple
@@ -53,7 +54,8 @@ def check_trace(uses: List[Use], trace: Trace) -> None:
     if [u.signature() for u in uses] != trace.signatures:
         raise TraceMismatch(
             "model: its parameters were applied by other operations than when it was probed "
-            "(the forward pass depends on the data?); use implementation='dense'")
+            "(the forward pass depends on the data?); use implementation='dense'"
+        )
 
 
 def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -64,23 +66,32 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
     n, C = f.shape
     if C == 1:
         gs = torch.autograd.grad(f.sum(), ys, allow_unused=True, retain_graph=True)
-        return [torch.zeros_like(y).unsqueeze(0) if g is None else g.unsqueeze(0)
-                for y, g in zip(ys, gs)]
+        return [
+            torch.zeros_like(y).unsqueeze(0) if g is None else g.unsqueeze(0)
+            for y, g in zip(ys, gs)
+        ]
     eye = torch.eye(C, dtype=f.dtype, device=f.device).unsqueeze(1).expand(C, n, C)
     try:
-        gs = torch.autograd.grad(f, ys, grad_outputs=eye, is_grads_batched=True,
-                                 allow_unused=True, retain_graph=True)
+        gs = torch.autograd.grad(
+            f, ys, grad_outputs=eye, is_grads_batched=True, allow_unused=True, retain_graph=True
+        )
     except RuntimeError:  # an op without a batching rule: one pass per channel
-        per = [torch.autograd.grad(f[:, c].sum(), ys, retain_graph=True, allow_unused=True)
-               for c in range(C)]
-        gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
-              for i in range(len(ys))]
-    return [torch.zeros((C,) + tuple(y.shape), dtype=y.dtype, device=y.device) if g is None else g
-            for y, g in zip(ys, gs)]
+        per = [
+            torch.autograd.grad(f[:, c].sum(), ys, retain_graph=True, allow_unused=True)
+            for c in range(C)
+        ]
+        gs = [
+            None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(ys))
+        ]
+    return [
+        torch.zeros((C,) + tuple(y.shape), dtype=y.dtype, device=y.device) if g is None else g
+        for y, g in zip(ys, gs)
+    ]
 
 
-def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int,
-                  stacked: bool = False) -> Dict[int, Factor]:
+def group_factors(
+    plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int, stacked: bool = False
+) -> Dict[int, Factor]:
     """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``)."""
     cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -114,8 +125,9 @@ def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]],
                 if role == "bias":
                     G = bias_grads(use, D, p.numel())
                 else:
-                    G = weight_grads(A, D, p.shape, ref.transposed, p.shape[0],
-                                     use.ctx.get("groups", 1)).reshape(n, D.shape[2], -1)
+                    G = weight_grads(
+                        A, D, p.shape, ref.transposed, p.shape[0], use.ctx.get("groups", 1)
+                    ).reshape(n, D.shape[2], -1)
             parts.setdefault(k, []).append(G)
     factors: Dict[int, Factor] = {}
     for k, ps in parts.items():
@@ -136,8 +148,13 @@ def group_factors(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]],
     return factors
 
 
-def extract(plan: ModelPlan, spec: OutputSpec, state: Dict[str, torch.Tensor], x: tuple,
-            channels: Optional[slice] = None) -> Block:
+def extract(
+    plan: ModelPlan,
+    spec: OutputSpec,
+    state: Dict[str, torch.Tensor],
+    x: tuple,
+    channels: Optional[slice] = None,
+) -> Block:
     """Features of one block of examples (``channels``: a slice of the output channels)."""
     n = x[0].shape[0]
     rows = spec.rows if channels is None else (lambda o: spec.rows(o)[:, channels])
@@ -150,11 +167,15 @@ def extract(plan: ModelPlan, spec: OutputSpec, state: Dict[str, torch.Tensor], x
         out, uses = run_captured(plan, state, x, trace)
         f = rows(out)
         C = f.shape[1]
-        keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
-                if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
+        keep = [
+            (u, trace.layouts[i])
+            for i, u in enumerate(uses)
+            if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())
+        ]
         grads = _output_grads(f, [u.y for u, _ in keep])
-        factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n,
-                                spec.stacked)
+        factors = group_factors(
+            plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n, spec.stacked
+        )
     if plan.dense:
         G = dense_jacobian(plan, state, x, rows)
         C = G.shape[1]
@@ -162,13 +183,20 @@ def extract(plan: ModelPlan, spec: OutputSpec, state: Dict[str, torch.Tensor], x
     return Block(n, C, factors)
 
 
-def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str,
-             channels: Optional[slice] = None) -> Block:
+def features(
+    plan: ModelPlan,
+    spec: OutputSpec,
+    state,
+    x,
+    chunk: int,
+    name: str,
+    channels: Optional[slice] = None,
+) -> Block:
     """Features of all of ``x``, extracted ``chunk`` examples at a time and concatenated."""
     n = x[0].shape[0]
     blocks = []
     for i in range(0, n, chunk):
-        b = extract(plan, spec, state, tuple(t[i:i + chunk] for t in x), channels)
+        b = extract(plan, spec, state, tuple(t[i : i + chunk] for t in x), channels)
         check_finite_block(b, name)
         blocks.append(b)
     return concat_blocks(blocks)
@@ -177,8 +205,14 @@ def features(plan: ModelPlan, spec: OutputSpec, state, x, chunk: int, name: str,
 FEATURE_BUDGET = 1 << 29  # bytes of features held at once before the channels are chunked
 
 
-def channel_chunks(plan: ModelPlan, spec: OutputSpec, x: tuple, n_total: int,
-                   dtype: torch.dtype, budget: int = FEATURE_BUDGET) -> List[Optional[slice]]:
+def channel_chunks(
+    plan: ModelPlan,
+    spec: OutputSpec,
+    x: tuple,
+    n_total: int,
+    dtype: torch.dtype,
+    budget: int = FEATURE_BUDGET,
+) -> List[Optional[slice]]:
     """Output channels in chunks whose features for ``n_total`` examples fit ``budget``
     (trace only: it sums over channels; other modes keep every channel at once)."""
     if not spec.stacked:
@@ -208,29 +242,45 @@ def channel_chunks(plan: ModelPlan, spec: OutputSpec, x: tuple, n_total: int,
     return [slice(c, min(C, c + cc)) for c in range(0, C, cc)]
 
 
-def tangent_terms(plan: ModelPlan, spec: OutputSpec, dtype: torch.dtype, x1, x2=None,
-                  chunk: Optional[int] = None, channels: Optional[slice] = None):
+def tangent_terms(
+    plan: ModelPlan,
+    spec: OutputSpec,
+    dtype: torch.dtype,
+    x1,
+    x2=None,
+    chunk: Optional[int] = None,
+    channels: Optional[slice] = None,
+):
     """Native terms of the tangent kernel of ``x1`` against ``x2`` (None: itself) at the
     model's current weights: ``(side1, side2, C)`` for ``_backend.accumulate``."""
     state = model_state(plan, dtype)
     chunk = chunk or CHUNK
     b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1", channels)
-    b2 = None if x2 is None else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2",
-                                          channels)
+    b2 = (
+        None
+        if x2 is None
+        else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2", channels)
+    )
     side1, side2 = to_terms(plan, b1, b2, stacked=spec.stacked)
     return side1, side2, 1 if spec.stacked else b1.C
 
 
-def block_from_recorded(plan: ModelPlan, uses: List[Use], trace: Trace, state, x: tuple,
-                        cotangent: torch.Tensor) -> Block:
+def block_from_recorded(
+    plan: ModelPlan, uses: List[Use], trace: Trace, state, x: tuple, cotangent: torch.Tensor
+) -> Block:
     """Features of the gradient of the user's own loss, from a recorded backward pass:
     one channel, ``J_i^T u_i`` with ``u_i`` the loss gradient at example i's output."""
     n = cotangent.shape[0]
     check_trace(uses, trace)
-    keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
-            if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
-    items = [(u, lay, (torch.zeros_like(u.y) if u.grad is None else u.grad).unsqueeze(0))
-             for u, lay in keep]
+    keep = [
+        (u, trace.layouts[i])
+        for i, u in enumerate(uses)
+        if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())
+    ]
+    items = [
+        (u, lay, (torch.zeros_like(u.y) if u.grad is None else u.grad).unsqueeze(0))
+        for u, lay in keep
+    ]
     block = Block(n, 1, group_factors(plan, items, n))
     if plan.dense:
         J = dense_jacobian(plan, state, x, lambda o: o.reshape(o.shape[0], -1))

@@ -7,6 +7,7 @@ example at all. The layout of each use is found once per input shape by running 
 pass on one example and on ``n`` examples whose first is that example, and matching values:
 the batch dim is the one whose slice 0 reproduces the one-example activation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ import torch
 
 @dataclass(frozen=True)
 class Layout:
-    dim: int                  # the batch dim of the use's batched tensor
-    per: int = 1              # > 1: that dim holds n * per entries (examples flattened with positions)
+    dim: int  # the batch dim of the use's batched tensor
+    per: int = 1  # > 1: that dim holds n * per entries (examples flattened with positions)
     batch_major: bool = True  # flattened as (n, per) rather than (per, n)
-    expand: bool = False      # independent of the example: the output is expanded along dim
+    expand: bool = False  # independent of the example: the output is expanded along dim
 
 
 def batch_first(t: torch.Tensor, layout: Layout, n: int, lead: int = 0) -> torch.Tensor:
@@ -43,8 +44,9 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a - b).abs() <= 1e-9 * scale).all())
 
 
-def discover(one: torch.Tensor, many: torch.Tensor, n: int,
-             expandable: Optional[int] = None) -> Optional[Layout]:
+def discover(
+    one: torch.Tensor, many: torch.Tensor, n: int, expandable: Optional[int] = None
+) -> Optional[Layout]:
     """The layout of a batched tensor from its value on one example (``one``) and on ``n``
     examples whose first is that one (``many``); None when no layout explains them.
     ``expandable``: how many leading dims may carry the batch (default: all)."""

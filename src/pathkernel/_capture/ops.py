@@ -15,6 +15,7 @@ functions that hide such calls behind their own ``__torch_function__`` check
 Every other call passes through untouched; a parameter whose gradient the recorded uses do not
 explain goes to the dense path (the probe checks this per example in float64).
 """
+
 from __future__ import annotations
 
 import types
@@ -35,8 +36,8 @@ class Ref:
     """A tensor that is (a view of) trainable parameter ``name``."""
 
     name: str
-    transposed: bool = False                 # param.t() of a 2-d parameter
-    rows: Optional[Tuple[int, int]] = None   # param[r0:r1] along dim 0
+    transposed: bool = False  # param.t() of a 2-d parameter
+    rows: Optional[Tuple[int, int]] = None  # param[r0:r1] along dim 0
     shape: Optional[Tuple[int, ...]] = None  # param.reshape(shape) (elementwise uses)
 
     @property
@@ -48,13 +49,13 @@ class Ref:
 class Use:
     """One application of a parameterized operation during a forward pass."""
 
-    op: str                          # "linear", "conv", "embedding", a norm, "add", "mul", ...
-    weight: Optional[Ref]            # the matrix (or elementwise) parameter
-    bias: Optional[Ref]              # a bias added by the same op (its gradient is sum of D)
-    x: Optional[torch.Tensor]        # the activation operand (tokens for embedding)
-    y: torch.Tensor                  # the op output: D is the gradient with respect to it
+    op: str  # "linear", "conv", "embedding", a norm, "add", "mul", ...
+    weight: Optional[Ref]  # the matrix (or elementwise) parameter
+    bias: Optional[Ref]  # a bias added by the same op (its gradient is sum of D)
+    x: Optional[torch.Tensor]  # the activation operand (tokens for embedding)
+    y: torch.Tensor  # the op output: D is the gradient with respect to it
     ctx: dict = field(default_factory=dict)  # the op's settings (conv stride, norm stats, ...)
-    version: int = 0                 # y._version when recorded (in-place ops bump it)
+    version: int = 0  # y._version when recorded (in-place ops bump it)
     grad: Optional[torch.Tensor] = None  # recording mode: the user's backward's gradient at y
 
     @property
@@ -88,8 +89,9 @@ def _entered(func):
     if f is None:
         glob = dict(func.__globals__)
         glob["has_torch_function"] = lambda *_: False
-        f = types.FunctionType(func.__code__, glob, func.__name__, func.__defaults__,
-                               func.__closure__)
+        f = types.FunctionType(
+            func.__code__, glob, func.__name__, func.__defaults__, func.__closure__
+        )
         f.__kwdefaults__ = func.__kwdefaults__
         _ENTERED[func] = f
     return f
@@ -106,9 +108,15 @@ class OpCapture(TorchFunctionMode):
     sends to each output.
     """
 
-    def __init__(self, params: Dict[int, str], n: int, expand: Optional[Dict[int, int]] = None,
-                 record_grads: bool = False, copy_outputs: bool = False,
-                 touched: Optional[Dict[str, set]] = None):
+    def __init__(
+        self,
+        params: Dict[int, str],
+        n: int,
+        expand: Optional[Dict[int, int]] = None,
+        record_grads: bool = False,
+        copy_outputs: bool = False,
+        touched: Optional[Dict[str, set]] = None,
+    ):
         super().__init__()
         self.refs: Dict[int, Ref] = {i: Ref(name) for i, name in params.items()}
         self.n = n
@@ -118,7 +126,7 @@ class OpCapture(TorchFunctionMode):
         self.touched = touched
         self.uses: List[Use] = []
         self.active = True
-        self._alive: list = []   # derived tensors stay alive so their ids stay unique
+        self._alive: list = []  # derived tensors stay alive so their ids stay unique
 
     # ---- helpers ---------------------------------------------------------------------------
     def ref(self, t) -> Optional[Ref]:
@@ -163,7 +171,7 @@ class OpCapture(TorchFunctionMode):
                 return out
         if self.touched is not None and not _inert(func):
             for a in list(args) + list(kwargs.values()):
-                for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                for t in a if isinstance(a, (list, tuple)) else (a,):
                     r = self.ref(t)
                     if r is not None:
                         self.touched.setdefault(r.name, set()).add(_func_name(func))
@@ -171,14 +179,45 @@ class OpCapture(TorchFunctionMode):
 
 
 # Calls that read a parameter's metadata, not its values.
-_INERT_PROPERTIES = {"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_sparse",
-                     "is_quantized", "is_meta", "layout", "is_leaf", "grad_fn", "names",
-                     "is_nested", "_version", "itemsize", "nbytes", "is_mps", "is_xpu"}
-_INERT = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride,
-          torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.element_size,
-          torch.Tensor.__len__, torch.Tensor.is_contiguous, torch.Tensor.__hash__,
-          torch.Tensor.data_ptr, torch.Tensor.storage_offset, torch.Tensor.get_device,
-          torch.Tensor.__format__, torch.Tensor.__repr__, torch.numel}
+_INERT_PROPERTIES = {
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "requires_grad",
+    "is_cuda",
+    "is_sparse",
+    "is_quantized",
+    "is_meta",
+    "layout",
+    "is_leaf",
+    "grad_fn",
+    "names",
+    "is_nested",
+    "_version",
+    "itemsize",
+    "nbytes",
+    "is_mps",
+    "is_xpu",
+}
+_INERT = {
+    torch.Tensor.size,
+    torch.Tensor.dim,
+    torch.Tensor.numel,
+    torch.Tensor.stride,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.element_size,
+    torch.Tensor.__len__,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.__hash__,
+    torch.Tensor.data_ptr,
+    torch.Tensor.storage_offset,
+    torch.Tensor.get_device,
+    torch.Tensor.__format__,
+    torch.Tensor.__repr__,
+    torch.numel,
+}
 
 
 def _inert(func) -> bool:
@@ -197,6 +236,7 @@ def _func_name(func) -> str:
 
 
 # ---- views of parameters ---------------------------------------------------------------------
+
 
 def _transpose(mode, func, args, kwargs):
     r = mode.ref(args[0])
@@ -251,6 +291,7 @@ def _reshape(mode, func, args, kwargs):
 
 # ---- matrix operations ---------------------------------------------------------------------
 
+
 def _matrix_ref(r: Optional[Ref], transposed: bool) -> Optional[Ref]:
     """The ref of a weight used as ``y = x W^T`` (``transposed=False``) or ``y = x W``."""
     if r is None or r.shape is not None:
@@ -299,7 +340,11 @@ def _addmm(mode, func, args, kwargs):
     r = mode.ref(a["mat2"])
     wr = _matrix_ref(r, True) if r is not None else None
     br = _bias_ref(mode, a["input"])
-    if (r is not None and wr is None) or mode.ref(a["mat1"]) is not None or (wr is None and br is None):
+    if (
+        (r is not None and wr is None)
+        or mode.ref(a["mat1"]) is not None
+        or (wr is None and br is None)
+    ):
         return NotImplemented
     if br is not None and a["input"].dim() != 1:
         br = None
@@ -324,10 +369,16 @@ def _conv(dims: int):
             return NotImplemented
         y = func(*args, **kwargs)
         k = tuple(a["weight"].shape[2:])
-        ctx = dict(dims=dims, kernel=k, stride=_tuple(a.get("stride", 1), dims),
-                   padding=a.get("padding", 0), dilation=_tuple(a.get("dilation", 1), dims),
-                   groups=int(a.get("groups", 1)))
+        ctx = dict(
+            dims=dims,
+            kernel=k,
+            stride=_tuple(a.get("stride", 1), dims),
+            padding=a.get("padding", 0),
+            dilation=_tuple(a.get("dilation", 1), dims),
+            groups=int(a.get("groups", 1)),
+        )
         return mode._record("conv", wr, br, a["input"], y, **ctx)
+
     return handler
 
 
@@ -336,8 +387,15 @@ def _tuple(v, dims):
 
 
 def _embedding(mode, func, args, kwargs):
-    names = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq",
-             "sparse")
+    names = (
+        "input",
+        "weight",
+        "padding_idx",
+        "max_norm",
+        "norm_type",
+        "scale_grad_by_freq",
+        "sparse",
+    )
     a = dict(zip(names, args), **kwargs)
     r = mode.ref(a["weight"])
     if r is None or not r.plain:
@@ -345,19 +403,24 @@ def _embedding(mode, func, args, kwargs):
     if a.get("max_norm") is not None:
         raise ValueError(
             f"model: embedding '{r.name}' with max_norm={a['max_norm']} rewrites its weight "
-            "during the forward pass, so its tangent kernel is not defined; use max_norm=None")
+            "during the forward pass, so its tangent kernel is not defined; use max_norm=None"
+        )
     if a.get("scale_grad_by_freq"):
-        raise ValueError(f"model: embedding '{r.name}' with scale_grad_by_freq=True couples the "
-                         "examples of a batch; use scale_grad_by_freq=False")
+        raise ValueError(
+            f"model: embedding '{r.name}' with scale_grad_by_freq=True couples the "
+            "examples of a batch; use scale_grad_by_freq=False"
+        )
     y = func(*args, **kwargs)
     pad = a.get("padding_idx")
     if pad is not None and pad < 0:
         pad += a["weight"].shape[0]
-    return mode._record("embedding", Ref(r.name, transposed=True), None, a["input"], y,
-                        padding_idx=pad)
+    return mode._record(
+        "embedding", Ref(r.name, transposed=True), None, a["input"], y, padding_idx=pad
+    )
 
 
 # ---- norms: the affine parameters are elementwise ----------------------------------------------
+
 
 def _norm(op: str, names: tuple, channel_dim: Optional[int]):
     def handler(mode, func, args, kwargs):
@@ -370,27 +433,34 @@ def _norm(op: str, names: tuple, channel_dim: Optional[int]):
         if op == "batch_norm" and a.get("training"):
             raise ValueError(
                 f"model: batch_norm of '{(w or b).name}' runs in training mode, which couples "
-                "the examples of a batch; call model.eval() first")
+                "the examples of a batch; call model.eval() first"
+            )
         y = func(*args, **kwargs)
         return mode._record(op, w, b, a["input"], y, args=a, channel_dim=channel_dim)
+
     return handler
 
 
 # ---- a parameter combined elementwise with activations ----------------------------------------
+
 
 def _binary(op: str):
     def handler(mode, func, args, kwargs):
         if len(args) < 2 or kwargs.get("alpha", 1) != 1:
             return NotImplemented
         r0, r1 = mode.ref(args[0]), mode.ref(args[1])
-        if (r0 is None) == (r1 is None) or not isinstance(args[0], torch.Tensor) \
-                or not isinstance(args[1], torch.Tensor):
+        if (
+            (r0 is None) == (r1 is None)
+            or not isinstance(args[0], torch.Tensor)
+            or not isinstance(args[1], torch.Tensor)
+        ):
             return NotImplemented
         r, other = (r0, args[1]) if r0 is not None else (r1, args[0])
         if r.transposed or r.rows is not None:
             return NotImplemented
         y = func(*args, **kwargs)
         return mode._record(op, r, None, None, y, other=other.detach() if op == "mul" else None)
+
     return handler
 
 
@@ -404,32 +474,68 @@ def _expand(mode, func, args, kwargs):
 
 _HANDLERS: Dict[object, Callable] = {
     torch._C._nn.linear: _linear,
-    torch.matmul: _matmul, torch.Tensor.matmul: _matmul, torch.Tensor.__matmul__: _matmul,
-    torch.mm: _matmul, torch.Tensor.mm: _matmul,
-    torch.addmm: _addmm, torch.Tensor.addmm: _addmm,
-    torch.conv1d: _conv(1), torch.conv2d: _conv(2), torch.conv3d: _conv(3),
+    torch.matmul: _matmul,
+    torch.Tensor.matmul: _matmul,
+    torch.Tensor.__matmul__: _matmul,
+    torch.mm: _matmul,
+    torch.Tensor.mm: _matmul,
+    torch.addmm: _addmm,
+    torch.Tensor.addmm: _addmm,
+    torch.conv1d: _conv(1),
+    torch.conv2d: _conv(2),
+    torch.conv3d: _conv(3),
     F.embedding: _embedding,
     F.layer_norm: _norm("layer_norm", ("input", "normalized_shape", "weight", "bias", "eps"), None),
     F.group_norm: _norm("group_norm", ("input", "num_groups", "weight", "bias", "eps"), 1),
-    F.batch_norm: _norm("batch_norm", ("input", "running_mean", "running_var", "weight", "bias",
-                                       "training", "momentum", "eps"), 1),
-    F.instance_norm: _norm("instance_norm", ("input", "running_mean", "running_var", "weight",
-                                             "bias", "use_input_stats", "momentum", "eps"), 1),
-    torch.add: _binary("add"), torch.Tensor.add: _binary("add"),
-    torch.Tensor.__add__: _binary("add"), torch.Tensor.__radd__: _binary("add"),
-    torch.mul: _binary("mul"), torch.Tensor.mul: _binary("mul"),
-    torch.Tensor.__mul__: _binary("mul"), torch.Tensor.__rmul__: _binary("mul"),
+    F.batch_norm: _norm(
+        "batch_norm",
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        1,
+    ),
+    F.instance_norm: _norm(
+        "instance_norm",
+        (
+            "input",
+            "running_mean",
+            "running_var",
+            "weight",
+            "bias",
+            "use_input_stats",
+            "momentum",
+            "eps",
+        ),
+        1,
+    ),
+    torch.add: _binary("add"),
+    torch.Tensor.add: _binary("add"),
+    torch.Tensor.__add__: _binary("add"),
+    torch.Tensor.__radd__: _binary("add"),
+    torch.mul: _binary("mul"),
+    torch.Tensor.mul: _binary("mul"),
+    torch.Tensor.__mul__: _binary("mul"),
+    torch.Tensor.__rmul__: _binary("mul"),
     torch.Tensor.expand: _expand,
-    torch.Tensor.t: _transpose, torch.t: _transpose, torch.Tensor.transpose: _transpose,
-    torch.transpose: _transpose, ("get", "T"): _transpose, ("get", "mT"): _transpose,
+    torch.Tensor.t: _transpose,
+    torch.t: _transpose,
+    torch.Tensor.transpose: _transpose,
+    torch.transpose: _transpose,
+    ("get", "T"): _transpose,
+    ("get", "mT"): _transpose,
     torch.Tensor.permute: _permute,
-    torch.Tensor.split: _row_slices, torch.split: _row_slices,
-    torch.Tensor.chunk: _row_slices, torch.chunk: _row_slices,
+    torch.Tensor.split: _row_slices,
+    torch.split: _row_slices,
+    torch.Tensor.chunk: _row_slices,
+    torch.chunk: _row_slices,
     torch.Tensor.__getitem__: _getitem,
-    torch.Tensor.view: _reshape, torch.Tensor.reshape: _reshape, torch.reshape: _reshape,
-    torch.Tensor.unsqueeze: _reshape, torch.unsqueeze: _reshape,
-    torch.Tensor.squeeze: _reshape, torch.squeeze: _reshape,
-    torch.Tensor.flatten: _reshape, torch.flatten: _reshape,
+    torch.Tensor.view: _reshape,
+    torch.Tensor.reshape: _reshape,
+    torch.reshape: _reshape,
+    torch.Tensor.unsqueeze: _reshape,
+    torch.unsqueeze: _reshape,
+    torch.Tensor.squeeze: _reshape,
+    torch.squeeze: _reshape,
+    torch.Tensor.flatten: _reshape,
+    torch.flatten: _reshape,
 }
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     _HANDLERS[F.rms_norm] = _norm("rms_norm", ("input", "normalized_shape", "weight", "eps"), None)

@@ -1,4 +1,5 @@
 """Output modes: which function of the model output the kernel differentiates."""
+
 from __future__ import annotations
 
 from typing import Callable, Union
@@ -17,11 +18,14 @@ class OutputSpec:
 
     def __init__(self, outputs: OutputsArg):
         if isinstance(outputs, bool) or not (
-                outputs in ("trace", "full") if isinstance(outputs, str)
-                else isinstance(outputs, int) or callable(outputs)):
+            outputs in ("trace", "full")
+            if isinstance(outputs, str)
+            else isinstance(outputs, int) or callable(outputs)
+        ):
             raise ValueError(
                 "outputs: expected 'trace', 'full', an int (one output) or a callable mapping the "
-                f"model output to one scalar per example, got {outputs!r}")
+                f"model output to one scalar per example, got {outputs!r}"
+            )
         self.outputs = outputs
         self.stacked = outputs == "trace"
         self.full = outputs == "full"
@@ -29,22 +33,28 @@ class OutputSpec:
     def rows(self, out: torch.Tensor) -> torch.Tensor:
         """``[n, C]`` from the model output (batch first)."""
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"model: expected the model to return a tensor, got {type(out).__name__}")
+            raise TypeError(
+                f"model: expected the model to return a tensor, got {type(out).__name__}"
+            )
         n = out.shape[0] if out.dim() > 0 else 0
         if callable(self.outputs) and not isinstance(self.outputs, str):
             h = self.outputs(out)
             if not isinstance(h, torch.Tensor) or h.reshape(-1).shape[0] != n:
                 got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
-                raise ValueError(f"outputs: the callable must return one scalar per example "
-                                 f"(shape ({n},)), got {got}")
+                raise ValueError(
+                    f"outputs: the callable must return one scalar per example "
+                    f"(shape ({n},)), got {got}"
+                )
             return h.reshape(n, 1)
         f = out.reshape(n, -1)
         if isinstance(self.outputs, int):
             C = f.shape[1]
             if not -C <= self.outputs < C:
-                raise ValueError(f"outputs: output index {self.outputs} is out of range for a model "
-                                 f"with {C} outputs")
-            return f[:, self.outputs:self.outputs + 1 if self.outputs != -1 else None]
+                raise ValueError(
+                    f"outputs: output index {self.outputs} is out of range for a model "
+                    f"with {C} outputs"
+                )
+            return f[:, self.outputs : self.outputs + 1 if self.outputs != -1 else None]
         return f
 
     def finish(self, K: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,10 @@ uses of every parameter in a forward pass (``ops.py``) and groups them:
 - the **dense** list: every parameter whose gradient the recorded uses do not reproduce per
   example (checked in float64), or that no rule covers; per-example Jacobians by torch.func.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,15 +30,15 @@ DENSE = -1  # group key of the parameters that no rule covers
 
 @dataclass
 class Group:
-    kind: str                       # "matrix" | "sum"
-    weight: Optional[str]           # matrix: the weight; sum: the parameter
-    bias: Optional[str] = None      # matrix: the bias its ops add (folded in as beta)
-    shape: Tuple[int, ...] = ()     # the weight's shape
-    transposed: bool = False        # matrix: its gradient is (sum_s D_s A_s^T)^T
-    vocab: int = 0                  # matrix: one-hot width when A holds tokens
-    conv_groups: int = 1            # matrix: a grouped convolution's groups (block diagonal)
-    ops: Tuple[str, ...] = ()       # the ops that use it (for describe)
-    uses: int = 0                   # how many uses in one forward pass
+    kind: str  # "matrix" | "sum"
+    weight: Optional[str]  # matrix: the weight; sum: the parameter
+    bias: Optional[str] = None  # matrix: the bias its ops add (folded in as beta)
+    shape: Tuple[int, ...] = ()  # the weight's shape
+    transposed: bool = False  # matrix: its gradient is (sum_s D_s A_s^T)^T
+    vocab: int = 0  # matrix: one-hot width when A holds tokens
+    conv_groups: int = 1  # matrix: a grouped convolution's groups (block diagonal)
+    ops: Tuple[str, ...] = ()  # the ops that use it (for describe)
+    uses: int = 0  # how many uses in one forward pass
 
     @property
     def names(self) -> List[str]:
@@ -64,15 +65,19 @@ def check_model(model) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ValueError(
                 f"model: BatchNorm module '{name}' is in training mode, which couples the examples "
-                "of a batch (each example's output depends on the others); call model.eval() first")
+                "of a batch (each example's output depends on the others); call model.eval() first"
+            )
         if isinstance(m, nn.Embedding) and m.max_norm is not None:  # checked before any forward
             raise ValueError(
                 f"model: nn.Embedding with max_norm={m.max_norm} ('{name}') rewrites its weight "
-                "during the forward pass, so its tangent kernel is not defined; use max_norm=None")
+                "during the forward pass, so its tangent kernel is not defined; use max_norm=None"
+            )
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
             raise ValueError(
-                f"model: Dropout module '{name}' is in training mode, which makes the kernel random; "
-                "call model.eval() first")
+                f"model: Dropout module '{name}' is in training mode, which makes the kernel "
+                "random; "
+                "call model.eval() first"
+            )
 
 
 def input_signature(x: Sequence[torch.Tensor]) -> tuple:
@@ -83,14 +88,19 @@ class ModelPlan:
     def __init__(self, model: nn.Module, implementation: str = "auto"):
         check_model(model)
         if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}")
+            raise ValueError(
+                f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}"
+            )
         self.model = model
         self.implementation = implementation
         self.params: Dict[str, nn.Parameter] = {
-            n: p for n, p in model.named_parameters() if p.requires_grad}
+            n: p for n, p in model.named_parameters() if p.requires_grad
+        }
         if not self.params:
-            raise ValueError("model: has no trainable parameter (requires_grad=True); "
-                             "the tangent kernel would be zero")
+            raise ValueError(
+                "model: has no trainable parameter (requires_grad=True); "
+                "the tangent kernel would be zero"
+            )
         self.groups: List[Group] = []
         self.group_of: Dict[str, int] = {}
         self.dense: List[str] = list(self.params)
@@ -107,7 +117,8 @@ class ModelPlan:
             raise ValueError(
                 "implementation: 'factored' needs a factored rule for every parameter; these "
                 f"need the dense path: {self.dense} ({self.why[self.dense[0]]}). "
-                "Use implementation='auto'")
+                "Use implementation='auto'"
+            )
 
     def move_to_dense(self, names, why: str) -> None:
         names = set(names)
@@ -147,19 +158,25 @@ class ModelPlan:
     def _z_layout(self, k: int) -> bool:
         return k != DENSE and self.groups[k].kind == "matrix" and self.groups[k].conv_groups == 1
 
-    def flatten_group(self, k: int, vec: Dict[str, torch.Tensor], lead: Tuple[int, ...] = ()
-                      ) -> torch.Tensor:
+    def flatten_group(
+        self, k: int, vec: Dict[str, torch.Tensor], lead: Tuple[int, ...] = ()
+    ) -> torch.Tensor:
         """``[*lead, P_group]`` from parameter-shaped tensors ``[*lead, *shape]`` (missing: 0)."""
+
         def get(n):
             p = self.params[n]
             v = vec.get(n)
-            return (torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device) if v is None
-                    else v.reshape(*lead, *p.shape))
+            return (
+                torch.zeros(*lead, *p.shape, dtype=p.dtype, device=p.device)
+                if v is None
+                else v.reshape(*lead, *p.shape)
+            )
+
         if not self._z_layout(k):
             return torch.cat([get(n).reshape(*lead, -1) for n in self.group_names(k)], -1)
         g = self.groups[k]
-        w = get(g.weight).reshape(*lead, g.shape[0], -1)          # [*lead, shape0, rest]
-        mt = w if g.transposed else w.transpose(-1, -2)           # M^T: [*lead, cols, rows]
+        w = get(g.weight).reshape(*lead, g.shape[0], -1)  # [*lead, shape0, rest]
+        mt = w if g.transposed else w.transpose(-1, -2)  # M^T: [*lead, cols, rows]
         parts = [mt] + ([get(g.bias).reshape(*lead, 1, -1)] if g.bias is not None else [])
         return torch.cat(parts, -2).reshape(*lead, -1)
 
@@ -169,7 +186,7 @@ class ModelPlan:
             out, i = {}, 0
             for n in self.group_names(k):
                 p = self.params[n]
-                out[n] = flat[..., i:i + p.numel()].reshape(*lead, *p.shape)
+                out[n] = flat[..., i : i + p.numel()].reshape(*lead, *p.shape)
                 i += p.numel()
             return out
         g = self.groups[k]
@@ -191,7 +208,7 @@ class ModelPlan:
         out, i = {}, 0
         for k in self.group_keys():
             size = self.group_size(k)
-            out.update(self.unflatten_group(k, flat[..., i:i + size]))
+            out.update(self.unflatten_group(k, flat[..., i : i + size]))
             i += size
         return out
 

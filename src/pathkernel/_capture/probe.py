@@ -8,6 +8,7 @@ cotangent. A parameter that fails (tied in a role no rule covers, used by an op 
 rule, a layout that does not hold) goes to the dense path, so no parameter is ever dropped,
 counted twice or attributed to the wrong example.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,9 @@ _TOL = 1e-9
 
 
 def _param_signature(plan: ModelPlan) -> tuple:
-    return tuple((n, id(p), tuple(p.shape), p.requires_grad)
-                 for n, p in plan.model.named_parameters()) + (len(list(plan.model.modules())),)
+    return tuple(
+        (n, id(p), tuple(p.shape), p.requires_grad) for n, p in plan.model.named_parameters()
+    ) + (len(list(plan.model.modules())),)
 
 
 def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
@@ -81,8 +83,13 @@ def check_deterministic(plan: ModelPlan, x: tuple) -> None:
     with torch.no_grad():
         a = functional_call(plan.model, state, xs)
         b = functional_call(plan.model, state, xs)
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-            and a.is_floating_point() and a.numel():
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.shape == b.shape
+        and a.is_floating_point()
+        and a.numel()
+    ):
         fin = torch.isfinite(a) & torch.isfinite(b)
         same = torch.equal(fin, torch.isfinite(a)) and torch.equal(a[~fin].isnan(), b[~fin].isnan())
         scale = max(a[fin].abs().max().item(), 1e-300) if fin.any() else 1.0
@@ -92,7 +99,8 @@ def check_deterministic(plan: ModelPlan, x: tuple) -> None:
                 f"model: two forward passes on the same inputs differ (relative difference "
                 f"{diff:.1e}): the model is random, so its kernel would be too (dropout called "
                 "as F.dropout(x, p, self.training) in training mode?); call model.eval() or "
-                "make the forward pass deterministic")
+                "make the forward pass deterministic"
+            )
     _DETERMINISTIC[plan.model] = psig
 
 
@@ -102,8 +110,10 @@ def _take(x: tuple, idx: List[int]) -> tuple:
 
 
 def _record(plan, state, x, touched=None) -> Tuple[torch.Tensor, List[Use]]:
-    with torch.enable_grad(), OpCapture(param_ids(plan, state), x[0].shape[0],
-                                        copy_outputs=True, touched=touched) as cap:
+    with (
+        torch.enable_grad(),
+        OpCapture(param_ids(plan, state), x[0].shape[0], copy_outputs=True, touched=touched) as cap,
+    ):
         out = functional_call(plan.model, state, x)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: expected the model to return a tensor, got {type(out).__name__}")
@@ -142,8 +152,9 @@ def _layout(u1: Use, un: Use, n: int, plan: ModelPlan) -> Optional[Layout]:
     return lay
 
 
-def _group(plan: ModelPlan, uses: List[Use], trace: Trace, touched: Dict[str, set]
-           ) -> Tuple[List[Group], Dict[str, str]]:
+def _group(
+    plan: ModelPlan, uses: List[Use], trace: Trace, touched: Dict[str, set]
+) -> Tuple[List[Group], Dict[str, str]]:
     """Groups of the parameters the recorded uses cover; why every other one goes dense."""
     uses_of: Dict[str, List[Tuple[int, str]]] = defaultdict(list)
     why: Dict[str, str] = {}
@@ -168,11 +179,15 @@ def _group(plan: ModelPlan, uses: List[Use], trace: Trace, touched: Dict[str, se
         shape = tuple(plan.params[name].shape)
         orient = {uses[i].weight.transposed for i, r in lst if r == "weight"}
         cgroups = {uses[i].ctx.get("groups", 1) for i, _ in lst}
-        if all(r == "weight" and uses[i].op in MATRIX_OPS for i, r in lst) and len(orient) == 1 \
-                and len(cgroups) == 1:
+        if (
+            all(r == "weight" and uses[i].op in MATRIX_OPS for i, r in lst)
+            and len(orient) == 1
+            and len(cgroups) == 1
+        ):
             vocab = shape[0] if "embedding" in ops else 0
-            groups[name] = Group("matrix", name, None, shape, orient.pop(), vocab, cgroups.pop(),
-                                 ops, len(lst))
+            groups[name] = Group(
+                "matrix", name, None, shape, orient.pop(), vocab, cgroups.pop(), ops, len(lst)
+            )
         else:
             groups[name] = Group("sum", name, None, shape, ops=ops, uses=len(lst))
     for name, g in list(groups.items()):  # fold a bias into its weight's group
@@ -184,20 +199,34 @@ def _group(plan: ModelPlan, uses: List[Use], trace: Trace, touched: Dict[str, se
         b = biases.pop()
         bg = groups.get(b)
         rows = g.shape[1] if g.transposed else g.shape[0]
-        if bg is None or plan.params[b].numel() != rows or any(
-                r != "bias" or uses[i].weight is None or uses[i].weight.name != name
-                or uses[i].weight.rows != uses[i].bias.rows for i, r in uses_of[b]):
+        if (
+            bg is None
+            or plan.params[b].numel() != rows
+            or any(
+                r != "bias"
+                or uses[i].weight is None
+                or uses[i].weight.name != name
+                or uses[i].weight.rows != uses[i].bias.rows
+                for i, r in uses_of[b]
+            )
+        ):
             continue
         g.bias = b
         del groups[b]
     for name in plan.params:
         if name not in groups and name not in why:
-            why[name] = ("used by " + ", ".join(sorted(touched[name])) + " (no factored rule)"
-                         if touched.get(name) else "no recognized operation applies it")
+            why[name] = (
+                "used by " + ", ".join(sorted(touched[name])) + " (no factored rule)"
+                if touched.get(name)
+                else "no recognized operation applies it"
+            )
     for g in groups.values():
         for nm in g.names:
-            roles = "several roles, summed per use" if g.kind == "sum" and set(g.ops) & set(
-                MATRIX_OPS) else ""
+            roles = (
+                "several roles, summed per use"
+                if g.kind == "sum" and set(g.ops) & set(MATRIX_OPS)
+                else ""
+            )
             why[nm] = f"{', '.join(g.ops)} (x{g.uses}){'; ' + roles if roles else ''}"
     ordered = [groups[n] for n in plan.params if n in groups]
     return ordered, why
@@ -215,8 +244,10 @@ def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int) -> None:
             if not expanded:
                 raise
             names = {nm for i in expanded for nm in trace.signatures[i][1:]}
-            plan.move_to_dense(names & set(plan.group_of),
-                               "its batch-independent use could not be expanded to the batch")
+            plan.move_to_dense(
+                names & set(plan.group_of),
+                "its batch-independent use could not be expanded to the batch",
+            )
             for i in expanded:
                 trace.layouts[i] = None
             continue
@@ -233,8 +264,11 @@ def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     gen = torch.Generator().manual_seed(seed)
     r = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
     f = (out * r).reshape(n, -1).sum(1, keepdim=True)
-    keep = [(u, trace.layouts[i]) for i, u in enumerate(uses)
-            if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())]
+    keep = [
+        (u, trace.layouts[i])
+        for i, u in enumerate(uses)
+        if trace.layouts[i] is not None and any(nm in plan.group_of for nm in u.names())
+    ]
     grads = _output_grads(f, [u.y for u, _ in keep])
     factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n)
     mine: Dict[str, torch.Tensor] = {}
@@ -246,8 +280,9 @@ def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     names = [nm for g in plan.groups for nm in g.names]
     auto = {nm: [] for nm in names}
     for i in range(n):
-        gi = torch.autograd.grad(f[i, 0], [state[nm] for nm in names], retain_graph=True,
-                                 allow_unused=True)
+        gi = torch.autograd.grad(
+            f[i, 0], [state[nm] for nm in names], retain_graph=True, allow_unused=True
+        )
         for nm, g in zip(names, gi):
             auto[nm].append(torch.zeros_like(state[nm]) if g is None else g)
     bad = set()

@@ -5,6 +5,7 @@ untouched) is recorded by an ``OpCapture`` entered in a forward pre-hook of the 
 left in its forward hook; tensor hooks keep the gradient that the user's backward pass sends
 to each use's output and to the model's output.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -20,7 +21,7 @@ class StepRecording:
         self.plan = plan
         self.trace = trace
         self.ids = {id(p): n for n, p in plan.params.items()}
-        self.uses: List[List[Use]] = []          # one list per forward pass of the root
+        self.uses: List[List[Use]] = []  # one list per forward pass of the root
         self.root_inputs: List[tuple] = []
         self.root_outputs: List[torch.Tensor] = []
         self.root_grads: List[Optional[torch.Tensor]] = []
@@ -29,8 +30,10 @@ class StepRecording:
 
     def __enter__(self):
         root = self.plan.model
-        self._handles = [root.register_forward_pre_hook(self._pre),
-                         root.register_forward_hook(self._post)]
+        self._handles = [
+            root.register_forward_pre_hook(self._pre),
+            root.register_forward_hook(self._post),
+        ]
         return self
 
     def __exit__(self, *exc):

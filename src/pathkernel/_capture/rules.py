@@ -13,6 +13,7 @@ Elementwise uses (norms' affine parameters, a parameter added to, multiplied wit
 expanded over activations) give the per-example gradient directly, as the output gradient
 times the op's coefficient summed over the broadcast dims.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -37,6 +38,7 @@ def expandable_dims(use: Use) -> Optional[int]:
 
 # ---- matrix uses ---------------------------------------------------------------------------
 
+
 def _unfold(x: torch.Tensor, ctx: dict) -> torch.Tensor:
     """Patches ``[B, L, C_in * prod(k)]`` of a convolution's input (zero padding)."""
     dims, k, s, d, p = ctx["dims"], ctx["kernel"], ctx["stride"], ctx["dilation"], ctx["padding"]
@@ -57,24 +59,25 @@ def _unfold(x: torch.Tensor, ctx: dict) -> torch.Tensor:
         return F.unfold(x, kernel_size=k, dilation=d, padding=p, stride=s).transpose(1, 2)
     x = F.pad(x, [q for pp in reversed(p) for q in (pp, pp)])
     for i in range(3):  # 3-d: windows along each spatial dim
-        x = x.unfold(2 + i, d[i] * (k[i] - 1) + 1, s[i])[..., ::d[i]]
+        x = x.unfold(2 + i, d[i] * (k[i] - 1) + 1, s[i])[..., :: d[i]]
     B, Cin = x.shape[:2]
     L = x.shape[2] * x.shape[3] * x.shape[4]
     return x.reshape(B, Cin, L, -1).permute(0, 2, 1, 3).reshape(B, L, -1)
 
 
-def matrix_factors(use: Use, layout: Layout, n: int, grads: torch.Tensor, rows: int
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def matrix_factors(
+    use: Use, layout: Layout, n: int, grads: torch.Tensor, rows: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(A, D)`` of a matrix use: ``A [n, S, cols]`` (long ``[n, S]`` tokens for an
     embedding, -1 where no row gets a gradient) and ``D [n, S, C, rows]``. ``grads``:
     ``[C, *y.shape]``; ``rows``: the weight's row count (a row slice pads D to it)."""
     C = grads.shape[0]
     if use.op == "conv":
-        P = batch_first(_unfold(use.x, use.ctx), layout, n)          # [n, (per,) L, Cin k]
+        P = batch_first(_unfold(use.x, use.ctx), layout, n)  # [n, (per,) L, Cin k]
         A = P.reshape(n, -1, P.shape[-1])
-        Gy = grads.flatten(3).transpose(2, 3)                         # [C, B, L, Cout]
-        D = batch_first(Gy, layout, n, lead=1)                        # [n, C, (per,) L, Cout]
-        D = D.reshape(n, C, -1, D.shape[-1]).transpose(1, 2)          # [n, S, C, Cout]
+        Gy = grads.flatten(3).transpose(2, 3)  # [C, B, L, Cout]
+        D = batch_first(Gy, layout, n, lead=1)  # [n, C, (per,) L, Cout]
+        D = D.reshape(n, C, -1, D.shape[-1]).transpose(1, 2)  # [n, S, C, Cout]
         return A, D
     x = batch_first(use.x, layout, n)
     if use.op == "embedding":
@@ -84,7 +87,7 @@ def matrix_factors(use: Use, layout: Layout, n: int, grads: torch.Tensor, rows: 
             A = torch.where(A == pad, torch.full_like(A, -1), A)
     else:
         A = x.reshape(n, -1, x.shape[-1])
-    g = batch_first(grads, layout, n, lead=1)                         # [n, C, ..., out]
+    g = batch_first(grads, layout, n, lead=1)  # [n, C, ..., out]
     D = g.reshape(n, C, -1, g.shape[-1]).transpose(1, 2)
     r = use.weight.rows if use.weight is not None else None
     if r is not None and (r[0], r[1]) != (0, rows):
@@ -126,21 +129,21 @@ def weight_grads(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1)
         A = one_hot(A, vocab, D.dtype)
     if groups > 1:  # grouped convolution: block-diagonal, group by group
         n, S, C = D.shape[:3]
-        m = torch.einsum("nscgo,nsga->ncgoa", D.reshape(n, S, C, groups, -1),
-                         A.reshape(n, S, groups, -1))
+        m = torch.einsum(
+            "nscgo,nsga->ncgoa", D.reshape(n, S, C, groups, -1), A.reshape(n, S, groups, -1)
+        )
         return m.reshape(n, C, *shape)
     m = torch.einsum("nscd,nsa->ncad" if transposed else "nscd,nsa->ncda", D, A)
     return m.reshape(*m.shape[:2], *shape)
 
 
-def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1
-                    ) -> torch.Tensor:
+def weight_grad_sum(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1) -> torch.Tensor:
     """The weight gradient summed over examples, from ``A`` and ``D [n, S, rows]``."""
     if A.dtype == torch.long:
         rows = D.shape[-1]
         valid = A >= 0
         m = torch.zeros(vocab, rows, dtype=D.dtype, device=D.device)
-        m.index_add_(0, A[valid], D[valid])          # [vocab (cols), rows]
+        m.index_add_(0, A[valid], D[valid])  # [vocab (cols), rows]
         return from_matrix(m.t(), shape, transposed)
     if groups > 1:
         n, S = D.shape[:2]
@@ -154,8 +157,9 @@ def apply_weight(A, w: torch.Tensor, transposed: bool, groups: int = 1) -> torch
     M = as_matrix(w, transposed)
     if A.dtype == torch.long:
         valid = (A >= 0).unsqueeze(-1)
-        return torch.where(valid, M.t()[A.clamp(min=0)], torch.zeros((), dtype=w.dtype,
-                                                                     device=w.device))
+        return torch.where(
+            valid, M.t()[A.clamp(min=0)], torch.zeros((), dtype=w.dtype, device=w.device)
+        )
     if groups > 1:
         n, S = A.shape[:2]
         Mg = M.reshape(groups, M.shape[0] // groups, M.shape[1])
@@ -164,6 +168,7 @@ def apply_weight(A, w: torch.Tensor, transposed: bool, groups: int = 1) -> torch
 
 
 # ---- elementwise uses -------------------------------------------------------------------------
+
 
 def _normalized(use: Use) -> torch.Tensor:
     """A norm's output before its affine parameters."""
@@ -179,9 +184,16 @@ def _normalized(use: Use) -> torch.Tensor:
         if use.op == "batch_norm":
             return F.batch_norm(x, a["running_mean"], a["running_var"], None, None, False, 0.0, eps)
         use_stats = a.get("use_input_stats", True)
-        return F.instance_norm(x, None if use_stats else a["running_mean"],
-                               None if use_stats else a["running_var"], None, None,
-                               use_stats, 0.0, eps)
+        return F.instance_norm(
+            x,
+            None if use_stats else a["running_mean"],
+            None if use_stats else a["running_var"],
+            None,
+            None,
+            use_stats,
+            0.0,
+            eps,
+        )
 
 
 def _aligned(use: Use, pshape, ndim: int) -> list:
@@ -195,8 +207,9 @@ def _aligned(use: Use, pshape, ndim: int) -> list:
     return [1] * (ndim - len(pshape)) + list(pshape)
 
 
-def elementwise_grads(use: Use, role: str, layout: Layout, n: int, grads: torch.Tensor,
-                      pshape) -> torch.Tensor:
+def elementwise_grads(
+    use: Use, role: str, layout: Layout, n: int, grads: torch.Tensor, pshape
+) -> torch.Tensor:
     """``[n, C, numel]``: per-example gradients of an elementwise parameter (``role``:
     "weight" or "bias" of a norm; "weight" for add / mul / expand)."""
     if use.op == "mul":
@@ -209,7 +222,7 @@ def elementwise_grads(use: Use, role: str, layout: Layout, n: int, grads: torch.
     full = _aligned(use, tuple(pshape), use.y.dim())
     if full[layout.dim] != 1:
         raise ValueError("the parameter varies along the batch dim")
-    g = batch_first(g, layout, n, lead=1)                        # [n, C, *rest]
+    g = batch_first(g, layout, n, lead=1)  # [n, C, *rest]
     rest = list(full)
     if layout.per == 1:
         del rest[layout.dim]

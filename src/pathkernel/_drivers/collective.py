@@ -7,6 +7,7 @@ difference is named on every rank). Work failures are posted to the store, so a 
 fails mid-way stops the others at the next meeting point instead of leaving them waiting.
 Control and CPU data go over gloo (a gloo group is made when the given one is not).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,8 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-_CALLS: Dict[tuple, int] = {}     # per group: collective pathkernel calls made so far
-_GLOO: Dict[tuple, Any] = {}      # per group: its gloo twin for control traffic
+_CALLS: Dict[tuple, int] = {}  # per group: collective pathkernel calls made so far
+_GLOO: Dict[tuple, Any] = {}  # per group: its gloo twin for control traffic
 
 
 def join_timeout() -> float:
@@ -46,15 +47,19 @@ class Collective:
 
         if not (dist.is_available() and dist.is_initialized()):
             if group is not None:
-                raise ValueError("group: torch.distributed is not initialised; call "
-                                 "torch.distributed.init_process_group first, or pass group=None")
+                raise ValueError(
+                    "group: torch.distributed is not initialised; call "
+                    "torch.distributed.init_process_group first, or pass group=None"
+                )
             return
         g = dist.group.WORLD if group is None else group
         try:
             world = dist.get_world_size(g)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"group: expected a torch.distributed ProcessGroup, None or False, "
-                             f"got {type(group).__name__} ({e})") from None
+            raise ValueError(
+                f"group: expected a torch.distributed ProcessGroup, None or False, "
+                f"got {type(group).__name__} ({e})"
+            ) from None
         if world > 1:
             self.dist = dist
             self.group = g
@@ -104,7 +109,8 @@ class Collective:
                     f"{self.what}: rank(s) {missing} of the group did not "
                     f"{'join the call' if tag == 'join' else 'reach ' + tag} within "
                     f"{timeout:.0f} s (every rank must call {self.what} with the same "
-                    "arguments; PATHKERNEL_JOIN_TIMEOUT sets the wait)")
+                    "arguments; PATHKERNEL_JOIN_TIMEOUT sets the wait)"
+                )
             time.sleep(0.02)
 
     def fail(self, exc: BaseException) -> None:
@@ -126,8 +132,9 @@ class Collective:
         if self.dist.get_backend(self.group) == "gloo":
             return self.group
         if key not in _GLOO:
-            _GLOO[key] = self.dist.new_group(self.ranks, backend="gloo",
-                                             use_local_synchronization=True)
+            _GLOO[key] = self.dist.new_group(
+                self.ranks, backend="gloo", use_local_synchronization=True
+            )
         return _GLOO[key]
 
     def gather_objects(self, obj) -> List[Any]:
@@ -164,8 +171,10 @@ class Collective:
                 for r, v in enumerate(values):
                     groups.setdefault(v, []).append(r)
                 parts = " vs ".join(f"ranks {g}" for g in groups.values())
-                raise ValueError(f"{k}: differs between the ranks ({parts}); every rank must "
-                                 f"call {self.what} with the same arguments")
+                raise ValueError(
+                    f"{k}: differs between the ranks ({parts}); every rank must "
+                    f"call {self.what} with the same arguments"
+                )
 
     def agree(self, fn):
         """Run ``fn`` on every rank; if it raises anywhere, raise on every rank."""
@@ -190,8 +199,11 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for n, p in model.state_dict().items():
         h.update(n.encode())
         h.update(str((tuple(p.shape), p.dtype)).encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes() if p.dtype != torch.bfloat16
-                 else p.detach().float().cpu().numpy().tobytes())
+        h.update(
+            p.detach().cpu().contiguous().numpy().tobytes()
+            if p.dtype != torch.bfloat16
+            else p.detach().float().cpu().numpy().tobytes()
+        )
     return h.hexdigest()
 
 

@@ -7,6 +7,7 @@ vector per step) before it is checked against the update the optimizer made. The
 update that no example carries (weight decay, optimizer state from before recording) is
 counted on rank 0 only. ``kernel_machine()`` sums the ranks' accumulators onto rank 0.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -33,8 +34,11 @@ class DataParallel:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         ranks = list(dist.get_process_group_ranks(group))
         # CPU float64 traffic over gloo, whatever backend the model's gradients use
-        self.group = group if dist.get_backend(group) == "gloo" else dist.new_group(
-            ranks, backend="gloo", use_local_synchronization=True)
+        self.group = (
+            group
+            if dist.get_backend(group) == "gloo"
+            else dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+        )
         self.root = ranks[0]
         self.check_hooks()
 
@@ -51,8 +55,11 @@ class DataParallel:
         update differ from the mean of the recorded gradients: refused."""
         if self.ddp is None:
             return
-        hooks = [h for h, _ in getattr(self.ddp, "_comm_hooks", [])
-                 if getattr(h, "__name__", "") != "allreduce_hook"]
+        hooks = [
+            h
+            for h, _ in getattr(self.ddp, "_comm_hooks", [])
+            if getattr(h, "__name__", "") != "allreduce_hook"
+        ]
         try:
             builtin = self.ddp._get_ddp_logging_data().get("comm_hook", "")
         except (AttributeError, RuntimeError):
@@ -64,7 +71,8 @@ class DataParallel:
             raise ValueError(
                 f"model: DistributedDataParallel with the communication hook {names[0]} changes "
                 "the all-reduced gradient (compression), so the update is not the mean of the "
-                "recorded per-example gradients; record without it")
+                "recorded per-example gradients; record without it"
+            )
 
     def allreduce(self, vec: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The sum over the ranks of parameter-shaped float64 tensors (one flat message)."""
@@ -76,7 +84,7 @@ class DataParallel:
         out, i = {}, 0
         for n in names:
             k = vec[n].numel()
-            out[n] = flat[i:i + k].reshape(vec[n].shape).to(vec[n].device)
+            out[n] = flat[i : i + k].reshape(vec[n].shape).to(vec[n].device)
             i += k
         return out
 

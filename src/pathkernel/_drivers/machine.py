@@ -1,4 +1,5 @@
 """``KernelMachine``: the trained model written as a sum over its training examples."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -18,8 +19,7 @@ class KernelMachine:
             was given ``kernel=``; else None.
     """
 
-    def __init__(self, contributions, bias, path_kernel, *, f0, fT, steps, quadrature,
-                 step_errors):
+    def __init__(self, contributions, bias, path_kernel, *, f0, fT, steps, quadrature, step_errors):
         self.contributions = contributions
         self.bias = bias
         self.path_kernel = path_kernel
@@ -43,8 +43,10 @@ class KernelMachine:
         in a batch with ``kernel="batch"``) ``Q_i(x)`` is 0 too and ``a_i(x) = 0``.
         """
         if self.path_kernel is None:
-            raise ValueError("coefficients: need the path kernel; create the PathRecorder with "
-                             "kernel='batch' or kernel='full'")
+            raise ValueError(
+                "coefficients: need the path kernel; create the PathRecorder with "
+                "kernel='batch' or kernel='full'"
+            )
         K, Q = self.path_kernel, self.contributions
         if K.dim() == 4:
             return (torch.linalg.pinv(K) @ Q.unsqueeze(-1)).squeeze(-1)
@@ -72,8 +74,9 @@ class KernelMachine:
             "max_step_mismatch": max(self.step_errors, default=0.0),
         }
 
-    def top_contributors(self, k: int = 5, output: Optional[int] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def top_contributors(
+        self, k: int = 5, output: Optional[int] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per query, the ``k`` training examples with the largest ``|contribution|`` (the
         "lighthouses") to output ``output`` (default: each query's predicted output).
 

@@ -6,6 +6,7 @@ momentum is step-local (``share_i = -lr g_i``) and stays factored; momentum and 
 per-example shares of their first-moment buffer from step to step, so they keep a dense
 ``[N, P]`` share matrix (exact given the optimizer's recorded second moment).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -18,11 +19,15 @@ class OptimizerModel:
 
     def __init__(self, optimizer: torch.optim.Optimizer, names_of: Dict[int, str]):
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
         self.opt = optimizer
         self.kind = type(optimizer).__name__
         if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
-            raise ValueError(f"optimizer: {self.kind} is not supported; use torch.optim.SGD, Adam or AdamW")
+            raise ValueError(
+                f"optimizer: {self.kind} is not supported; use torch.optim.SGD, Adam or AdamW"
+            )
         self.hyper: Dict[str, dict] = {}
         self.param_of: Dict[str, torch.Tensor] = {}
         for g in optimizer.param_groups:
@@ -32,19 +37,27 @@ class OptimizerModel:
                 n = names_of.get(id(p))
                 if n is None:
                     if p.requires_grad:
-                        raise ValueError("optimizer: holds a parameter that is not a trainable "
-                                         "parameter of model")
+                        raise ValueError(
+                            "optimizer: holds a parameter that is not a trainable "
+                            "parameter of model"
+                        )
                     continue
                 self.hyper[n] = g
                 self.param_of[n] = p
         missing = sorted(set(names_of.values()) - set(self.hyper))
         if missing:
-            raise ValueError(f"optimizer: does not update the model's trainable parameters {missing}; "
-                             "freeze them (requires_grad=False) or give them to the optimizer")
+            raise ValueError(
+                f"optimizer: does not update the model's trainable parameters {missing}; "
+                "freeze them (requires_grad=False) or give them to the optimizer"
+            )
         lrs = {self._lr(g) for g in self.hyper.values()}
         wds = {float(g.get("weight_decay", 0.0)) for g in self.hyper.values()}
-        self.sgd_plain = (self.kind == "SGD" and all(float(g["momentum"]) == 0 for g in self.hyper.values())
-                          and len(lrs) == 1 and len(wds) == 1)
+        self.sgd_plain = (
+            self.kind == "SGD"
+            and all(float(g["momentum"]) == 0 for g in self.hyper.values())
+            and len(lrs) == 1
+            and len(wds) == 1
+        )
 
         self.snapshot()
 
@@ -56,8 +69,14 @@ class OptimizerModel:
     def snapshot(self) -> None:
         """Freeze the hyper-parameters the next step uses (called from the optimizer's step
         pre-hook, so a scheduler stepped inside the recorded block cannot confuse the step)."""
-        self.current = {n: {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
-                            for k, v in g.items() if k != "params"} for n, g in self.hyper.items()}
+        self.current = {
+            n: {
+                k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v)
+                for k, v in g.items()
+                if k != "params"
+            }
+            for n, g in self.hyper.items()
+        }
 
     def lr(self) -> float:
         """The step's learning rate (the first group's: ε_t of the path kernel)."""
@@ -74,8 +93,11 @@ class OptimizerModel:
             p = self._param(n)
             st = self.opt.state.get(p, {})
             buf = st.get("momentum_buffer") if self.kind == "SGD" else st.get("exp_avg")
-            rest[n] = (torch.zeros(p.shape, dtype=torch.float64) if buf is None
-                       else buf.detach().double().clone())
+            rest[n] = (
+                torch.zeros(p.shape, dtype=torch.float64)
+                if buf is None
+                else buf.detach().double().clone()
+            )
         return rest
 
     def _param(self, name):
@@ -85,8 +107,16 @@ class OptimizerModel:
         st = self.opt.state.get(self._param(name), {})
         return (st.get("momentum_buffer") if self.kind == "SGD" else st.get("exp_avg")) is not None
 
-    def step_dense(self, name: str, U: torch.Tensor, U_rest: torch.Tensor, idx: torch.Tensor,
-                   g: torch.Tensor, w: torch.Tensor, first: bool):
+    def step_dense(
+        self,
+        name: str,
+        U: torch.Tensor,
+        U_rest: torch.Tensor,
+        idx: torch.Tensor,
+        g: torch.Tensor,
+        w: torch.Tensor,
+        first: bool,
+    ):
         """Advance one parameter's shares by one step and return (share matrix [N, p] of Δ,
         rest vector [p] of Δ). ``U [N, p]``, ``U_rest [p]`` are updated in place; ``g [B, p]``
         per-example gradients of the batch loss; ``w`` the weights before the step."""
@@ -120,8 +150,8 @@ class OptimizerModel:
         step = float(st["step"])
         v = st["max_exp_avg_sq"] if h.get("amsgrad") else st["exp_avg_sq"]
         v = v.detach().double().reshape(-1)
-        denom = (v / (1 - b2 ** step)).sqrt() + eps
-        precond = lr / (1 - b1 ** step) / denom
+        denom = (v / (1 - b2**step)).sqrt() + eps
+        precond = lr / (1 - b1**step) / denom
         decoupled = self.kind == "AdamW"
         U.mul_(b1)
         U[idx] += (1 - b1) * g
@@ -141,10 +171,14 @@ def quadrature(rule) -> Tuple[torch.Tensor, torch.Tensor]:
     if rule == "left":
         return torch.tensor([0.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
     if rule == "trapezoid":
-        return (torch.tensor([0.0, 1.0], dtype=torch.float64),
-                torch.tensor([0.5, 0.5], dtype=torch.float64))
+        return (
+            torch.tensor([0.0, 1.0], dtype=torch.float64),
+            torch.tensor([0.5, 0.5], dtype=torch.float64),
+        )
     if isinstance(rule, bool) or not isinstance(rule, int) or rule < 1:
-        raise ValueError(f"quadrature: expected a positive int (Gauss-Legendre nodes), 'left' or "
-                         f"'trapezoid', got {rule!r}")
+        raise ValueError(
+            f"quadrature: expected a positive int (Gauss-Legendre nodes), 'left' or "
+            f"'trapezoid', got {rule!r}"
+        )
     x, w = np.polynomial.legendre.leggauss(rule)
     return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)

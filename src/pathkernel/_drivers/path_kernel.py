@@ -7,21 +7,21 @@ resumable ``.npy``). The row block's per-layer features are cached for every che
 the column block's recomputed, so only a tile, one row block's features and one column
 block's features are ever in memory.
 """
+
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import math
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
 from .. import _backend
+from .._autograd import with_autograd
 from .._capture.blocks import Block, to_terms
 from .._capture.extract import features
 from .._capture.outputs import OutputsArg
 from .._capture.plan import cast_inputs
-from .._autograd import with_autograd
 from .._checks import as_inputs
 from .._progress import progress_bar
 from .._storage.sources import Source
@@ -31,9 +31,21 @@ from .tiling import PathKernelPlan, make_plan
 
 
 @with_autograd
-def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
-                out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32,
-                resume: bool = True, progress: bool = True, collate=None, group=None):
+def path_kernel(
+    model: nn.Module,
+    checkpoints,
+    train,
+    query=None,
+    *,
+    outputs: OutputsArg = "trace",
+    out=None,
+    memory_budget="2GB",
+    dtype: torch.dtype = torch.float32,
+    resume: bool = True,
+    progress: bool = True,
+    collate=None,
+    group=None,
+):
     """Checkpoint path kernel ``sum_t weight_t K_{w_t}(query, train)``, tiled under a budget.
 
     Args:
@@ -68,8 +80,20 @@ def path_kernel(model: nn.Module, checkpoints, train, query=None, *, outputs: Ou
         ``[M, N]`` (``[M, N, C, C]`` for ``outputs="full"``) tensor, or the path ``out``.
     """
     coll = Collective(group, "path_kernel")
-    p = make_plan(coll, model, checkpoints, train, query, outputs, out, memory_budget, dtype,
-                  resume, collate, measure=False)
+    p = make_plan(
+        coll,
+        model,
+        checkpoints,
+        train,
+        query,
+        outputs,
+        out,
+        memory_budget,
+        dtype,
+        resume,
+        collate,
+        measure=False,
+    )
     return run_plan(p, resume=resume, progress=progress)
 
 
@@ -89,21 +113,35 @@ def _write_band(store, spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, a
         if symmetric:
             for j, tile in zip(run, tiles):
                 if j != i:
-                    store.write(j * Cb, r0, tile.transpose(0, 1).transpose(2, 3)
-                                if tile.dim() == 4 else tile.t())
+                    store.write(
+                        j * Cb,
+                        r0,
+                        tile.transpose(0, 1).transpose(2, 3) if tile.dim() == 4 else tile.t(),
+                    )
 
 
 def _open(p: PathKernelPlan, coll: Collective, resume: bool):
     """The store: rank 0 creates (or checks) it first, then the other ranks open it."""
     job = p.job
-    fingerprint = {**job.header(p.symmetric),
-                   # a tile's bytes depend on its examples, on how its sum over checkpoints is
-                   # split and on the passes its features are extracted in
-                   "tiles": [p.row_block, p.col_block, p.ckpt_group, job.chunk]}
+    fingerprint = {
+        **job.header(p.symmetric),
+        # a tile's bytes depend on its examples, on how its sum over checkpoints is
+        # split and on the passes its features are extracted in
+        "tiles": [p.row_block, p.col_block, p.ckpt_group, job.chunk],
+    }
 
     def opener(create):
-        return lambda: open_store(job.out, p.shape, job.dtype, fingerprint, resume, coll.rank,
-                                  create, whole=not coll.active)
+        return lambda: open_store(
+            job.out,
+            p.shape,
+            job.dtype,
+            fingerprint,
+            resume,
+            coll.rank,
+            create,
+            whole=not coll.active,
+        )
+
     first = coll.agree(opener(True) if coll.lead else lambda: None)
     later = coll.agree(opener(False) if not coll.lead else lambda: None)
     return first if coll.lead else later
@@ -128,11 +166,15 @@ def _assign(p: PathKernelPlan, todo: List[Tuple[int, int]], coll: Collective) ->
         w = min(N, (j + 1) * p.col_block) - j * p.col_block
         diagonal = p.symmetric and i == j
         pairs = h * (h + 1) / 2 if diagonal else float(h * w)
-        return (pairs * T * p.pair_flops / c.gram_rate + math.ceil(T / p.ckpt_group) * c.gram_call
-                + (0.0 if diagonal else extraction(w)))
+        return (
+            pairs * T * p.pair_flops / c.gram_rate
+            + math.ceil(T / p.ckpt_group) * c.gram_call
+            + (0.0 if diagonal else extraction(w))
+        )
 
     def row_cost(i):
         return extraction(min(M, (i + 1) * p.row_block) - i * p.row_block)
+
     rows: dict = {}
     for t in todo:
         rows.setdefault(t[0], []).append(t)
@@ -147,9 +189,10 @@ def _assign(p: PathKernelPlan, todo: List[Tuple[int, int]], coll: Collective) ->
         hi = max(range(coll.world), key=lambda q: (load[q], -q))
         lo = min(range(coll.world), key=lambda q: (load[q], q))
         gap = load[hi] - load[lo]
-        movable = sorted((t for t in todo if owner[t] == hi
-                          and weight(t) + row_cost(t[0]) < gap),
-                         key=lambda t: (-weight(t), t))
+        movable = sorted(
+            (t for t in todo if owner[t] == hi and weight(t) + row_cost(t[0]) < gap),
+            key=lambda t: (-weight(t), t),
+        )
         if not movable:
             break
         t = movable[0]
@@ -208,8 +251,12 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
             r0, r1 = i * R, min(M, (i + 1) * R)
             # float64 accumulators on the features' device (the GPU's float64 output path
             # accumulates TF32/bf16 Grams exactly as the CPU does float32 ones)
-            accs = {j: torch.zeros(r1 - r0, min(N, (j + 1) * Cb) - j * Cb, C, C,
-                                   dtype=torch.float64, device=device) for j in js}
+            accs = {
+                j: torch.zeros(
+                    r1 - r0, min(N, (j + 1) * Cb) - j * Cb, C, C, dtype=torch.float64, device=device
+                )
+                for j in js
+            }
             for g0 in range(0, T, k):
                 group = range(g0, min(T, g0 + k))
                 if k == T:
@@ -228,10 +275,10 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
                         side1 += a
                         side2 += b or []
                         bar.update(1)
-                    _backend.accumulate(accs[j], side1, None if diagonal else side2,
-                                        threads=threads)
+                    _backend.accumulate(
+                        accs[j], side1, None if diagonal else side2, threads=threads
+                    )
             _write_band(store, spec, dtype, p.symmetric, i, r0, Cb, accs)
             store.commit([(i, j) for j in js])
     finally:
         bar.close()
-

@@ -6,6 +6,7 @@ evaluated at quadrature nodes on the segment ``w_t -> w_{t+1}`` with ``functiona
 leaving the model and the optimizer untouched. Every step is checked: the update the recorded
 gradients explain must be the update the optimizer made.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +18,14 @@ from torch import nn
 from torch.func import functional_call
 
 from .. import _backend
+from .._autograd import with_autograd
 from .._backend import Term
 from .._capture.blocks import concat_blocks, dot_params, per_example_grads, summed_grads, to_terms
 from .._capture.extract import CHUNK, block_from_recorded, features
-from .._capture.recording import StepRecording
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
 from .._capture.probe import probe
-from .._autograd import with_autograd
+from .._capture.recording import StepRecording
 from .._checks import (
     as_inputs,
     check_finite_block,
@@ -71,23 +72,41 @@ class PathRecorder:
     """
 
     @with_autograd
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, train,
-                 query=None, *, quadrature=4, kernel: Optional[str] = None,
-                 outputs: OutputsArg = "trace", dtype: Optional[torch.dtype] = None,
-                 out=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn,
+        train,
+        query=None,
+        *,
+        quadrature=4,
+        kernel: Optional[str] = None,
+        outputs: OutputsArg = "trace",
+        dtype: Optional[torch.dtype] = None,
+        out=None,
+    ):
         check_model(model)
-        self.dp = DataParallel(model)   # a DDP model: this rank's shard of every step
+        self.dp = DataParallel(model)  # a DDP model: this rank's shard of every step
         model = self.dp.module
         self.share = 1.0 / self.dp.world  # DDP averages the ranks' gradients
         if not callable(loss_fn):
-            raise TypeError(f"loss_fn: expected a callable loss(output, target), got {type(loss_fn).__name__}")
+            raise TypeError(
+                f"loss_fn: expected a callable loss(output, target), got {type(loss_fn).__name__}"
+            )
         if not isinstance(train, (tuple, list)) or len(train) != 2:
             raise TypeError("train: expected a pair (X, Y)")
         self.X = as_inputs(train[0], "train")
         self.Y = train[1]
-        if not isinstance(self.Y, torch.Tensor) or self.Y.dim() == 0 or self.Y.shape[0] != self.X[0].shape[0]:
-            raise ValueError(f"train: expected Y with {self.X[0].shape[0]} rows like X, got "
-                             f"{tuple(self.Y.shape) if isinstance(self.Y, torch.Tensor) else type(self.Y).__name__}")
+        if (
+            not isinstance(self.Y, torch.Tensor)
+            or self.Y.dim() == 0
+            or self.Y.shape[0] != self.X[0].shape[0]
+        ):
+            raise ValueError(
+                f"train: expected Y with {self.X[0].shape[0]} rows like X, got "
+                f"{tuple(self.Y.shape) if isinstance(self.Y, torch.Tensor) else type(self.Y).__name__}"  # noqa: E501
+            )
         check_inputs_match(model, self.X, "train")
         if query is None:
             self.Xq = self.X
@@ -128,12 +147,19 @@ class PathRecorder:
         self.stateful = not self.opt.sgd_plain
         if self.stateful:
             self._check_dense_memory()
-            names = list(self.plan.unflatten(torch.zeros(sum(
-                self.plan.group_size(k) for k in self.plan.group_keys()))))
-            self.U = {n: torch.zeros(self.N, self.plan.params[n].numel(), dtype=torch.float64)
-                      for n in names}
-            self.U_rest = {n: v.reshape(-1) if self.dp.lead else torch.zeros_like(v.reshape(-1))
-                           for n, v in self.opt.init_state(names).items()}
+            names = list(
+                self.plan.unflatten(
+                    torch.zeros(sum(self.plan.group_size(k) for k in self.plan.group_keys()))
+                )
+            )
+            self.U = {
+                n: torch.zeros(self.N, self.plan.params[n].numel(), dtype=torch.float64)
+                for n in names
+            }
+            self.U_rest = {
+                n: v.reshape(-1) if self.dp.lead else torch.zeros_like(v.reshape(-1))
+                for n, v in self.opt.init_state(names).items()
+            }
         self.steps = 0
         self.step_errors = []
         self.broken: Optional[str] = None
@@ -152,7 +178,8 @@ class PathRecorder:
                 f"optimizer: {self.opt.kind} with momentum or moments needs per-example shares of "
                 f"the update, 2 x N x P float64 = {need / 2**30:.1f} GiB for N={self.N}, P={P}, "
                 f"more than half this machine's memory ({ram / 2**30:.1f} GiB); record plain SGD "
-                "(factored, no such buffer), fewer training examples, or a smaller model")
+                "(factored, no such buffer), fewer training examples, or a smaller model"
+            )
 
     def _accumulator(self, name: str, shape) -> torch.Tensor:
         """A float64 zero tensor in RAM, or backed by ``<out>/<name>.npy``."""
@@ -162,7 +189,9 @@ class PathRecorder:
 
         os.makedirs(self.out, exist_ok=True)
         path = os.path.join(os.fspath(self.out), f"{name}.npy")
-        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape))
+        return torch.from_numpy(
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=shape)
+        )
 
     # ---- the user's loop ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -202,14 +231,20 @@ class PathRecorder:
     def _check_idx(self, idx) -> torch.Tensor:
         t = torch.as_tensor(idx)
         if t.dim() != 1 or t.numel() == 0 or t.is_floating_point() or t.dtype == torch.bool:
-            raise ValueError(f"idx: expected a non-empty 1-d sequence of integer indices, got "
-                             f"{tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"idx: expected a non-empty 1-d sequence of integer indices, got "
+                f"{tuple(t.shape)} {t.dtype}"
+            )
         t = t.long()
         if (t < 0).any() or (t >= self.N).any():
-            raise ValueError(f"idx: indices must lie in [0, {self.N}), got min {int(t.min())}, "
-                             f"max {int(t.max())}")
+            raise ValueError(
+                f"idx: indices must lie in [0, {self.N}), got min {int(t.min())}, "
+                f"max {int(t.max())}"
+            )
         if t.unique().numel() != t.numel():
-            raise ValueError("idx: contains repeated indices; each example may appear once per step")
+            raise ValueError(
+                "idx: contains repeated indices; each example may appear once per step"
+            )
         return t
 
     def _fail(self, msg: str):
@@ -220,9 +255,19 @@ class PathRecorder:
         xb = tuple(x[idx] for x in self.X)
         parts = self._verified_forwards(idx, xb, cap)
         state_t = self._state(w_t)
-        train = concat_blocks([
-            block_from_recorded(self.plan, uses, self.trace, state_t, cast_inputs(x, self.dtype),
-                                u.to(self.dtype)) for uses, x, u in parts])
+        train = concat_blocks(
+            [
+                block_from_recorded(
+                    self.plan,
+                    uses,
+                    self.trace,
+                    state_t,
+                    cast_inputs(x, self.dtype),
+                    u.to(self.dtype),
+                )
+                for uses, x, u in parts
+            ]
+        )
         check_finite_block(train, "train")
         delta = {n: (p.detach() - w_t[n]).double() for n, p in self.plan.params.items()}
         # torch optimizers skip parameters that got no gradient (weight decay included)
@@ -246,12 +291,19 @@ class PathRecorder:
         if K == 0:
             self._fail("expected a forward pass of the model inside the block, saw none")
         ins = [tuple(a) for a in cap.root_inputs]
-        joined = tuple(torch.cat([x[i] for x in ins]) if all(
-            isinstance(x[i], torch.Tensor) for x in ins) else None for i in range(len(ins[0])))
-        if len(joined) != len(xb) or not all(a is not None and a.shape == b.shape and
-                                             torch.equal(a, b) for a, b in zip(joined, xb)):
-            self._fail("the model was called on inputs other than train[0][idx]" +
-                       (" (its forward passes, in order)" if K > 1 else ""))
+        joined = tuple(
+            torch.cat([x[i] for x in ins])
+            if all(isinstance(x[i], torch.Tensor) for x in ins)
+            else None
+            for i in range(len(ins[0]))
+        )
+        if len(joined) != len(xb) or not all(
+            a is not None and a.shape == b.shape and torch.equal(a, b) for a, b in zip(joined, xb)
+        ):
+            self._fail(
+                "the model was called on inputs other than train[0][idx]"
+                + (" (its forward passes, in order)" if K > 1 else "")
+            )
         if any(u is None for u in cap.root_grads):
             self._fail("no backward pass reached the model's output inside the block")
         if K == 1:
@@ -267,18 +319,25 @@ class PathRecorder:
         gl = torch.autograd.grad(loss, fl)[0]
         gap = (gl - u).norm() / max(gl.norm().item(), 1e-300)
         if gap > self._tol():
-            self._fail(f"the gradient at the model output is not that of loss_fn(model(X[idx]), Y[idx]) "
-                       f"(relative difference {gap:.2e})")
+            self._fail(
+                f"the gradient at the model output is not that of loss_fn(model(X[idx]), Y[idx]) "
+                f"(relative difference {gap:.2e})"
+            )
 
     def _plain_sgd_rest(self, train, w_t, delta, skipped) -> Dict[str, torch.Tensor]:
         """Plain SGD: check the update against the batch gradient and return the part of it
         that no example carries (weight decay)."""
         lr, wd = self.opt.lr(), self.opt.weight_decay()
         local = summed_grads(self.plan, train)
-        gsum = self.dp.allreduce({n: self.share * local.get(n, torch.zeros_like(delta[n])).double()
-                                  for n in delta})
-        pred = {n: torch.zeros_like(delta[n]) if n in skipped else
-                -lr * (gsum[n] + wd * w_t[n].double()) for n in delta}
+        gsum = self.dp.allreduce(
+            {n: self.share * local.get(n, torch.zeros_like(delta[n])).double() for n in delta}
+        )
+        pred = {
+            n: torch.zeros_like(delta[n])
+            if n in skipped
+            else -lr * (gsum[n] + wd * w_t[n].double())
+            for n in delta
+        }
         self._check_update(pred, delta)
         if not self.dp.lead:  # the rest is rank 0's
             return {n: torch.zeros_like(delta[n]) for n in delta}
@@ -290,8 +349,12 @@ class PathRecorder:
         phibar = None
         side1, side2 = [], []  # plain SGD: the query at every node against the step's batch
         for s, wk in zip(self.nodes.tolist(), self.weights.tolist()):
-            state = self._state({n: w_t[n] + s * (p.detach() - w_t[n]) for n, p in self.plan.params.items()})
-            qb = features(self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
+            state = self._state(
+                {n: w_t[n] + s * (p.detach() - w_t[n]) for n, p in self.plan.params.items()}
+            )
+            qb = features(
+                self.plan, self.full, state, cast_inputs(self.Xq, self.dtype), CHUNK, "query"
+            )
             self.bias += wk * dot_params(self.plan, qb, rest).double()
             if self.stateful:
                 g = per_example_grads(self.plan, qb).double()
@@ -305,12 +368,14 @@ class PathRecorder:
             _backend.accumulate(tmp, side1, side2, alpha=-self.opt.lr() * self.share)
             self.contributions[:, idx] += tmp[..., 0]
         else:  # straight into the accumulator: no per-step M x N temporary
-            _backend.accumulate(self.contributions.view(self.M, self.N, self.C, 1),
-                                [Term(None, phibar.unsqueeze(1), 0.0)],
-                                [Term(None, shares[:, None, None, :], 0.0)])
+            _backend.accumulate(
+                self.contributions.view(self.M, self.N, self.C, 1),
+                [Term(None, phibar.unsqueeze(1), 0.0)],
+                [Term(None, shares[:, None, None, :], 0.0)],
+            )
 
     def _stateful_shares(self, idx, train, w_t, had, delta, skipped):
-        G = self.share * per_example_grads(self.plan, train)[:, 0].double()   # [B, P]
+        G = self.share * per_example_grads(self.plan, train)[:, 0].double()  # [B, P]
         g = self.plan.unflatten(G)
         shares, rest = {}, {}
         for n in self.U:
@@ -319,13 +384,18 @@ class PathRecorder:
                 rest[n] = torch.zeros(self.U[n].shape[1], dtype=torch.float64)
                 continue
             w = w_t[n].double().reshape(-1)
-            share, r = self.opt.step_dense(n, self.U[n], self.U_rest[n], idx,
-                                           g[n].reshape(idx.numel(), -1),
-                                           w if self.dp.lead else torch.zeros_like(w),
-                                           first=not had[n])
+            share, r = self.opt.step_dense(
+                n,
+                self.U[n],
+                self.U_rest[n],
+                idx,
+                g[n].reshape(idx.numel(), -1),
+                w if self.dp.lead else torch.zeros_like(w),
+                first=not had[n],
+            )
             shares[n] = share
             rest[n] = r
-        shares = self.plan.flatten(shares, lead=(self.N,))             # [N, P], plan layout
+        shares = self.plan.flatten(shares, lead=(self.N,))  # [N, P], plan layout
         local = self.plan.unflatten(shares.sum(0))
         total = self.dp.allreduce(local)
         pred = self.dp.allreduce({n: local[n] + rest[n].reshape(local[n].shape) for n in delta})
@@ -340,7 +410,9 @@ class PathRecorder:
         if self.kernel == "full" and not self.dp.lead:  # every column at every step: rank 0's
             return
         lr = self.opt.lr()
-        q = features(self.plan, self.spec, state_t, cast_inputs(self.Xq, self.dtype), CHUNK, "query")
+        q = features(
+            self.plan, self.spec, state_t, cast_inputs(self.Xq, self.dtype), CHUNK, "query"
+        )
         cols = idx if self.kernel == "batch" else torch.arange(self.N)
         xt = tuple(x[cols] for x in self.X)
         tb = features(self.plan, self.spec, state_t, cast_inputs(xt, self.dtype), CHUNK, "train")
@@ -358,7 +430,8 @@ class PathRecorder:
             self._fail(
                 f"the optimizer's update differs from the one the recorded gradients explain by "
                 f"{err:.2e} (relative). Gradient clipping, an unsupported optimizer option, a loss "
-                "other than loss_fn, or a change to the weights outside the block would do this")
+                "other than loss_fn, or a change to the weights outside the block would do this"
+            )
 
     def _tol(self) -> float:
         md = next(iter(self.plan.params.values())).dtype
@@ -381,8 +454,10 @@ class PathRecorder:
         """The kernel machine of the steps recorded so far. With a DDP model this is a
         collective call: rank 0 gets the machine of the global run, the other ranks ``None``."""
         if self.broken:
-            raise RuntimeError(f"PathRecorder: a step was refused, so no kernel machine explains "
-                               f"this run ({self.broken})")
+            raise RuntimeError(
+                f"PathRecorder: a step was refused, so no kernel machine explains "
+                f"this run ({self.broken})"
+            )
         fT = self._query_outputs()
         if self.dp.active:
             contributions = self.dp.reduce_to_lead(self.contributions)
@@ -390,12 +465,25 @@ class PathRecorder:
             kernel = None if self.path_kernel is None else self.dp.reduce_to_lead(self.path_kernel)
             if not self.dp.lead:
                 return None
-            return KernelMachine(contributions, self.f0 + moved, kernel, f0=self.f0, fT=fT,
-                                 steps=self.steps, quadrature=self.quadrature,
-                                 step_errors=list(self.step_errors))
+            return KernelMachine(
+                contributions,
+                self.f0 + moved,
+                kernel,
+                f0=self.f0,
+                fT=fT,
+                steps=self.steps,
+                quadrature=self.quadrature,
+                step_errors=list(self.step_errors),
+            )
         # with out= the machine shares the stores instead of copying them into RAM
         own = (lambda t: t) if self.out is not None else (lambda t: t.clone())
-        return KernelMachine(own(self.contributions), self.bias.clone(),
-                             None if self.path_kernel is None else own(self.path_kernel),
-                             f0=self.f0, fT=fT, steps=self.steps,
-                             quadrature=self.quadrature, step_errors=list(self.step_errors))
+        return KernelMachine(
+            own(self.contributions),
+            self.bias.clone(),
+            None if self.path_kernel is None else own(self.path_kernel),
+            f0=self.f0,
+            fT=fT,
+            steps=self.steps,
+            quadrature=self.quadrature,
+            step_errors=list(self.step_errors),
+        )

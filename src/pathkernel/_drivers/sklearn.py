@@ -1,4 +1,5 @@
 """scikit-learn interoperability: path kernels in the orientation precomputed kernels expect."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -8,8 +9,9 @@ import numpy as np
 from .path_kernel import path_kernel
 
 
-def sklearn_kernels(model, checkpoints, X_train, X_query=None, **kwargs
-                    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def sklearn_kernels(
+    model, checkpoints, X_train, X_query=None, **kwargs
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """Path kernels for ``sklearn`` estimators with ``kernel="precomputed"``.
 
     Returns ``(K_fit, K_predict)``: ``K_fit [N, N]`` (train x train) for ``fit`` and
@@ -25,11 +27,14 @@ def sklearn_kernels(model, checkpoints, X_train, X_query=None, **kwargs
         y_pred = svm.predict(K_test)
     """
     if kwargs.get("outputs") == "full":
-        raise ValueError("outputs: sklearn's precomputed kernels are scalar; use 'trace', an int "
-                         "or a callable")
+        raise ValueError(
+            "outputs: sklearn's precomputed kernels are scalar; use 'trace', an int or a callable"
+        )
     if "out" in kwargs:
-        raise ValueError("out: sklearn_kernels returns arrays; call path_kernel(..., out=) once per "
-                         "orientation to write them to disk")
+        raise ValueError(
+            "out: sklearn_kernels returns arrays; call path_kernel(..., out=) once per "
+            "orientation to write them to disk"
+        )
     kwargs.setdefault("progress", False)
     K_fit = _numpy(path_kernel(model, checkpoints, X_train, None, **kwargs))
     K_pred = None

@@ -1,4 +1,5 @@
 """``tangent_kernel``: the empirical tangent kernel of a PyTorch model."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -7,12 +8,11 @@ import torch
 from torch import nn
 
 from .. import _backend
+from .._autograd import with_autograd
 from .._capture.extract import channel_chunks, tangent_terms
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, check_model
 from .._capture.probe import probe
-from .._autograd import with_autograd
-from .collective import Collective
 from .._checks import (
     as_inputs,
     check_batch_size,
@@ -21,10 +21,10 @@ from .._checks import (
     resolve_dtype,
     run_model_once,
 )
+from .collective import Collective
 
 
-def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype,
-            batch_size):
+def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype, batch_size):
     """Validate everything, build and probe the plan. Returns (plan, spec, dtype, x1, x2)."""
     check_model(model)
     spec = OutputSpec(outputs)
@@ -47,9 +47,17 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
 
 
 @with_autograd
-def tangent_kernel(model: nn.Module, x1, x2=None, *, outputs: OutputsArg = "trace",
-                   implementation: str = "auto", dtype: Optional[torch.dtype] = None,
-                   batch_size: Optional[int] = None, group=None) -> Optional[torch.Tensor]:
+def tangent_kernel(
+    model: nn.Module,
+    x1,
+    x2=None,
+    *,
+    outputs: OutputsArg = "trace",
+    implementation: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    batch_size: Optional[int] = None,
+    group=None,
+) -> Optional[torch.Tensor]:
     """Empirical tangent kernel ``K(x, x') = J(x) J(x')^T`` of ``model`` at its current weights.
 
     Args:
@@ -92,7 +100,8 @@ def _collective(coll: Collective, model, x1, x2, outputs, implementation, dtype,
     from .tiling import make_plan
 
     _, spec, dtype, x1, x2 = coll.agree(
-        lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size))
+        lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
+    )
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
     C = 1
@@ -101,7 +110,19 @@ def _collective(coll: Collective, model, x1, x2, outputs, implementation, dtype,
             C = spec.rows(model(*(t[:1] for t in x1))).shape[1]
     kernel = n1 * n2 * C * C * torch.finfo(dtype).bits // 8
     weights = {k: v.detach() for k, v in model.state_dict().items()}
-    p = make_plan(coll, model, [(weights, 1.0)], x1 if x2 is None else x2,
-                  None if x2 is None else x1, outputs, None, max(2 << 30, 4 * kernel), dtype,
-                  False, None, implementation, measure=False)
+    p = make_plan(
+        coll,
+        model,
+        [(weights, 1.0)],
+        x1 if x2 is None else x2,
+        None if x2 is None else x1,
+        outputs,
+        None,
+        max(2 << 30, 4 * kernel),
+        dtype,
+        False,
+        None,
+        implementation,
+        measure=False,
+    )
     return run_plan(p, resume=False, progress=False)

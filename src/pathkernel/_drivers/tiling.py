@@ -4,6 +4,7 @@
 features of a sample and cuts the output into tiles that fit the memory budget.
 ``path_kernel`` (``path_kernel.py``) then runs the plan.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,13 +20,12 @@ import torch
 from torch import nn
 
 from .. import _backend
+from .._autograd import with_autograd
 from .._capture.blocks import Block, concat_blocks, to_terms
 from .._capture.extract import CHUNK, extract
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
-from .._autograd import with_autograd
-from .collective import Collective, model_fingerprint
 from .._checks import (
     as_inputs,
     check_inputs_match,
@@ -36,6 +36,8 @@ from .._checks import (
 from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
 from .._storage.sources import Source
 from .._storage.store import parse_bytes, resumed_tiling
+from .collective import Collective, model_fingerprint
+
 
 @dataclass
 class Job:
@@ -46,34 +48,39 @@ class Job:
     dtype: torch.dtype
     rows: Source
     cols: Source
-    states: list              # functional_call states, one per checkpoint
-    weights: List[float]      # each checkpoint's weight (learning rate)
+    states: list  # functional_call states, one per checkpoint
+    weights: List[float]  # each checkpoint's weight (learning rate)
     out: Optional[str]
     outputs: OutputsArg
-    chunk: int                # examples per forward/backward pass
-    state_bytes: int = 0      # what the checkpoints' states take beyond the caller's tensors
-    collective: Optional[Collective] = None   # the ranks that run the plan together
+    chunk: int  # examples per forward/backward pass
+    state_bytes: int = 0  # what the checkpoints' states take beyond the caller's tensors
+    collective: Optional[Collective] = None  # the ranks that run the plan together
 
     def header(self, symmetric: bool) -> dict:
         """What identifies the problem (a store's journal header, without the tiling)."""
-        outputs = self.outputs if isinstance(self.outputs, (str, int)) else getattr(
-            self.outputs, "__qualname__", repr(self.outputs))
-        return {"checkpoints": [_fingerprint_state(s, w) for s, w in zip(self.states, self.weights)],
-                "train": self.cols.fingerprint(),
-                "query": None if symmetric else self.rows.fingerprint(),
-                "outputs": outputs}
+        outputs = (
+            self.outputs
+            if isinstance(self.outputs, (str, int))
+            else getattr(self.outputs, "__qualname__", repr(self.outputs))
+        )
+        return {
+            "checkpoints": [_fingerprint_state(s, w) for s, w in zip(self.states, self.weights)],
+            "train": self.cols.fingerprint(),
+            "query": None if symmetric else self.rows.fingerprint(),
+            "outputs": outputs,
+        }
 
 
 @dataclass
 class Costs:
     """Costs of this model on this machine, measured by ``plan()`` (seconds, FLOP/s)."""
 
-    call: float          # fixed cost of one feature extraction (one block, one checkpoint)
-    per_example: float   # per example of an extraction
-    gram_call: float     # fixed cost of one native accumulation call
-    gram_rate: float     # FLOP/s of the Gram work
-    commit: float        # committing a band of tiles to the store (two fsyncs)
-    per_byte: float      # writing a byte to the store
+    call: float  # fixed cost of one feature extraction (one block, one checkpoint)
+    per_example: float  # per example of an extraction
+    gram_call: float  # fixed cost of one native accumulation call
+    gram_rate: float  # FLOP/s of the Gram work
+    commit: float  # committing a band of tiles to the store (two fsyncs)
+    per_byte: float  # writing a byte to the store
 
 
 @dataclass
@@ -102,7 +109,7 @@ class PathKernelPlan:
     gram_flops: float
     extractions: int
     est_seconds: float
-    est_parts: Tuple[float, float, float]   # extraction, Gram, store
+    est_parts: Tuple[float, float, float]  # extraction, Gram, store
     store: str
     job: Optional[Job] = field(default=None, repr=False)
     costs: Optional[Costs] = field(default=None, repr=False)  # measured (rank 0's on a group)
@@ -112,21 +119,27 @@ class PathKernelPlan:
         M, N = self.shape[:2]
         kind = "train x train (symmetric halves)" if self.symmetric else "query x train"
         T, k = self.checkpoints, self.ckpt_group
-        how = ("row-block features cached for every checkpoint; one native call per tile"
-               if k == T else f"{k} checkpoint(s) at a time through {self.band} tile(s) of a "
-                              "row block accumulated together")
+        how = (
+            "row-block features cached for every checkpoint; one native call per tile"
+            if k == T
+            else f"{k} checkpoint(s) at a time through {self.band} tile(s) of a "
+            "row block accumulated together"
+        )
         ex, gram, store = self.est_parts
-        return "\n".join([
-            f"path kernel {kind}: {M} x {N}{' x C x C' if len(self.shape) == 4 else ''}, "
-            f"{T} checkpoint(s), store: {self.store}",
-            f"  tiles: {len(self.tiles)} of {self.row_block} x {self.col_block}; {how}",
-            f"  features: {self.feature_bytes_per_example} B per example per checkpoint; "
-            f"{self.extractions:,} example forward/backward passes",
-            f"  memory {fmt_bytes(self.memory_bytes)} of the {fmt_bytes(self.budget_bytes)} "
-            f"budget; Gram work {self.gram_flops / 1e9:,.1f} GFLOP",
-            f"  estimated {self.est_seconds:,.1f} s (features {ex:,.1f} s, Grams {gram:,.1f} s, "
-            f"store {store:,.1f} s; costs measured on this model)",
-        ])
+        return "\n".join(
+            [
+                f"path kernel {kind}: {M} x {N}{' x C x C' if len(self.shape) == 4 else ''}, "
+                f"{T} checkpoint(s), store: {self.store}",
+                f"  tiles: {len(self.tiles)} of {self.row_block} x {self.col_block}; {how}",
+                f"  features: {self.feature_bytes_per_example} B per example per checkpoint; "
+                f"{self.extractions:,} example forward/backward passes",
+                f"  memory {fmt_bytes(self.memory_bytes)} of the {fmt_bytes(self.budget_bytes)} "
+                f"budget; Gram work {self.gram_flops / 1e9:,.1f} GFLOP",
+                f"  estimated {self.est_seconds:,.1f} s (features {ex:,.1f} s, "
+                f"Grams {gram:,.1f} s, "
+                f"store {store:,.1f} s; costs measured on this model)",
+            ]
+        )
 
 
 def _fingerprint_state(state, lr) -> str:
@@ -165,8 +178,9 @@ def _pair_flops(b: Block, stacked: bool) -> float:
     return 2.0 * fl
 
 
-def _job(model, checkpoints, train, query, outputs, out, dtype, collate, implementation="auto"
-         ) -> Tuple[Job, tuple, Block]:
+def _job(
+    model, checkpoints, train, query, outputs, out, dtype, collate, implementation="auto"
+) -> Tuple[Job, tuple, Block]:
     """Validate the arguments, probe the model, load the checkpoints; also returns the
     features of a sample block (for the memory model)."""
     check_model(model)
@@ -189,8 +203,19 @@ def _job(model, checkpoints, train, query, outputs, out, dtype, collate, impleme
         probe(mplan, sample_cols)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
     sample = extract(mplan, spec, states[0], cast_inputs(sample_rows, dtype))
-    job = Job(mplan, spec, dtype, rows, cols, states, [w for _, w in ckpts], out, outputs, CHUNK,
-              sum(allocated_bytes(w, mplan, dtype) for w, _ in ckpts))
+    job = Job(
+        mplan,
+        spec,
+        dtype,
+        rows,
+        cols,
+        states,
+        [w for _, w in ckpts],
+        out,
+        outputs,
+        CHUNK,
+        sum(allocated_bytes(w, mplan, dtype) for w, _ in ckpts),
+    )
     return job, sample_rows, sample
 
 
@@ -222,14 +247,22 @@ def _nominal_costs(job: Job, sample_x: tuple, sample: Block, out) -> Costs:
         flops = sum(use_flops(u) for u in uses)
         for k, f in sample.factors.items():
             if f.materialized and k >= 0 and mplan.groups[k].kind == "matrix":
-                S = sum(u.y.numel() // u.y.shape[-1] for u in uses
-                        if u.weight is not None and u.weight.name == mplan.groups[k].weight)
+                S = sum(
+                    u.y.numel() // u.y.shape[-1]
+                    for u in uses
+                    if u.weight is not None and u.weight.name == mplan.groups[k].weight
+                )
                 materialize += 2.0 * S * f.D.shape[2] * f.D.shape[3]
     dense = sum(mplan.params[n].numel() for n in mplan.dense)
     work = (1 + 2 * C) * (flops + 2.0 * dense) + materialize
-    return Costs(call=1e-3, per_example=1e-5 + work / EXTRACT_RATE, gram_call=1e-4,
-                 gram_rate=5e10, commit=2e-3 if out is not None else 0.0,
-                 per_byte=1e-9 if out is not None else 0.0)
+    return Costs(
+        call=1e-3,
+        per_example=1e-5 + work / EXTRACT_RATE,
+        gram_call=1e-4,
+        gram_rate=5e10,
+        commit=2e-3 if out is not None else 0.0,
+        per_byte=1e-9 if out is not None else 0.0,
+    )
 
 
 def use_flops(u) -> float:
@@ -250,9 +283,11 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
     spec, mplan = job.spec, job.model_plan
     x = cast_inputs(sample_x, job.dtype)
     one = tuple(t[:1] for t in x)
+
     def sync():
         if x[0].device.type == "cuda":
             torch.cuda.synchronize(x[0].device)
+
     t1 = _time(lambda: (extract(mplan, spec, job.states[0], one), sync()))
     n = sample.n
     tn = _time(lambda: (extract(mplan, spec, job.states[0], x), sync()))
@@ -271,7 +306,9 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
             _backend.accumulate(torch.zeros(n, n, C, C, dtype=torch.float64, device=dev), *terms)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+
         return _time(run)
+
     g1, gn = timed(1, terms1), timed(m, termsm)
     flops = _pair_flops(sample, spec.stacked) * m * m
     rate = flops / max(gn - g1, 1e-9) if m > 1 else 50e9
@@ -280,11 +317,13 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
         folder = os.path.dirname(os.path.abspath(os.fspath(out)))
         if os.path.isdir(folder):
             with tempfile.TemporaryFile(dir=folder) as f:
+
                 def sync(nbytes):
                     f.seek(0)
                     f.write(b"x" * nbytes)
                     f.flush()
                     os.fsync(f.fileno())
+
                 small = _time(lambda: sync(4096), 3)
                 large = _time(lambda: sync(1 << 22), 2)
                 commit, per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
@@ -311,11 +350,11 @@ class _Problem:
     N: int
     T: int
     symmetric: bool
-    fb: int          # feature bytes per example and checkpoint
-    cc: int          # accumulator bytes per pair of examples
-    fixed: int       # memory besides the tiling
+    fb: int  # feature bytes per example and checkpoint
+    cc: int  # accumulator bytes per pair of examples
+    fixed: int  # memory besides the tiling
     pair_flops: float
-    out_item: int    # stored bytes per pair of examples
+    out_item: int  # stored bytes per pair of examples
 
 
 def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Costs) -> _Choice:
@@ -336,22 +375,36 @@ def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Co
     t_gram = pairs * T * P.pair_flops / costs.gram_rate + tiles * math.ceil(T / k) * costs.gram_call
     t_store = bands * costs.commit + float(M) * N * P.out_item * costs.per_byte
     est = t_ex + t_gram + t_store
-    return _Choice(R, Cb, band, k, chunk, mem, est, (t_ex, t_gram, t_store), tiles,
-                   int(row_ex * R + offdiag * T * Cb))
+    return _Choice(
+        R,
+        Cb,
+        band,
+        k,
+        chunk,
+        mem,
+        est,
+        (t_ex, t_gram, t_store),
+        tiles,
+        int(row_ex * R + offdiag * T * Cb),
+    )
 
 
-def _solve(P: _Problem, costs: Costs, budget: int,
-           tiling: Optional[Tuple[int, int, int, int]] = None) -> Optional[_Choice]:
+def _solve(
+    P: _Problem, costs: Costs, budget: int, tiling: Optional[Tuple[int, int, int, int]] = None
+) -> Optional[_Choice]:
     """The tiling with the least estimated time whose memory fits ``budget`` (``tiling``:
     only that (row block, column block, checkpoints at once, chunk), e.g. a resumed run's)."""
+
     def sizes(n, most=1 << 30):  # tiles narrower than 16 run the GEMMs badly
-        return sorted(s for s in {n} | {2 ** p for p in range(4, 30) if 2 ** p < n} if s <= most
-                      ) or [most]
+        return sorted(s for s in {n} | {2**p for p in range(4, 30) if 2**p < n} if s <= most) or [
+            most
+        ]
+
     ks = sorted({math.ceil(P.T / m) for m in range(1, P.T + 1)}, reverse=True)
     best = None
-    for R in ([tiling[0]] if tiling else sizes(P.M)):
+    for R in [tiling[0]] if tiling else sizes(P.M):
         # a column block is extracted in one pass (at most CHUNK examples)
-        for Cb in ([tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N, CHUNK)):
+        for Cb in [tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N, CHUNK):
             nc = math.ceil(P.N / Cb)
             for k, band, chunk in _variants(P.T, nc, ks, max(R, Cb), tiling, Cb):
                 c = _cost(P, R, Cb, band, k, chunk, costs)
@@ -370,21 +423,35 @@ SCRATCH = 4
 def _variants(T: int, nc: int, ks, most: int, tiling=None, least: int = 1):
     """(checkpoints at once, tiles per band, examples per extraction pass) to consider; a
     pass covers at least ``least`` examples (a column block: no concatenation)."""
-    chunks = sorted(c for c in {min(most, CHUNK)} | {c for c in (16, 64, 256, 1024)
-                                                      if c < min(most, CHUNK)} if c >= least)
+    chunks = sorted(
+        c
+        for c in {min(most, CHUNK)} | {c for c in (16, 64, 256, 1024) if c < min(most, CHUNK)}
+        if c >= least
+    )
     if tiling:
         ks, chunks = [tiling[2]], [tiling[3]]
     for k in ks:
-        bands = [1] if k == T else sorted({1, nc} | {2 ** p for p in range(1, 12) if 2 ** p < nc})
+        bands = [1] if k == T else sorted({1, nc} | {2**p for p in range(1, 12) if 2**p < nc})
         for band in bands:
             for chunk in chunks:
                 yield k, band, chunk
 
 
 @with_autograd
-def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsArg = "trace",
-         out=None, memory_budget="2GB", dtype: torch.dtype = torch.float32, resume: bool = True,
-         collate=None, group=None) -> PathKernelPlan:
+def plan(
+    model: nn.Module,
+    checkpoints,
+    train,
+    query=None,
+    *,
+    outputs: OutputsArg = "trace",
+    out=None,
+    memory_budget="2GB",
+    dtype: torch.dtype = torch.float32,
+    resume: bool = True,
+    collate=None,
+    group=None,
+) -> PathKernelPlan:
     """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost.
 
     With ``out=`` holding an interrupted run of the same problem (and ``resume=True``), the
@@ -393,26 +460,46 @@ def plan(model: nn.Module, checkpoints, train, query=None, *, outputs: OutputsAr
     ``group`` (as in ``path_kernel``: a collective call) gives every rank the same plan.
     """
     coll = Collective(group, "plan")
-    return make_plan(coll, model, checkpoints, train, query, outputs, out, memory_budget,
-                     dtype, resume, collate)
+    return make_plan(
+        coll, model, checkpoints, train, query, outputs, out, memory_budget, dtype, resume, collate
+    )
 
 
-def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, memory_budget,
-              dtype, resume, collate, implementation: str = "auto", measure: bool = True
-              ) -> PathKernelPlan:
+def make_plan(
+    coll: Collective,
+    model,
+    checkpoints,
+    train,
+    query,
+    outputs,
+    out,
+    memory_budget,
+    dtype,
+    resume,
+    collate,
+    implementation: str = "auto",
+    measure: bool = True,
+) -> PathKernelPlan:
     """The plan on every rank of ``coll``. ``measure=False`` (path_kernel) times the model
     only when the nominal costs suggest the budget may be too tight; the plan's estimate is
     then the nominal one."""
     budget = parse_bytes(memory_budget)
     job, sample_x, sample = coll.agree(
-        lambda: _job(model, checkpoints, train, query, outputs, out, dtype, collate,
-                     implementation))
+        lambda: _job(model, checkpoints, train, query, outputs, out, dtype, collate, implementation)
+    )
     symmetric = query is None
     job.collective = coll
     if coll.active:
-        coll.check_same({"model": model_fingerprint(model), **job.header(symmetric),
-                         "memory_budget": budget, "dtype": str(job.dtype), "resume": resume,
-                         "out": None if out is None else os.path.abspath(os.fspath(out))})
+        coll.check_same(
+            {
+                "model": model_fingerprint(model),
+                **job.header(symmetric),
+                "memory_budget": budget,
+                "dtype": str(job.dtype),
+                "resume": resume,
+                "out": None if out is None else os.path.abspath(os.fspath(out)),
+            }
+        )
     recorded = resumed_tiling(out, job.header(symmetric)) if out is not None and resume else None
     fb = max(1, math.ceil(_block_bytes(sample) / sample.n))
     C = sample.C if job.spec.full else 1
@@ -427,7 +514,8 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
         if kbytes > budget // 2:
             raise ValueError(
                 f"out: the kernel needs {fmt_bytes(kbytes)}, more than half the memory budget "
-                f"({fmt_bytes(budget)}); pass out='kernel.npy' to write it to disk")
+                f"({fmt_bytes(budget)}); pass out='kernel.npy' to write it to disk"
+            )
         fixed += kbytes
     cc = 8 * C * C
     pair = _pair_flops(sample, job.spec.stacked)
@@ -436,8 +524,9 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
     # that tiling's time under the costs measured on this machine.
     nominal = _nominal_costs(job, sample_x, sample, out)
 
-    problem = _Problem(M, N, T, symmetric, fb, cc, fixed, pair,
-                       cc // 8 * (4 if job.dtype == torch.float32 else 8))
+    problem = _Problem(
+        M, N, T, symmetric, fb, cc, fixed, pair, cc // 8 * (4 if job.dtype == torch.float32 else 8)
+    )
 
     def solve(b, tiling=None):
         return _solve(problem, nominal, b, tiling)
@@ -449,19 +538,25 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
             raise ValueError(
                 f"memory_budget: the interrupted run in {os.fspath(out)!r} uses tiles of "
                 f"{recorded[0]} x {recorded[1]} that need {fmt_bytes(need)}, more than "
-                f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over")
-        costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget)
-                               if coll.lead else None) if measure else nominal
+                f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over"
+            )
+        costs = (
+            coll.broadcast(_measure(job, sample_x, sample, out, fb, budget) if coll.lead else None)
+            if measure
+            else nominal
+        )
         choice = _cost(problem, choice.R, choice.Cb, choice.band, choice.k, choice.chunk, costs)
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, costs)
     choice = solve(budget)
     if choice is None:
         r, c = min(M, 16), min(N, 16)
         least = fixed + SCRATCH * min(r, c) * fb + (r + c) * fb + r * c * cc
-        raise ValueError(f"memory_budget: {fmt_bytes(budget)} is too small for this model and "
-                         f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "
-                         f"{fmt_bytes(least)}"
-                         f"{'' if out is not None else ' with the kernel in memory (pass out=)'}")
+        raise ValueError(
+            f"memory_budget: {fmt_bytes(budget)} is too small for this model and "
+            f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "
+            f"{fmt_bytes(least)}"
+            f"{'' if out is not None else ' with the kernel in memory (pass out=)'}"
+        )
     roomy_nominal = solve(max(budget, 2 << 30))
     if not measure and not (choice.est > 3 * roomy_nominal.est and choice.est > 10):
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, nominal)
@@ -469,6 +564,7 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
 
     def timed(c: _Choice) -> _Choice:
         return _cost(problem, c.R, c.Cb, c.band, c.k, c.chunk, costs)
+
     chosen, roomy = timed(choice), timed(solve(max(budget, 2 << 30)))
     if chosen.est > 3 * roomy.est and chosen.est > 10:
         need = budget
@@ -477,20 +573,40 @@ def make_plan(coll: Collective, model, checkpoints, train, query, outputs, out, 
         raise ValueError(
             f"memory_budget: {fmt_bytes(budget)} leaves only an inefficient plan (estimated "
             f"{chosen.est:,.0f} s, against {roomy.est:,.0f} s with more memory); the smallest "
-            f"budget within 3x of that is about {fmt_bytes(need)}")
+            f"budget within 3x of that is about {fmt_bytes(need)}"
+        )
     return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out, costs)
 
 
-def _make_plan(job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N, out,
-               costs: Costs) -> PathKernelPlan:
+def _make_plan(
+    job, shape, symmetric, T, choice: _Choice, fb, budget, pair, M, N, out, costs: Costs
+) -> PathKernelPlan:
     R, Cb = choice.R, choice.Cb
     job.chunk = choice.chunk
-    tiles = [(i, j) for i in range(math.ceil(M / R))
-             for j in range(i if symmetric else 0, math.ceil(N / Cb))]
+    tiles = [
+        (i, j)
+        for i in range(math.ceil(M / R))
+        for j in range(i if symmetric else 0, math.ceil(N / Cb))
+    ]
     pairs = (N * (N + 1) / 2) if symmetric else float(M) * N
     return PathKernelPlan(
-        shape=shape, symmetric=symmetric, checkpoints=T, row_block=R, col_block=Cb,
-        band=choice.band, ckpt_group=choice.k, tiles=tiles, memory_bytes=choice.memory,
-        feature_bytes_per_example=fb, budget_bytes=budget, gram_flops=pairs * T * pair,
-        extractions=choice.extractions, est_seconds=choice.est, est_parts=choice.parts,
-        store="RAM" if out is None else str(out), job=job, costs=costs, pair_flops=pair)
+        shape=shape,
+        symmetric=symmetric,
+        checkpoints=T,
+        row_block=R,
+        col_block=Cb,
+        band=choice.band,
+        ckpt_group=choice.k,
+        tiles=tiles,
+        memory_bytes=choice.memory,
+        feature_bytes_per_example=fb,
+        budget_bytes=budget,
+        gram_flops=pairs * T * pair,
+        extractions=choice.extractions,
+        est_seconds=choice.est,
+        est_parts=choice.parts,
+        store="RAM" if out is None else str(out),
+        job=job,
+        costs=costs,
+        pair_flops=pair,
+    )

@@ -1,5 +1,6 @@
 """Checkpoint paths: ``[(weights, weight), ...]``; weights are a state_dict, the path of a
 saved one (or of a saved dict holding one), or a model whose state_dict is taken."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,10 @@ from .._capture.plan import ModelPlan, model_state
 
 def check_checkpoints(checkpoints) -> List[Tuple[object, float]]:
     if isinstance(checkpoints, (str, bytes, dict)) or not isinstance(checkpoints, Sequence):
-        raise TypeError("checkpoints: expected a sequence of (state_dict or path, weight) pairs, "
-                        f"got {type(checkpoints).__name__}")
+        raise TypeError(
+            "checkpoints: expected a sequence of (state_dict or path, weight) pairs, "
+            f"got {type(checkpoints).__name__}"
+        )
     if not checkpoints:
         raise ValueError("checkpoints: expected at least one (weights, weight) pair, got none")
     out = []
@@ -30,20 +33,26 @@ def check_checkpoints(checkpoints) -> List[Tuple[object, float]]:
         if isinstance(w, nn.Module):
             w = {k: v.detach() for k, v in w.state_dict().items()}  # read when the kernel runs
         if not isinstance(w, (dict, str, os.PathLike)):
-            raise TypeError(f"checkpoints[{i}]: weights must be a state_dict, a path or an "
-                            f"nn.Module, got {type(w).__name__}")
+            raise TypeError(
+                f"checkpoints[{i}]: weights must be a state_dict, a path or an "
+                f"nn.Module, got {type(w).__name__}"
+            )
         if isinstance(lr, torch.Tensor):
             lr = lr.item()
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
-            raise ValueError(f"checkpoints[{i}]: weight must be a finite number (the step's "
-                             f"learning rate), got {lr!r}")
+            raise ValueError(
+                f"checkpoints[{i}]: weight must be a finite number (the step's "
+                f"learning rate), got {lr!r}"
+            )
         if isinstance(w, (str, os.PathLike)) and not os.path.exists(w):
             raise ValueError(f"checkpoints[{i}]: no file at {os.fspath(w)!r}")
         out.append((w, float(lr)))
     return out
 
 
-def checkpoint_state(plan: ModelPlan, weights, dtype: torch.dtype, i: int) -> Dict[str, torch.Tensor]:
+def checkpoint_state(
+    plan: ModelPlan, weights, dtype: torch.dtype, i: int
+) -> Dict[str, torch.Tensor]:
     """The ``functional_call`` state of checkpoint ``i``."""
     sd = weights if isinstance(weights, dict) else load_state_dict(weights, i)
     sd = _unwrap(sd)
@@ -56,17 +65,21 @@ def checkpoint_state(plan: ModelPlan, weights, dtype: torch.dtype, i: int) -> Di
         raise ValueError(f"checkpoints[{i}]: missing trainable parameters {missing[:5]}")
     for n, v in sd.items():
         if tuple(v.shape) != tuple(state[n].shape):
-            raise ValueError(f"checkpoints[{i}]: '{n}' has shape {tuple(v.shape)}, the model's is "
-                             f"{tuple(state[n].shape)}")
+            raise ValueError(
+                f"checkpoints[{i}]: '{n}' has shape {tuple(v.shape)}, the model's is "
+                f"{tuple(state[n].shape)}"
+            )
         t = normal_tensor(v.detach()).to(state[n].device)  # a host checkpoint for a GPU model
         t = t.to(dtype) if t.is_floating_point() else t
         state[n] = t.requires_grad_(state[n].requires_grad)
     return state
 
 
-_HINT = ("a state_dict is expected: save one with torch.save(model.state_dict(), path) (a dict "
-         "holding it under 'state_dict', 'model_state_dict' or 'model' also works), or pass "
-         "the loaded nn.Module itself")
+_HINT = (
+    "a state_dict is expected: save one with torch.save(model.state_dict(), path) (a dict "
+    "holding it under 'state_dict', 'model_state_dict' or 'model' also works), or pass "
+    "the loaded nn.Module itself"
+)
 
 
 def load_state_dict(path, i: int) -> dict:
@@ -85,11 +98,14 @@ def load_state_dict(path, i: int) -> dict:
         except OSError:
             magic = b""
         if zipfile.is_zipfile(path) and isinstance(e, pickle.UnpicklingError):
-            raise ValueError(f"{where}: holds pickled objects, not only tensors (a whole model "
-                             f"saved with torch.save(model)?); {_HINT}") from None
+            raise ValueError(
+                f"{where}: holds pickled objects, not only tensors (a whole model "
+                f"saved with torch.save(model)?); {_HINT}"
+            ) from None
         if magic.startswith(b"PK"):  # a torch archive that does not read back
-            raise ValueError(f"{where}: cannot be read, truncated or corrupt ({first}); "
-                             f"{_HINT}") from None
+            raise ValueError(
+                f"{where}: cannot be read, truncated or corrupt ({first}); {_HINT}"
+            ) from None
         raise ValueError(f"{where}: not a torch checkpoint ({first}); {_HINT}") from None
     if not isinstance(sd, dict):
         raise ValueError(f"{where}: holds a {type(sd).__name__}; {_HINT}")
@@ -112,6 +128,9 @@ def allocated_bytes(weights, plan: ModelPlan, dtype: torch.dtype) -> int:
     total = sum(p.numel() for p in plan.model.parameters()) * item
     if not isinstance(weights, dict):
         return total
-    same = all(not v.is_floating_point() or v.dtype == dtype for v in weights.values()
-               if isinstance(v, torch.Tensor))
+    same = all(
+        not v.is_floating_point() or v.dtype == dtype
+        for v in weights.values()
+        if isinstance(v, torch.Tensor)
+    )
     return 0 if same else total

@@ -1,8 +1,9 @@
 """Inputs streamed in blocks: tensors, tuples of tensors, numpy arrays, or a torch Dataset."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -12,8 +13,13 @@ class Source:
     """Examples ``lo:hi`` on demand. Numpy arrays (memory-mapped ``.npy`` files included) stay
     numpy until a block is read, so a data set larger than RAM is read block by block."""
 
-    def __init__(self, data, name: str, collate: Optional[Callable] = None,
-                 like: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        data,
+        name: str,
+        collate: Optional[Callable] = None,
+        like: Optional[torch.Tensor] = None,
+    ):
         """``like``: a parameter of the model. Blocks go to its device (a data set on the host
         streams to a model on the GPU block by block); blocks read from numpy arrays also take
         its floating-point dtype."""
@@ -32,8 +38,10 @@ class Source:
             self.dataset = data
             self.collate = collate or torch.utils.data.default_collate
         else:
-            raise TypeError(f"{name}: expected a tensor, a tuple of tensors, a numpy array or a "
-                            f"torch Dataset with __len__, got {type(data).__name__}")
+            raise TypeError(
+                f"{name}: expected a tensor, a tuple of tensors, a numpy array or a "
+                f"torch Dataset with __len__, got {type(data).__name__}"
+            )
         self.n = len(self.dataset) if self.dataset is not None else self.tensors[0].shape[0]
         if self.n == 0:
             raise ValueError(f"{name}: empty (0 examples)")
@@ -41,15 +49,20 @@ class Source:
     def get(self, lo: int, hi: int):
         """Examples ``lo:hi`` as a tensor or tuple of tensors (batch first)."""
         if self.tensors is not None:
-            part = tuple(self._from_numpy(t[lo:hi]) if isinstance(t, np.ndarray)
-                         else self._to_device(t[lo:hi]) for t in self.tensors)
+            part = tuple(
+                self._from_numpy(t[lo:hi])
+                if isinstance(t, np.ndarray)
+                else self._to_device(t[lo:hi])
+                for t in self.tensors
+            )
             return part[0] if len(part) == 1 else part
         batch = self.collate([self.dataset[i] for i in range(lo, hi)])
         if isinstance(batch, torch.Tensor):
             return self._to_device(batch)
         if isinstance(batch, (tuple, list)):
-            return type(batch)(self._to_device(b) if isinstance(b, torch.Tensor) else b
-                               for b in batch)
+            return type(batch)(
+                self._to_device(b) if isinstance(b, torch.Tensor) else b for b in batch
+            )
         return batch
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -73,15 +86,23 @@ class Source:
         if self.tensors is not None:
             for t in self.tensors:
                 h.update(str((tuple(t.shape), str(t.dtype).replace("torch.", ""))).encode())
-                step = max(1, (64 << 20) // max(1, t[:1].nbytes if isinstance(t, np.ndarray)
-                                                 else t[:1].numel() * t.element_size()))
+                step = max(
+                    1,
+                    (64 << 20)
+                    // max(
+                        1,
+                        t[:1].nbytes
+                        if isinstance(t, np.ndarray)
+                        else t[:1].numel() * t.element_size(),
+                    ),
+                )
                 for lo in range(0, t.shape[0], step):  # block by block: a memmap stays on disk
-                    part = t[lo:lo + step]
+                    part = t[lo : lo + step]
                     part = part if isinstance(part, np.ndarray) else part.detach().cpu().numpy()
                     h.update(np.ascontiguousarray(part).tobytes())
         else:
             for i in sorted({0, self.n // 2, self.n - 1}):
                 item = self.collate([self.dataset[i]])
-                for t in (item if isinstance(item, (tuple, list)) else (item,)):
+                for t in item if isinstance(item, (tuple, list)) else (item,):
                     h.update(torch.as_tensor(t).contiguous().numpy().tobytes())
         return h.hexdigest()

@@ -9,6 +9,7 @@ process) creates and sizes the file and writes the run's header as the first lin
 rank) is finished by the same call with any number of ranks; a tile in no journal, or in a
 torn last line, is recomputed.
 """
+
 from __future__ import annotations
 
 import glob
@@ -35,7 +36,7 @@ class MemoryStore:
 
     def write(self, i0: int, j0: int, tile: torch.Tensor) -> None:
         if self.tensor is not None:
-            self.tensor[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
+            self.tensor[i0 : i0 + tile.shape[0], j0 : j0 + tile.shape[1]] = tile
         else:
             self.tiles.append((i0, j0, tile.clone()))
 
@@ -43,7 +44,7 @@ class MemoryStore:
         """The kernel from every rank's tiles (copied, so -0.0 stays -0.0)."""
         self.tensor = torch.zeros(self.shape, dtype=self.dtype)
         for i0, j0, t in tiles:
-            self.tensor[i0:i0 + t.shape[0], j0:j0 + t.shape[1]] = t
+            self.tensor[i0 : i0 + t.shape[0], j0 : j0 + t.shape[1]] = t
         return self.tensor
 
     def commit(self, keys) -> None:
@@ -59,8 +60,16 @@ class MemoryStore:
 class FileStore:
     """A ``.npy`` file of ``shape`` written tile by tile, with journals of completed tiles."""
 
-    def __init__(self, path, shape, dtype: torch.dtype, fingerprint: dict, resume: bool,
-                 rank: int = 0, create: bool = True):
+    def __init__(
+        self,
+        path,
+        shape,
+        dtype: torch.dtype,
+        fingerprint: dict,
+        resume: bool,
+        rank: int = 0,
+        create: bool = True,
+    ):
         self.path = os.fspath(path)
         if not self.path.endswith(".npy"):
             raise ValueError(f"out: expected a path ending in .npy, got {self.path!r}")
@@ -72,8 +81,12 @@ class FileStore:
             raise ValueError(f"out: cannot create the folder {folder!r} ({e.strerror})") from None
         self.shape = tuple(int(s) for s in shape)
         self.np_dtype = np.dtype(np.float32 if dtype == torch.float32 else np.float64)
-        self.header = {"version": JOURNAL_VERSION, "shape": list(self.shape),
-                       "dtype": self.np_dtype.str, **fingerprint}
+        self.header = {
+            "version": JOURNAL_VERSION,
+            "shape": list(self.shape),
+            "dtype": self.np_dtype.str,
+            **fingerprint,
+        }
         if create:  # rank 0: a new run, or the check that the existing one is this problem
             if resume and os.path.exists(self.path) and os.path.exists(self.journal_path):
                 self._check_header()
@@ -95,14 +108,17 @@ class FileStore:
             with open(self.journal_path) as f:
                 old = json.loads(f.readline())
         except (OSError, json.JSONDecodeError):
-            raise ValueError(f"out: the journal {self.journal_path!r} is unreadable; delete it and "
-                             "the store to start over, or pass resume=False") from None
+            raise ValueError(
+                f"out: the journal {self.journal_path!r} is unreadable; delete it and "
+                "the store to start over, or pass resume=False"
+            ) from None
         diff = [k for k in sorted(set(old) | set(self.header)) if old.get(k) != self.header.get(k)]
         if diff:
             raise ValueError(
                 f"out: {self.path!r} holds a run with other arguments (differs in: "
                 f"{', '.join(diff)}); nothing was overwritten. Pass another out= path, or "
-                "resume=False to start over")
+                "resume=False to start over"
+            )
 
     def read_done(self) -> Set[Tuple[int, int]]:
         """The tiles recorded in every rank's journal (torn lines are ignored)."""
@@ -113,7 +129,7 @@ class FileStore:
                     lines = f.read().splitlines()
             except OSError:
                 continue
-            for line in lines[1 if path == self.journal_path else 0:]:
+            for line in lines[1 if path == self.journal_path else 0 :]:
                 try:
                     rec = json.loads(line)
                     done.add((int(rec["tile"][0]), int(rec["tile"][1])))
@@ -138,8 +154,10 @@ class FileStore:
         shape, dtype, offset = arr.shape, arr.dtype, arr.offset
         del arr
         if tuple(shape) != self.shape or dtype != self.np_dtype:
-            raise ValueError(f"out: {self.path!r} has shape {shape} and dtype {dtype}, "
-                             f"expected {self.shape} and {self.np_dtype}")
+            raise ValueError(
+                f"out: {self.path!r} has shape {shape} and dtype {dtype}, "
+                f"expected {self.shape} and {self.np_dtype}"
+            )
         return offset
 
     def write(self, i0: int, j0: int, tile: torch.Tensor) -> None:
@@ -178,8 +196,10 @@ def parse_bytes(budget) -> int:
         if m:
             value = float(m.group(1)) * _UNITS[m.group(2)]
     if value is None or not value > 0:
-        raise ValueError(f"memory_budget: expected a positive number of bytes or a string like "
-                         f"'2GB', got {budget!r}")
+        raise ValueError(
+            f"memory_budget: expected a positive number of bytes or a string like "
+            f"'2GB', got {budget!r}"
+        )
     return int(value)
 
 
@@ -199,8 +219,16 @@ def resumed_tiling(out, header: dict) -> Optional[Tuple[int, ...]]:
     return tuple(int(t) for t in old["tiles"])
 
 
-def open_store(out: Optional[str], shape, dtype, fingerprint, resume, rank: int = 0,
-               create: bool = True, whole: bool = True):
+def open_store(
+    out: Optional[str],
+    shape,
+    dtype,
+    fingerprint,
+    resume,
+    rank: int = 0,
+    create: bool = True,
+    whole: bool = True,
+):
     if out is None:
         return MemoryStore(shape, dtype, whole)
     return FileStore(out, shape, dtype, fingerprint, resume, rank, create)

@@ -6,6 +6,7 @@ one vmapped backward pass per output channel, materialized per-example gradients
 Gram stage (the native accumulation), counts the FLOPs of each and prints how far each runs
 from the sgemm rate measured in the same run, and the share of parameters on the dense path.
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -42,8 +43,11 @@ def _flops(model, x) -> Tuple[float, float, float]:
             P = dd
             gram += 2.0 * C * P
             if k >= 0 and plan.groups[k].kind == "matrix":  # built from factors by a GEMM
-                S_use = sum(u.y.numel() // u.y.shape[-1] for u in uses
-                            if u.weight is not None and u.weight.name == plan.groups[k].weight)
+                S_use = sum(
+                    u.y.numel() // u.y.shape[-1]
+                    for u in uses
+                    if u.weight is not None and u.weight.name == plan.groups[k].weight
+                )
                 mat += 2.0 * S_use * C * P
         else:
             da = f.A.shape[-1] if f.A.dim() == 3 else 2 * S
@@ -63,17 +67,20 @@ def architecture_rows(quick: bool, row) -> List:
         n = N // 2 if quick else N
         model, x = architecture(name, n)
         tangent_kernel(model, x)  # warm: probe, caches
-        ours, peer = paired_best(lambda: tangent_kernel(model, x),
-                                 lambda: torch_func_ntk(model, x), 1 if quick else 2)
+        ours, peer = paired_best(
+            lambda: tangent_kernel(model, x), lambda: torch_func_ntk(model, x), 1 if quick else 2
+        )
         plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
         t_grad = best_time(lambda: tangent_terms(plan, spec, dtype, x1), 2)
         s1, s2, _ = tangent_terms(plan, spec, dtype, x1)
         out = torch.zeros(n, n, 1, 1)
         t_gram = best_time(lambda: accumulate(out, s1, s2), 2)
         f_grad, f_gram, dense = _flops(model, x)
-        note = (f"dense {100 * dense:.0f}%; per-example grads {f_grad / 1e9:.2f} GFLOP in "
-                f"{t_grad:.3f} s ({f_grad / t_grad / rate:.0%} of sgemm); Gram "
-                f"{f_gram / 1e9:.2f} GFLOP in {t_gram:.3f} s ({f_gram / t_gram / rate:.0%})")
+        note = (
+            f"dense {100 * dense:.0f}%; per-example grads {f_grad / 1e9:.2f} GFLOP in "
+            f"{t_grad:.3f} s ({f_grad / t_grad / rate:.0%} of sgemm); Gram "
+            f"{f_gram / 1e9:.2f} GFLOP in {t_gram:.3f} s ({f_gram / t_gram / rate:.0%})"
+        )
         rows.append(row(name, f"{what}, N={n}", ours, {"torch.func": peer}, note))
     ratios = [r.peers["torch.func"] / r.ours for r in rows]
     geo = 1.0

@@ -2,6 +2,7 @@
 ResNet, a ViT, a GPT-2-style decoder (Hugging Face ``Conv1D`` blocks, position ids broadcast
 over the batch, tied head), ``nn.TransformerEncoderLayer``, a depthwise-separable CNN and a
 recurrent classifier. Random initialisation, no downloads."""
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.down = None
         if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+            self.down = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -39,7 +41,7 @@ class ResNet(nn.Module):
         self.bn = nn.BatchNorm2d(width)
         layers, c = [], width
         for i, b in enumerate(blocks):
-            cout = width * 2 ** i
+            cout = width * 2**i
             for j in range(b):
                 layers.append(BasicBlock(c, cout, 2 if i > 0 and j == 0 else 1))
                 c = cout
@@ -155,8 +157,14 @@ class Encoder(nn.Module):
     def __init__(self, d=8, heads=2, ff=12, batch_first=True, norm_first=False, classes=2):
         super().__init__()
         self.batch_first = batch_first
-        self.layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=ff, dropout=0.0,
-                                                batch_first=batch_first, norm_first=norm_first)
+        self.layer = nn.TransformerEncoderLayer(
+            d,
+            heads,
+            dim_feedforward=ff,
+            dropout=0.0,
+            batch_first=batch_first,
+            norm_first=norm_first,
+        )
         self.head = nn.Linear(d, classes)
 
     def forward(self, x):
@@ -206,8 +214,10 @@ def randomize_norm_stats(model: nn.Module, seed: int = 11) -> nn.Module:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5, generator=g)
                 m.running_var.uniform_(0.5, 2.0, generator=g)
-            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) \
-                    and getattr(m, "weight", None) is not None:
+            if (
+                isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm))
+                and getattr(m, "weight", None) is not None
+            ):
                 m.weight.uniform_(0.5, 1.5, generator=g)
                 m.bias.uniform_(-0.3, 0.3, generator=g)
     return model
@@ -219,22 +229,45 @@ def _images(n, c, s):
 
 
 ARCHITECTURES: Dict[str, Tuple[int, str, Callable[[int], tuple]]] = {
-    "resnet": (128, "ResNet (16-32-64 channels, 3 stages, BatchNorm), 3x16x16 images, 10 classes",
-               lambda n: (ResNet(10, 16, (1, 1, 1)), _images(n, 3, 16))),
-    "vit": (128, "ViT (16x16 images, 4x4 patches, d=32, 4 heads, 2 blocks), 10 classes",
-            lambda n: (ViT(16, 4, 32, 4, 2, 10), _images(n, 3, 16))),
-    "gpt2": (96, "GPT-2-style decoder (vocab 128, d=32, 2 blocks, 12 tokens, tied head), "
-                 "last-token logits",
-             lambda n: (GPT2Style(128, 32, 4, 2, 12),
-                        torch.randint(0, 128, (n, 12), generator=torch.Generator().manual_seed(1)))),
-    "encoder": (128, "nn.TransformerEncoderLayer (d=32, 4 heads, ff 64, 12 tokens), 10 classes",
-                lambda n: (Encoder(32, 4, 64, True, False, 10),
-                           torch.randn(n, 12, 32, generator=torch.Generator().manual_seed(1)))),
-    "depthwise": (256, "depthwise-separable CNN (width 16, GroupNorm), 3x16x16 images, 10 classes",
-                  lambda n: (SeparableCNN(3, 16, 10), _images(n, 3, 16))),
-    "lstm": (128, "LSTM classifier (16 -> 32, 12 steps), 10 classes",
-             lambda n: (Recurrent(nn.LSTM, 16, 32, 10),
-                        torch.randn(n, 12, 16, generator=torch.Generator().manual_seed(1)))),
+    "resnet": (
+        128,
+        "ResNet (16-32-64 channels, 3 stages, BatchNorm), 3x16x16 images, 10 classes",
+        lambda n: (ResNet(10, 16, (1, 1, 1)), _images(n, 3, 16)),
+    ),
+    "vit": (
+        128,
+        "ViT (16x16 images, 4x4 patches, d=32, 4 heads, 2 blocks), 10 classes",
+        lambda n: (ViT(16, 4, 32, 4, 2, 10), _images(n, 3, 16)),
+    ),
+    "gpt2": (
+        96,
+        "GPT-2-style decoder (vocab 128, d=32, 2 blocks, 12 tokens, tied head), last-token logits",
+        lambda n: (
+            GPT2Style(128, 32, 4, 2, 12),
+            torch.randint(0, 128, (n, 12), generator=torch.Generator().manual_seed(1)),
+        ),
+    ),
+    "encoder": (
+        128,
+        "nn.TransformerEncoderLayer (d=32, 4 heads, ff 64, 12 tokens), 10 classes",
+        lambda n: (
+            Encoder(32, 4, 64, True, False, 10),
+            torch.randn(n, 12, 32, generator=torch.Generator().manual_seed(1)),
+        ),
+    ),
+    "depthwise": (
+        256,
+        "depthwise-separable CNN (width 16, GroupNorm), 3x16x16 images, 10 classes",
+        lambda n: (SeparableCNN(3, 16, 10), _images(n, 3, 16)),
+    ),
+    "lstm": (
+        128,
+        "LSTM classifier (16 -> 32, 12 steps), 10 classes",
+        lambda n: (
+            Recurrent(nn.LSTM, 16, 32, 10),
+            torch.randn(n, 12, 16, generator=torch.Generator().manual_seed(1)),
+        ),
+    ),
 }
 
 

@@ -4,6 +4,7 @@ Every row times pathkernel and its peers side by side (best of a few runs) and r
 ratio peer / pathkernel; absolute seconds are printed for context only (the machines are
 noisy). The GEMM rate measured in the same run gives the roofline of the factored Grams.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,21 @@ from .workloads import (
 
 
 class Row:
-    def __init__(self, workload: str, what: str, ours: float, peers: Dict[str, Optional[float]],
-                 note: str = ""):
-        self.workload, self.what, self.ours, self.peers, self.note = workload, what, ours, peers, note
+    def __init__(
+        self,
+        workload: str,
+        what: str,
+        ours: float,
+        peers: Dict[str, Optional[float]],
+        note: str = "",
+    ):
+        self.workload, self.what, self.ours, self.peers, self.note = (
+            workload,
+            what,
+            ours,
+            peers,
+            note,
+        )
 
 
 def _wide_mlp(quick: bool) -> List[Row]:
@@ -44,8 +57,9 @@ def _wide_mlp(quick: bool) -> List[Row]:
     n = 1024 if quick else 2048
     model, x = wide_mlp(n)
     reps = 2 if quick else 3
-    ours, fact = paired_best(lambda: tangent_kernel(model, x), lambda: torch_factored_ntk(model, x),
-                             reps + 2)
+    ours, fact = paired_best(
+        lambda: tangent_kernel(model, x), lambda: torch_factored_ntk(model, x), reps + 2
+    )
     # the Gram accumulation alone, against the symmetric-GEMM roofline
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
     side1, side2, _ = tangent_terms(plan, spec, dtype, x1, None, 512)
@@ -60,13 +74,30 @@ def _wide_mlp(quick: bool) -> List[Row]:
     ours_small = best_time(lambda: tangent_kernel(small, xs), reps)
     tfunc = best_time(lambda: torch_func_ntk(small, xs), 1)
     return [
-        Row("wide-mlp", f"NTK N={n} float32 (pure-torch factored Gram)", ours, {"torch factored": fact}),
-        Row("wide-mlp", f"NTK N={nf} float32 (torch.func Jacobian contraction)", ours_small,
-            {"torch.func": tfunc}, "torch.func needs the N x P Jacobian: measured at a smaller N"),
-        Row("wide-mlp", f"Gram accumulation only, N={n} ({flops / 1e9:.1f} GFLOP)", gram,
-            {"roofline, torch sgemm": flops / rate_torch, "roofline, our BLAS": flops / rate_native},
+        Row(
+            "wide-mlp",
+            f"NTK N={n} float32 (pure-torch factored Gram)",
+            ours,
+            {"torch factored": fact},
+        ),
+        Row(
+            "wide-mlp",
+            f"NTK N={nf} float32 (torch.func Jacobian contraction)",
+            ours_small,
+            {"torch.func": tfunc},
+            "torch.func needs the N x P Jacobian: measured at a smaller N",
+        ),
+        Row(
+            "wide-mlp",
+            f"Gram accumulation only, N={n} ({flops / 1e9:.1f} GFLOP)",
+            gram,
+            {
+                "roofline, torch sgemm": flops / rate_torch,
+                "roofline, our BLAS": flops / rate_native,
+            },
             f"sgemm {rate_torch / 1e9:.0f} GFLOP/s (torch: MKL) / {rate_native / 1e9:.0f} GFLOP/s "
-            "(OpenBLAS through the native core), square 2048, this run"),
+            "(OpenBLAS through the native core), square 2048, this run",
+        ),
     ]
 
 
@@ -81,11 +112,15 @@ def _digits_cnn(quick: bool) -> List[Row]:
 
     def tfunc_full():
         from torch.func import functional_call, jacrev, vmap
+
         params = {k: v.detach() for k, v in model.named_parameters()}
-        j = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),))[0]),
-                 (None, 0))(params, x)
-        return sum(torch.einsum("ncp,mdp->nmcd", v.reshape(n, 10, -1), v.reshape(n, 10, -1))
-                   for v in j.values())
+        j = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),))[0]), (None, 0))(
+            params, x
+        )
+        return sum(
+            torch.einsum("ncp,mdp->nmcd", v.reshape(n, 10, -1), v.reshape(n, 10, -1))
+            for v in j.values()
+        )
 
     peer = best_time(tfunc_full, 1)
     return [Row("digits-cnn", f"NTK N={n}, full 10x10 blocks", ours, {"torch.func": peer})]
@@ -97,6 +132,7 @@ def _checkpoint_path(quick: bool) -> List[Row]:
     n, m, T = (5000, 100, 3) if quick else (20000, 200, 3)
     model, ckpts, X, Xq = checkpoint_path(n, m, T)
     mm = copy.deepcopy(model)
+
     def torch_ckpt():
         K = torch.zeros(m, n)
         for sd, w in ckpts:
@@ -104,16 +140,24 @@ def _checkpoint_path(quick: bool) -> List[Row]:
             K += w * _torch_factored_cross(mm, Xq, X)
         return K
 
-    ours, peer = paired_best(lambda: path_kernel(model, ckpts, X, Xq, progress=False), torch_ckpt,
-                             2 if quick else 3)
+    ours, peer = paired_best(
+        lambda: path_kernel(model, ckpts, X, Xq, progress=False), torch_ckpt, 2 if quick else 3
+    )
     peers = {"torch factored": peer}
     note = ""
     try:
         peers.update(_captum_tracincp(model, ckpts, X, Xq))
     except ImportError:
         note = "captum not installed"
-    return [Row("checkpoint-path", f"MLP 64-256-1, {n} train x {m} query, {T} checkpoints", ours,
-                peers, note)]
+    return [
+        Row(
+            "checkpoint-path",
+            f"MLP 64-256-1, {n} train x {m} query, {T} checkpoints",
+            ours,
+            peers,
+            note,
+        )
+    ]
 
 
 def _captum_tracincp(model, ckpts, X, Xq) -> Dict[str, float]:
@@ -138,7 +182,7 @@ def _captum_tracincp(model, ckpts, X, Xq) -> Dict[str, float]:
     out = {}
     with tempfile.TemporaryDirectory() as d:
         paths = []
-        for t, (sd, w) in enumerate(ckpts):
+        for t, (sd, _) in enumerate(ckpts):
             paths.append(os.path.join(d, f"ckpt{t}.pt"))
             torch.save(sd, paths[-1])
         weight = {p: w for p, (_, w) in zip(paths, ckpts)}
@@ -149,10 +193,19 @@ def _captum_tracincp(model, ckpts, X, Xq) -> Dict[str, float]:
 
         data = DataLoader(TensorDataset(X, torch.zeros(len(X))), batch_size=1000)
         ref = path_kernel(model, ckpts, X, Xq, progress=False)
-        for label, sample_wise, red in [("captum TracInCP (hooks)", True, "sum"),
-                                        ("captum TracInCP (per-example)", False, "none")]:
-            tr = TracInCP(copy.deepcopy(model), data, paths, load, loss_fn=SummedOutput(red),
-                          batch_size=1000, sample_wise_grads_per_batch=sample_wise)
+        for label, sample_wise, red in [
+            ("captum TracInCP (hooks)", True, "sum"),
+            ("captum TracInCP (per-example)", False, "none"),
+        ]:
+            tr = TracInCP(
+                copy.deepcopy(model),
+                data,
+                paths,
+                load,
+                loss_fn=SummedOutput(red),
+                batch_size=1000,
+                sample_wise_grads_per_batch=sample_wise,
+            )
             K = tr.influence((Xq, torch.zeros(len(Xq))))
             if (K - ref).abs().max() > 1e-4 * ref.abs().max():
                 raise AssertionError(f"{label} disagrees with path_kernel")
@@ -202,6 +255,7 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
 
     def torch_recorder():
         import numpy as np
+
         model = mlp([64, 256, 256, 10], seed=1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         s, w = np.polynomial.legendre.leggauss(4)
@@ -227,9 +281,15 @@ def _digits_mlp_recorder(quick: bool) -> List[Row]:
     t_plain = best_time(plain, 1) / steps
     t_ours = best_time(ours, 1) / steps
     t_torch = best_time(torch_recorder, 1) / steps
-    return [Row("digits-mlp", "recorded SGD step, n=4 (s/step)", t_ours,
-                {"torch factored recorder": t_torch, "plain step (overhead)": t_plain},
-                "ratio < 1 on the plain step is the recording overhead factor's inverse")]
+    return [
+        Row(
+            "digits-mlp",
+            "recorded SGD step, n=4 (s/step)",
+            t_ours,
+            {"torch factored recorder": t_torch, "plain step (overhead)": t_plain},
+            "ratio < 1 on the plain step is the recording overhead factor's inverse",
+        )
+    ]
 
 
 def _tiny_transformer(quick: bool) -> List[Row]:
@@ -239,9 +299,16 @@ def _tiny_transformer(quick: bool) -> List[Row]:
     model, x = tiny_transformer(n)
     ours = best_time(lambda: tangent_kernel(model, x), 2)
     peer = best_time(lambda: torch_func_ntk(model, x), 1)
-    return [Row("tiny-transformer", f"NTK N={n}, seq 16", ours, {"torch.func": peer},
-                "attention captured in multi_head_attention_forward, LayerNorm elementwise: "
-                "no dense parameter")]
+    return [
+        Row(
+            "tiny-transformer",
+            f"NTK N={n}, seq 16",
+            ours,
+            {"torch.func": peer},
+            "attention captured in multi_head_attention_forward, LayerNorm elementwise: "
+            "no dense parameter",
+        )
+    ]
 
 
 def _large_n(quick: bool) -> List[Row]:
@@ -254,13 +321,24 @@ def _large_n(quick: bool) -> List[Row]:
     model, ckpts, X, Xq = checkpoint_path(n, m, T)
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/k.npy"
-        t = best_time(lambda: path_kernel(model, ckpts, X, Xq, out=out, memory_budget="2GB",
-                                          resume=False, progress=False), 1)
+        t = best_time(
+            lambda: path_kernel(
+                model, ckpts, X, Xq, out=out, memory_budget="2GB", resume=False, progress=False
+            ),
+            1,
+        )
     flops = mlp_factored_flops([64, 256, 1], m, n, False) * T
     roof = flops / max(gemm_rate(2048), native_gemm_rate(2048))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return [Row("large-n", f"{n} train x {m} query, {T} checkpoints, 2 GB budget", t,
-                {"GEMM roofline": roof}, f"peak RSS of this process so far {rss:.2f} GiB")]
+    return [
+        Row(
+            "large-n",
+            f"{n} train x {m} query, {T} checkpoints, 2 GB budget",
+            t,
+            {"GEMM roofline": roof},
+            f"peak RSS of this process so far {rss:.2f} GiB",
+        )
+    ]
 
 
 def _architectures(quick: bool) -> List[Row]:
@@ -288,10 +366,15 @@ def run_bench(quick: bool = False, only=None) -> str:
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; choose from {list(BENCHES)}")
     info = backend_info()
-    lines = [f"pathkernel {info['version']} on {platform.machine()}, {info['threads']} threads, "
-             f"{info['blas']}; torch {torch.__version__} ({torch.get_num_threads()} threads)",
-             "ratio = peer seconds / pathkernel seconds (higher is better for pathkernel)", ""]
-    head = f"{'workload':<17} {'what':<58} {'pathkernel':>10}  {'peer':<24} {'peer s':>9} {'ratio':>8}"
+    lines = [
+        f"pathkernel {info['version']} on {platform.machine()}, {info['threads']} threads, "
+        f"{info['blas']}; torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        "ratio = peer seconds / pathkernel seconds (higher is better for pathkernel)",
+        "",
+    ]
+    head = (
+        f"{'workload':<17} {'what':<58} {'pathkernel':>10}  {'peer':<24} {'peer s':>9} {'ratio':>8}"
+    )
     lines += [head, "-" * len(head)]
     for name in names:
         for r in BENCHES[name](quick):
@@ -299,8 +382,10 @@ def run_bench(quick: bool = False, only=None) -> str:
             for peer, t in r.peers.items():
                 ratio = "n/a" if t is None else f"{t / r.ours:8.2f}x"
                 ts = "n/a" if t is None else f"{t:9.3f}"
-                lines.append(f"{r.workload if first else '':<17} {r.what if first else '':<58} "
-                             f"{(f'{r.ours:10.3f}' if first else ''):>10}  {peer:<24} {ts:>9} {ratio:>8}")
+                lines.append(
+                    f"{r.workload if first else '':<17} {r.what if first else '':<58} "
+                    f"{(f'{r.ours:10.3f}' if first else ''):>10}  {peer:<24} {ts:>9} {ratio:>8}"
+                )
                 first = False
             if r.note:
                 lines.append(f"{'':<17} ({r.note})")

@@ -2,6 +2,7 @@
 
 Shared by ``pathkernel bench`` and the pytest-benchmark suite in ``bench/``.
 """
+
 from __future__ import annotations
 
 import time
@@ -43,8 +44,9 @@ def wide_mlp(n=2048, seed=0, dtype=torch.float32) -> Tuple[nn.Module, torch.Tens
     return model, x
 
 
-def perturbed_checkpoints(model: nn.Module, T: int, seed: int = 0, step: float = 0.01,
-                          lr: float = 0.1):
+def perturbed_checkpoints(
+    model: nn.Module, T: int, seed: int = 0, step: float = 0.01, lr: float = 0.1
+):
     """T checkpoints of a random walk from the model's weights, each with weight ``lr``."""
     import copy
 
@@ -94,6 +96,7 @@ def tiny_transformer(n=1024, seed=0) -> Tuple[nn.Module, torch.Tensor]:
 
 # ---- peers -------------------------------------------------------------------------------------
 
+
 def linear_factors(model: nn.Module, x: torch.Tensor, scalars):
     """Pure-torch peer helper: inputs of every nn.Linear (forward hooks) and the gradients of
     each scalar ``scalars(output)`` yields w.r.t. their outputs: ``(ins, [grads per scalar])``."""
@@ -110,7 +113,9 @@ def linear_factors(model: nn.Module, x: torch.Tensor, scalars):
         for h in hs:
             h.remove()
     ss = list(scalars(f))
-    return ins, [torch.autograd.grad(s, outs, retain_graph=k < len(ss) - 1) for k, s in enumerate(ss)]
+    return ins, [
+        torch.autograd.grad(s, outs, retain_graph=k < len(ss) - 1) for k, s in enumerate(ss)
+    ]
 
 
 def torch_factored_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,9 +140,14 @@ def torch_func_ntk(model: nn.Module, x1: torch.Tensor, x2=None) -> torch.Tensor:
     j2 = j1 if x2 is None else vmap(jacrev(single), (None, 0))(params, x2)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
-    return sum(torch.einsum("Naf,Mbf->NMab", a.reshape(n1, -1, a[0, 0].numel()),
-                            b.reshape(n2, -1, b[0, 0].numel())).diagonal(dim1=2, dim2=3).sum(-1)
-               for a, b in zip(j1.values(), j2.values()))
+    return sum(
+        torch.einsum(
+            "Naf,Mbf->NMab", a.reshape(n1, -1, a[0, 0].numel()), b.reshape(n2, -1, b[0, 0].numel())
+        )
+        .diagonal(dim1=2, dim2=3)
+        .sum(-1)
+        for a, b in zip(j1.values(), j2.values())
+    )
 
 
 def mlp_factored_flops(sizes, n1: int, n2: int, symmetric: bool) -> float:
@@ -152,7 +162,7 @@ def gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
-    return 2.0 * n ** 3 / best_time(lambda: torch.mm(a, b), repeats)
+    return 2.0 * n**3 / best_time(lambda: torch.mm(a, b), repeats)
 
 
 def native_gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> float:
@@ -164,10 +174,12 @@ def native_gemm_rate(n: int = 2048, dtype=torch.float32, repeats: int = 3) -> fl
     out = torch.zeros(n, n, 1, 1, dtype=dtype)
     side = [Term(None, d, 0.0)]
     accumulate(out, side, side)
-    return 2.0 * n ** 3 / best_time(lambda: accumulate(out, side, side), repeats)
+    return 2.0 * n**3 / best_time(lambda: accumulate(out, side, side), repeats)
 
 
-def paired_best(fa: Callable[[], object], fb: Callable[[], object], repeats: int = 5) -> Tuple[float, float]:
+def paired_best(
+    fa: Callable[[], object], fb: Callable[[], object], repeats: int = 5
+) -> Tuple[float, float]:
     """Best times of two workloads timed alternately (a, b, a, b, ...), so that both see the
     same machine conditions: on a noisy 2-core machine, back-to-back blocks bias a ratio."""
     ta = tb = float("inf")

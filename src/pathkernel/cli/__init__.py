@@ -1,4 +1,5 @@
 """Command line: ``pathkernel demo | bench | info | path-kernel | describe``."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,12 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="pathkernel-demo", help="folder for the PNGs")
     d.add_argument("--steps", type=int, default=300, help="SGD steps to record")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quadrature", type=_quadrature, default=4,
-                   help="Gauss-Legendre nodes per step, 'left' or 'trapezoid'")
+    d.add_argument(
+        "--quadrature",
+        type=_quadrature,
+        default=4,
+        help="Gauss-Legendre nodes per step, 'left' or 'trapezoid'",
+    )
     d.add_argument("--no-progress", action="store_true")
     b = sub.add_parser("bench", help="reference workloads against peers, as ratios")
     b.add_argument("--quick", action="store_true", help="about one minute")
@@ -36,8 +41,13 @@ def main(argv=None) -> int:
 
         if args.steps < 1:
             ap.error("--steps must be positive")
-        s = run_demo(out=args.out, steps=args.steps, seed=args.seed, quadrature=args.quadrature,
-                     progress=not args.no_progress)
+        s = run_demo(
+            out=args.out,
+            steps=args.steps,
+            seed=args.seed,
+            quadrature=args.quadrature,
+            progress=not args.no_progress,
+        )
         print(format_report(s))
         return 0
     if args.cmd == "bench":

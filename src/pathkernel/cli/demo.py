@@ -5,6 +5,7 @@ records every step with exact Gauss-Legendre quadrature on a held-out query set,
 how exactly the kernel machine reproduces the network, how a path-kernel SVM compares with
 the network and an RBF SVM, and which training images carry some test predictions.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,20 +23,30 @@ from .._progress import progress_bar
 def digits_mlp(seed: int, dtype: torch.dtype) -> nn.Sequential:
     """``digits-mlp``: 64-256-256-10, tanh."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(),
-                         nn.Linear(256, 10)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)
+    ).to(dtype)
 
 
 def _need(module: str):
     try:
         return __import__(module)
     except ImportError:
-        raise SystemExit(f"pathkernel demo needs {module}: pip install 'pathkernel[demo]'") from None
+        raise SystemExit(
+            f"pathkernel demo needs {module}: pip install 'pathkernel[demo]'"
+        ) from None
 
 
-def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quadrature=4,
-             batch: int = 64, lr: float = 0.2, checkpoint_every: int = 10,
-             progress: bool = True) -> dict:
+def run_demo(
+    out: str = "pathkernel-demo",
+    steps: int = 300,
+    seed: int = 0,
+    quadrature=4,
+    batch: int = 64,
+    lr: float = 0.2,
+    checkpoint_every: int = 10,
+    progress: bool = True,
+) -> dict:
     _need("sklearn")
     _need("matplotlib")
     from sklearn.datasets import load_digits
@@ -46,8 +57,9 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
     os.makedirs(out, exist_ok=True)
     digits = load_digits()
     X = digits.data / 16.0
-    Xtr, Xte, ytr, yte = train_test_split(X, digits.target, test_size=0.2, random_state=seed,
-                                          stratify=digits.target)
+    Xtr, Xte, ytr, yte = train_test_split(
+        X, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
     Xtr, Xte = torch.tensor(Xtr), torch.tensor(Xte)
     ytr, yte = torch.tensor(ytr), torch.tensor(yte)
     N = Xtr.shape[0]
@@ -64,11 +76,15 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
     for t in range(steps):
         if pos + batch > N:
             perm, pos = torch.randperm(N, generator=gen), 0
-        idx = perm[pos:pos + batch]
+        idx = perm[pos : pos + batch]
         pos += batch
         if t % checkpoint_every == 0:  # the TracInCP-style path for the SVM kernel
-            ckpts.append(({k: v.detach().clone().float() for k, v in model.state_dict().items()},
-                          lr * min(checkpoint_every, steps - t)))
+            ckpts.append(
+                (
+                    {k: v.detach().clone().float() for k, v in model.state_dict().items()},
+                    lr * min(checkpoint_every, steps - t),
+                )
+            )
         with rec.step(idx):
             opt.zero_grad()
             loss_fn(model(Xtr[idx]), ytr[idx]).backward()
@@ -91,8 +107,11 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
     scale = np.mean(np.diag(K_fit))
     pk_svm = SVC(kernel="precomputed", C=10.0).fit(K_fit / scale, ytr.numpy())
     pk_acc = float((pk_svm.predict(K_test / scale) == yte.numpy()).mean())
-    rbf_acc = float((SVC(gamma="scale").fit(Xtr.numpy(), ytr.numpy()).predict(Xte.numpy())
-                     == yte.numpy()).mean())
+    rbf_acc = float(
+        (
+            SVC(gamma="scale").fit(Xtr.numpy(), ytr.numpy()).predict(Xte.numpy()) == yte.numpy()
+        ).mean()
+    )
 
     # Lighthouses: the training images that carry a few test predictions.
     shown = [int(i) for i in torch.randperm(len(yte), generator=gen)[:4]]
@@ -103,15 +122,39 @@ def run_demo(out: str = "pathkernel-demo", steps: int = 300, seed: int = 0, quad
         order = Q[m].argsort(descending=True)
         lighthouses.append((m, order[:4].tolist(), order.flip(0)[:4].tolist()))
 
-    files = _plots(out, K_fit, ytr.numpy(), net_out.numpy(), km_pred.numpy(), Xtr.numpy(),
-                   Xte.numpy(), ytr.numpy(), yte.numpy(), c.numpy(), Q.numpy(), lighthouses)
-    summary = dict(train=N, test=len(yte), steps=steps, quadrature=quadrature,
-                   network_accuracy=net_acc, km_max_abs_error=rep["max_abs_error"],
-                   km_relative_error=rep["relative_error"], km_agreement=agree,
-                   path_kernel_svm_accuracy=pk_acc, rbf_svm_accuracy=rbf_acc,
-                   checkpoints=len(ckpts), seconds=time.perf_counter() - t_start,
-                   record_seconds=t_record, files=files, lighthouses=lighthouses,
-                   labels=(ytr.numpy(), yte.numpy(), c.numpy()), contributions=Q)
+    files = _plots(
+        out,
+        K_fit,
+        ytr.numpy(),
+        net_out.numpy(),
+        km_pred.numpy(),
+        Xtr.numpy(),
+        Xte.numpy(),
+        ytr.numpy(),
+        yte.numpy(),
+        c.numpy(),
+        Q.numpy(),
+        lighthouses,
+    )
+    summary = dict(
+        train=N,
+        test=len(yte),
+        steps=steps,
+        quadrature=quadrature,
+        network_accuracy=net_acc,
+        km_max_abs_error=rep["max_abs_error"],
+        km_relative_error=rep["relative_error"],
+        km_agreement=agree,
+        path_kernel_svm_accuracy=pk_acc,
+        rbf_svm_accuracy=rbf_acc,
+        checkpoints=len(ckpts),
+        seconds=time.perf_counter() - t_start,
+        record_seconds=t_record,
+        files=files,
+        lighthouses=lighthouses,
+        labels=(ytr.numpy(), yte.numpy(), c.numpy()),
+        contributions=Q,
+    )
     return summary
 
 
@@ -176,7 +219,9 @@ def _plots(out, K, ytr, net, kmp, Xtr, Xte, ytr_, yte, c, Q, lighthouses):
     files.append(_save(fig, out, "network_vs_kernel_machine.png"))
 
     k = len(lighthouses[0][1])
-    fig, axes = plt.subplots(len(lighthouses), 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.6 * len(lighthouses)))
+    fig, axes = plt.subplots(
+        len(lighthouses), 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.6 * len(lighthouses))
+    )
     for r, (m, pos, neg) in enumerate(lighthouses):
         row = axes[r]
         row[0].imshow(Xte[m].reshape(8, 8), cmap="gray_r")
@@ -188,8 +233,11 @@ def _plots(out, K, ytr, net, kmp, Xtr, Xte, ytr_, yte, c, Q, lighthouses):
         for a in row:
             a.set_xticks([])
             a.set_yticks([])
-    fig.suptitle("Test digits and the training digits that push their prediction for (green) / against (red)",
-                 fontsize=9)
+    fig.suptitle(
+        "Test digits and the training digits that push their prediction "
+        "for (green) / against (red)",
+        fontsize=9,
+    )
     files.append(_save(fig, out, "lighthouses.png"))
     return files
 

@@ -1,4 +1,5 @@
 """Process-group set-up for commands launched by torchrun (one process per rank)."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,11 @@ def init_process_group(backend: str) -> None:
 
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"pathkernel-attempt-{attempt}/", store),
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"pathkernel-attempt-{attempt}/", store),
+        rank=rank,
+        world_size=world,
+    )
     if backend == "nccl" and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -7,9 +7,9 @@ The model comes from a factory (``module:function`` returning an ``nn.Module``, 
 mode); checkpoints are saved state_dicts; inputs are ``.npy`` files (memory-mapped). Under
 torchrun every rank joins the process group and computes its share; a restarted job resumes.
 """
+
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib
 import os
@@ -22,10 +22,18 @@ import torch
 def add_parsers(sub) -> None:
     p = sub.add_parser("path-kernel", help="a checkpoint path kernel into a .npy (torchrun-ready)")
     _model_args(p)
-    p.add_argument("--checkpoints", required=True, nargs="+",
-                   help="saved state_dicts: paths or glob patterns (sorted)")
-    p.add_argument("--weights", type=float, nargs="*",
-                   help="one weight (learning rate) per checkpoint, or one for all (default 1)")
+    p.add_argument(
+        "--checkpoints",
+        required=True,
+        nargs="+",
+        help="saved state_dicts: paths or glob patterns (sorted)",
+    )
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="*",
+        help="one weight (learning rate) per checkpoint, or one for all (default 1)",
+    )
     p.add_argument("--train", required=True, help=".npy of training inputs (columns)")
     p.add_argument("--query", help=".npy of query inputs (rows); default: train x train")
     p.add_argument("--out", required=True, help="the .npy to write (resumed if it exists)")
@@ -41,8 +49,11 @@ def add_parsers(sub) -> None:
 
 
 def _model_args(p) -> None:
-    p.add_argument("--model", required=True,
-                   help="module:function returning the nn.Module (e.g. mypkg.models:resnet)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="module:function returning the nn.Module (e.g. mypkg.models:resnet)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda (each rank: cuda:LOCAL_RANK)")
 
 
@@ -99,13 +110,23 @@ def run(args) -> int:
     if len(weights) == 1:
         weights = weights * len(paths)
     if len(weights) != len(paths):
-        raise SystemExit(f"--weights: expected 1 or {len(paths)} values (one per checkpoint), "
-                         f"got {len(weights)}")
+        raise SystemExit(
+            f"--weights: expected 1 or {len(paths)} values (one per checkpoint), got {len(weights)}"
+        )
     X = _inputs(args.train)
     Xq = None if args.query is None else _inputs(args.query)
-    out = path_kernel(model, list(zip(paths, weights)), X, Xq, outputs=_outputs(args.outputs),
-                      out=args.out, memory_budget=args.memory_budget, dtype=dtype,
-                      resume=not args.no_resume, progress=not args.no_progress)
+    out = path_kernel(
+        model,
+        list(zip(paths, weights)),
+        X,
+        Xq,
+        outputs=_outputs(args.outputs),
+        out=args.out,
+        memory_budget=args.memory_budget,
+        dtype=dtype,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+    )
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     if rank == 0:
         print(out)
