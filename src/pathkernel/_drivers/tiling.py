@@ -11,7 +11,6 @@ import hashlib
 import math
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -36,6 +35,7 @@ from .._checks import (
 from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
 from .._storage.sources import Source
 from .._storage.store import parse_bytes, resumed_tiling
+from .._timing import best_time
 from .collective import Collective, model_fingerprint
 
 
@@ -219,15 +219,6 @@ def _job(
     return job, sample_rows, sample
 
 
-def _time(fn, repeats: int = 2) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 EXTRACT_RATE = 5e10  # nominal FLOP/s of the per-example gradient work (the choice of tiling)
 
 
@@ -288,9 +279,9 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
         if x[0].device.type == "cuda":
             torch.cuda.synchronize(x[0].device)
 
-    t1 = _time(lambda: (extract(mplan, spec, job.states[0], one), sync()))
+    t1 = best_time(lambda: (extract(mplan, spec, job.states[0], one), sync()), 2)
     n = sample.n
-    tn = _time(lambda: (extract(mplan, spec, job.states[0], x), sync()))
+    tn = best_time(lambda: (extract(mplan, spec, job.states[0], x), sync()), 2)
     per_example = max((tn - t1) / max(n - 1, 1), 1e-9)
     b1 = extract(mplan, spec, job.states[0], one)
     C = 1 if spec.stacked else sample.C
@@ -307,7 +298,7 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
-        return _time(run)
+        return best_time(run, 2)
 
     g1, gn = timed(1, terms1), timed(m, termsm)
     flops = _pair_flops(sample, spec.stacked) * m * m
@@ -324,8 +315,8 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
                     f.flush()
                     os.fsync(f.fileno())
 
-                small = _time(lambda: sync(4096), 3)
-                large = _time(lambda: sync(1 << 22), 2)
+                small = best_time(lambda: sync(4096), 3)
+                large = best_time(lambda: sync(1 << 22), 2)
                 commit, per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
     return Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), commit, per_byte)
 

@@ -5,12 +5,13 @@ Shared by ``pathkernel bench`` and the pytest-benchmark suite in ``bench/``.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+
+from .._timing import best_time
 
 
 def mlp(sizes, act=nn.Tanh, seed=0, dtype=torch.float32) -> nn.Sequential:
@@ -187,15 +188,6 @@ def paired_best(
         ta = min(ta, best_time(fa, 1))
         tb = min(tb, best_time(fb, 1))
     return ta, tb
-
-
-def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 WORKLOADS: Dict[str, str] = {
