@@ -298,23 +298,68 @@ def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
         tiling.Costs(0.05, 1e-6, 1e-6, 1e8, 1e-3, 1e-9),
     ]  # passes are dear: fewer, wider
     clean, part = str(tmp_path / "clean.npy"), str(tmp_path / "part.npy")
+
+    def tiling_with(c, budget):
+        monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: c)
+        p = pk.plan(model, ck, X, out=str(tmp_path / "probe.npy"), memory_budget=budget)
+        return (p.row_block, p.col_block, p.ckpt_group, p.job.chunk)
+
+    # a budget where the two cost models choose different tilings
+    budget = next(
+        b
+        for b in range(60_000, 600_000, 10_000)
+        if tiling_with(costs[0], b) != tiling_with(costs[1], b)
+    )
     monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[0])
-    p0 = pk.plan(model, ck, X, out=clean, memory_budget=250_000)
-    pk.path_kernel(model, ck, X, out=clean, memory_budget=250_000, progress=False)
-    pk.path_kernel(model, ck, X, out=part, memory_budget=250_000, progress=False)
+    p0 = pk.plan(model, ck, X, out=clean, memory_budget=budget)
+    pk.path_kernel(model, ck, X, out=clean, memory_budget=budget, progress=False)
+    pk.path_kernel(model, ck, X, out=part, memory_budget=budget, progress=False)
     lines = open(part + ".journal").read().splitlines()
     assert len(lines) > 3
     with open(part + ".journal", "w") as f:  # interrupted after two tiles, one record torn
         f.write("\n".join(lines[:3]) + '\n{"tile": [')
     monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: costs[1])
-    fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=250_000)
-    assert (fresh.row_block, fresh.ckpt_group) != (p0.row_block, p0.ckpt_group)
-    resumed = pk.plan(model, ck, X, out=part, memory_budget=250_000)
+    fresh = pk.plan(model, ck, X, out=str(tmp_path / "other.npy"), memory_budget=budget)
+    assert (fresh.row_block, fresh.col_block, fresh.ckpt_group, fresh.job.chunk) != (
+        p0.row_block,
+        p0.col_block,
+        p0.ckpt_group,
+        p0.job.chunk,
+    )
+    resumed = pk.plan(model, ck, X, out=part, memory_budget=budget)
     assert (resumed.row_block, resumed.col_block, resumed.ckpt_group, resumed.job.chunk) == (
         p0.row_block,
         p0.col_block,
         p0.ckpt_group,
         p0.job.chunk,
     )
-    pk.path_kernel(model, ck, X, out=part, memory_budget=250_000, progress=False)
+    pk.path_kernel(model, ck, X, out=part, memory_budget=budget, progress=False)
     assert open(clean, "rb").read() == open(part, "rb").read()
+
+
+def test_background_writer_commits_in_order_and_raises_its_failure(tmp_path):
+    """Bands are written and journalled behind the computation; a write that fails is raised
+    in the caller, and only the bands written before it count as done."""
+    from pathkernel._storage.store import FileStore, Writer
+
+    store = FileStore(tmp_path / "k.npy", (4, 6), torch.float32, {"run": 1}, resume=False)
+    calls = []
+    real = store.write
+
+    def write(i0, j0, tile):
+        calls.append((i0, j0))
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(i0, j0, tile)
+
+    store.write = write
+    w = Writer(store)
+    w.submit([(0, 0, torch.ones(2, 3)), (0, 3, 2 * torch.ones(2, 3))], [(0, 0), (0, 1)])
+    with pytest.raises(OSError, match="No space left"):
+        w.submit([(2, 0, torch.ones(2, 3))], [(1, 0)])
+        w.close()
+    store.close()
+    reopened = FileStore(tmp_path / "k.npy", (4, 6), torch.float32, {"run": 1}, resume=True)
+    assert reopened.done == {(0, 0), (0, 1)}
+    assert np.array_equal(np.load(tmp_path / "k.npy")[:2], np.array([[1, 1, 1, 2, 2, 2]] * 2))
+    reopened.close()

@@ -25,7 +25,7 @@ from .._capture.plan import cast_inputs
 from .._checks import as_inputs
 from .._progress import progress_bar
 from .._storage.sources import Source
-from .._storage.store import open_store
+from .._storage.store import Writer, open_store
 from .collective import Collective
 from .tiling import PathKernelPlan, make_plan
 
@@ -97,9 +97,9 @@ def path_kernel(
     return run_plan(p, resume=resume, progress=progress)
 
 
-def _write_band(store, spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: dict):
-    """Write a band's tiles: runs of adjacent tiles as one strip (one write per row), and
-    their mirror images below the diagonal."""
+def _band_writes(spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: dict) -> list:
+    """A band's finished tiles as (row, column, host tile) writes: runs of adjacent tiles as
+    one strip (one write per row), and their mirror images below the diagonal."""
     js = sorted(accs)
     runs: List[List[int]] = []
     for j in js:
@@ -107,17 +107,16 @@ def _write_band(store, spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, a
             runs[-1].append(j)
         else:
             runs.append([j])
+    writes = []
     for run in runs:
         tiles = [spec.finish(accs[j]).to(dtype).cpu() for j in run]
-        store.write(r0, run[0] * Cb, tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1))
+        writes.append((r0, run[0] * Cb, tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1)))
         if symmetric:
             for j, tile in zip(run, tiles):
                 if j != i:
-                    store.write(
-                        j * Cb,
-                        r0,
-                        tile.transpose(0, 1).transpose(2, 3) if tile.dim() == 4 else tile.t(),
-                    )
+                    mirror = tile.transpose(0, 1).transpose(2, 3) if tile.dim() == 4 else tile.t()
+                    writes.append((j * Cb, r0, mirror))
+    return writes
 
 
 def _open(p: PathKernelPlan, coll: Collective, resume: bool):
@@ -239,6 +238,7 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
         return features(mplan, spec, states[t], x, job.chunk, src.name)
 
     # bands: up to p.band consecutive tiles of one row block, accumulated together
+    writer = Writer(store)
     bands: List[Tuple[int, List[int]]] = []
     for i, j in todo:
         if bands and bands[-1][0] == i and len(bands[-1][1]) < p.band:
@@ -278,7 +278,10 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
                     _backend.accumulate(
                         accs[j], side1, None if diagonal else side2, threads=threads
                     )
-            _write_band(store, spec, dtype, p.symmetric, i, r0, Cb, accs)
-            store.commit([(i, j) for j in js])
+            writer.submit(
+                _band_writes(spec, dtype, p.symmetric, i, r0, Cb, accs), [(i, j) for j in js]
+            )
+            accs = None
     finally:
         bar.close()
+        writer.close()  # the bands computed so far become durable, even after an error

@@ -356,7 +356,11 @@ def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Co
     offdiag = tiles - (nr if P.symmetric else 0)
     cols_per_row = (nc + 1) / 2 if P.symmetric else nc
     # a chunk's autograd scratch while extracting: a few times its features
-    mem = P.fixed + SCRATCH * chunk * P.fb + R * band * Cb * P.cc + (R + Cb) * k * P.fb
+    # ... and the band's float64 accumulators, plus the previous band's finished tiles while
+    # they are being written
+    mem = (
+        P.fixed + SCRATCH * chunk * P.fb + R * band * Cb * (P.cc + P.out_item) + (R + Cb) * k * P.fb
+    )
     # row features: once per row block when all checkpoints are held, else once per band;
     # column features: once per off-diagonal tile; both for every checkpoint
     bands = nr if k == T else nr * math.ceil(cols_per_row / band)

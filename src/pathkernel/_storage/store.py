@@ -15,7 +15,9 @@ from __future__ import annotations
 import glob
 import json
 import os
+import queue
 import re
+import threading
 from typing import Iterable, List, Optional, Set, Tuple
 
 import numpy as np
@@ -201,6 +203,57 @@ def parse_bytes(budget) -> int:
             f"'2GB', got {budget!r}"
         )
     return int(value)
+
+
+class Writer:
+    """Writes and commits bands of tiles behind the computation: on a background thread for a
+    file store (its pwrites and fsyncs overlap the next band's work; one band waits at most),
+    inline for RAM. A failure of the writer is raised at the next ``submit`` or ``close``."""
+
+    def __init__(self, store):
+        self.store = store
+        self.error: Optional[BaseException] = None
+        self.queue: Optional["queue.Queue"] = None
+        if isinstance(store, FileStore):
+            self.queue = queue.Queue(maxsize=1)
+            self.thread = threading.Thread(target=self._run, name="pathkernel-writer", daemon=True)
+            self.thread.start()
+
+    def _apply(self, writes, keys) -> None:
+        for i0, j0, tile in writes:
+            self.store.write(i0, j0, tile)
+        self.store.commit(keys)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self._apply(*item)
+                except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
+                    self.error = e
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, writes, keys) -> None:
+        """``writes``: (row, column, host tile) triples; ``keys``: the tiles they complete."""
+        self._check()
+        if self.queue is None:
+            self._apply(writes, keys)
+        else:
+            self.queue.put((writes, keys))
+
+    def close(self) -> None:
+        """Wait for every submitted band to be durable."""
+        if self.queue is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.queue = None
+        self._check()
 
 
 def resumed_tiling(out, header: dict) -> Optional[Tuple[int, ...]]:
