@@ -7,7 +7,10 @@ budgets must not fall off a cliff). Each workload's plan, estimate and measured 
 - small-cnn: conv16-conv32-linear on 8x8 images, one output (a binary classifier), 1,200 query
   x 6,000 train, 3 checkpoints
 - small-cnn-10: the same with 10 outputs, "trace": 200 KB of features per example and
-  checkpoint, so budgets below ~64 MB are refused with the smallest sensible budget
+  checkpoint, so a 16 MB budget cannot hold the smallest tiles and is refused
+
+With ``out=`` a small budget keeps the features that later tiles need again (the column
+blocks) in a scratch file beside the output rather than recomputing them (``spill``).
 """
 
 import argparse

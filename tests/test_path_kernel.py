@@ -281,8 +281,12 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
         r"\(estimated .* s, against .* s with more memory\); the "
         r"smallest budget within 3x of that is about",
     ):
-        pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000)
+        pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000, spill=False)
     assert roomy.est_seconds > 0 and len(roomy.tiles) >= 1
+    # allowed a scratch file, the same budget keeps the features instead of recomputing them
+    spilled = pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000)
+    assert spilled.spill_bytes > 0 and spilled.est_seconds <= 3 * roomy.est_seconds
+    assert "kept in a scratch file" in str(spilled)
 
 
 def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
@@ -363,3 +367,134 @@ def test_background_writer_commits_in_order_and_raises_its_failure(tmp_path):
     assert reopened.done == {(0, 0), (0, 1)}
     assert np.array_equal(np.load(tmp_path / "k.npy")[:2], np.array([[1, 1, 1, 2, 2, 2]] * 2))
     reopened.close()
+
+
+def _dear_passes(monkeypatch):
+    """Costs under which recomputing features is dear: small budgets spill them."""
+    from pathkernel._drivers import tiling
+
+    slow = tiling.Costs(1e-3, 1e-2, 1e-4, 1e11, 1e-3, 1e-9)
+    monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: slow)
+    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: slow)
+
+
+class _CountingSpill:
+    """FeatureSpill that counts the blocks it serves."""
+
+    reads = 0
+
+    def __init__(self, folder):
+        from pathkernel._storage.spill import FeatureSpill
+
+        self._s = FeatureSpill(folder)
+
+    def __contains__(self, key):
+        return key in self._s
+
+    def put(self, key, block):
+        self._s.put(key, block)
+
+    def get(self, key):
+        _CountingSpill.reads += 1
+        return self._s.get(key)
+
+    def close(self):
+        self._s.close()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("outputs", ["trace", "full"])
+def test_spilled_features_give_the_same_bits(tmp_path, monkeypatch, symmetric, outputs):
+    """Features kept in the scratch file are read back bit for bit: the file equals a run
+    that recomputes them, and the float64 reference. A CNN: materialized and factored
+    groups."""
+    from pathkernel._drivers import path_kernel as driver
+
+    _dear_passes(monkeypatch)
+    monkeypatch.setattr(driver, "FeatureSpill", _CountingSpill)
+    torch.manual_seed(0)
+    model = CNN().double()
+    ck = checkpoints(model, T=3)
+    X = torch.randn(40, 1, 6, 6, dtype=torch.float64)
+    Xq = None if symmetric else torch.randn(19, 1, 6, 6, dtype=torch.float64)
+    kw = dict(outputs=outputs, dtype=torch.float64)
+
+    def spills(b):
+        try:
+            p = pk.plan(model, ck, X, Xq, out=str(tmp_path / "p.npy"), memory_budget=b, **kw)
+        except ValueError:  # too small
+            return False
+        return p.spill_bytes > 0 and len(p.tiles) > 3
+
+    budget = next(b for b in range(100_000, 4_000_000, 20_000) if spills(b))
+    runs = {}
+    for spill in (True, False):
+        out = str(tmp_path / f"k{spill}.npy")
+        _CountingSpill.reads = 0
+        pk.path_kernel(
+            model, ck, X, Xq, out=out, memory_budget=budget, spill=spill, progress=False, **kw
+        )
+        assert (_CountingSpill.reads > 0) == spill
+        runs[spill] = open(out, "rb").read()
+    assert runs[True] == runs[False]
+    K = torch.from_numpy(np.load(str(tmp_path / "kTrue.npy")))
+    assert_close(K, reference(model, ck, X if symmetric else Xq, X, outputs), torch.float64)
+    assert not [f for f in os.listdir(tmp_path) if "features" in f]  # the scratch file is gone
+
+
+def test_too_little_disk_for_the_spill_recomputes_with_a_warning(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from pathkernel._drivers import path_kernel as driver
+
+    _dear_passes(monkeypatch)
+    model = mlp(d_in=4, hidden=(6,), d_out=3)
+    ck = checkpoints(model, T=2)
+    X = torch.randn(300, 4, dtype=torch.float64)
+    kw = dict(memory_budget=60_000, dtype=torch.float64, progress=False)
+    full = str(tmp_path / "full.npy")
+    assert pk.plan(model, ck, X, out=full, memory_budget=60_000).spill_bytes > 0
+    pk.path_kernel(model, ck, X, out=str(tmp_path / "roomy.npy"), **kw)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(driver.shutil, "disk_usage", lambda _: usage(1 << 20, 1 << 20, 1000))
+    with pytest.warns(UserWarning, match="too little to keep .* of features there"):
+        pk.path_kernel(model, ck, X, out=full, **kw)
+    assert open(full, "rb").read() == open(tmp_path / "roomy.npy", "rb").read()
+
+
+def test_feature_spill_round_trip(tmp_path):
+    """Every kind of factor (float A, token A, none, materialized, empty) comes back equal,
+    in fresh tensors."""
+    from pathkernel._capture.blocks import Block, Factor
+    from pathkernel._storage.spill import FeatureSpill
+
+    g = torch.Generator().manual_seed(0)
+    b = Block(
+        3,
+        2,
+        {
+            0: Factor(torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 2, 6, generator=g), 1.0),
+            1: Factor(torch.randint(-1, 9, (3, 4), generator=g), torch.randn(3, 4, 2, 3), 0.0),
+            2: Factor(None, torch.randn(3, 1, 2, 7, dtype=torch.float64), 0.0, True),
+            -1: Factor(None, torch.randn(3, 1, 2, 0), 0.0, True),
+        },
+    )
+    s = FeatureSpill(str(tmp_path))
+    s.put(("train", 0, 3, 1), b)
+    strided = torch.arange(8.0).reshape(1, 1, 2, 4)[..., ::2]  # not contiguous
+    s.put("other", Block(1, 2, {0: Factor(None, strided, 0.0, True)}))
+    assert ("train", 0, 3, 1) in s and s.get("missing") is None
+    r = s.get(("train", 0, 3, 1))
+    assert (r.n, r.C) == (3, 2) and list(r.factors) == list(b.factors)
+    for k, f in b.factors.items():
+        rf = r.factors[k]
+        assert (rf.beta, rf.materialized) == (f.beta, f.materialized)
+        for x, y in ((f.A, rf.A), (f.D, rf.D)):
+            if x is None:
+                assert y is None
+                continue
+            assert y.dtype == x.dtype and torch.equal(x, y)
+            assert y.numel() == 0 or y.data_ptr() != x.data_ptr()
+    assert torch.equal(s.get("other").factors[0].D, strided)
+    s.close()
+    assert os.listdir(tmp_path) == []

@@ -11,6 +11,9 @@ block's features are ever in memory.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -25,9 +28,10 @@ from .._capture.plan import cast_inputs
 from .._checks import as_inputs
 from .._progress import progress_bar
 from .._storage.sources import Source
+from .._storage.spill import FeatureSpill
 from .._storage.store import Writer, open_store
 from .collective import Collective
-from .tiling import PathKernelPlan, make_plan
+from .tiling import PathKernelPlan, fmt_bytes, make_plan
 
 
 @with_autograd
@@ -45,6 +49,7 @@ def path_kernel(
     progress: bool = True,
     collate=None,
     group=None,
+    spill: bool = True,
 ):
     """Checkpoint path kernel ``sum_t weight_t K_{w_t}(query, train)``, tiled under a budget.
 
@@ -75,6 +80,11 @@ def path_kernel(
             single process with the same threads per process. With ``out=`` (a shared
             filesystem) every rank writes its tiles and journal and returns the path; without,
             rank 0 returns the tensor and the other ranks ``None``.
+        spill: with ``out=`` on the CPU, features that several tiles need (a column block's,
+            when there are several row blocks) may be written once to an unnamed scratch file
+            in ``out``'s folder and read back instead of recomputed, when the plan estimates
+            that faster (at most 64 GiB; ``plan()`` shows how much). The result is the same
+            bit for bit. ``False`` never writes one.
 
     Returns:
         ``[M, N]`` (``[M, N, C, C]`` for ``outputs="full"``) tensor, or the path ``out``.
@@ -93,6 +103,7 @@ def path_kernel(
         resume,
         collate,
         measure=False,
+        spill=spill,
     )
     return run_plan(p, resume=resume, progress=progress)
 
@@ -233,9 +244,18 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
     C = p.shape[2] if len(p.shape) == 4 else 1
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
 
+    spill = _open_spill(p)
+    keep_rows, keep_cols = spilled_sides(p)
+
     def feats(src: Source, lo: int, hi: int, t: int) -> Block:
+        key = (src.name, lo, hi, t)
+        if spill is not None and key in spill:
+            return spill.get(key)
         x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
-        return features(mplan, spec, states[t], x, job.chunk, src.name)
+        b = features(mplan, spec, states[t], x, job.chunk, src.name)
+        if spill is not None and (keep_rows if src is rows else keep_cols):
+            spill.put(key, b)
+        return b
 
     # bands: up to p.band consecutive tiles of one row block, accumulated together
     writer = Writer(store)
@@ -285,3 +305,34 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
     finally:
         bar.close()
         writer.close()  # the bands computed so far become durable, even after an error
+        if spill is not None:
+            spill.close()
+
+
+def spilled_sides(p: PathKernelPlan) -> Tuple[bool, bool]:
+    """Whether row and column features are kept in the spill: those needed again (rows by
+    later bands of their row block, columns by later row blocks; train x train: both, as a
+    block is a row block and a column block)."""
+    if p.symmetric:
+        return True, True
+    nr = math.ceil(p.shape[0] / p.row_block)
+    nc = math.ceil(p.shape[1] / p.col_block)
+    return p.ckpt_group < p.checkpoints and p.band < nc, nr > 1
+
+
+def _open_spill(p: PathKernelPlan):
+    """The plan's scratch file beside the output, or None (none planned, or too little disk:
+    then the features are recomputed, with the same result)."""
+    if not p.spill_bytes:
+        return None
+    folder = os.path.dirname(os.path.abspath(os.fspath(p.job.out)))
+    free = shutil.disk_usage(folder).free
+    if free < p.spill_bytes + max(p.spill_bytes // 10, 1 << 28):
+        warnings.warn(
+            f"path_kernel: {fmt_bytes(free)} free in {folder!r}, too little to keep "
+            f"{fmt_bytes(p.spill_bytes)} of features there; they are recomputed instead "
+            "(slower, same result)",
+            stacklevel=3,
+        )
+        return None
+    return FeatureSpill(folder)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import _backend
 from .._autograd import with_autograd
-from .._capture.blocks import Block, concat_blocks, to_terms
+from .._capture.blocks import Block, Factor, concat_blocks, to_terms
 from .._capture.extract import CHUNK, extract
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
@@ -34,6 +34,7 @@ from .._checks import (
 )
 from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
 from .._storage.sources import Source
+from .._storage.spill import FeatureSpill
 from .._storage.store import parse_bytes, resumed_tiling
 from .._timing import best_time
 from .collective import Collective, model_fingerprint
@@ -81,6 +82,8 @@ class Costs:
     gram_rate: float  # FLOP/s of the Gram work
     commit: float  # committing a band of tiles to the store (two fsyncs)
     per_byte: float  # writing a byte to the store
+    spill_write: float = 1e-9  # writing a byte of features to the scratch file
+    spill_read: float = 5e-10  # reading one back
 
 
 @dataclass
@@ -111,6 +114,7 @@ class PathKernelPlan:
     est_seconds: float
     est_parts: Tuple[float, float, float]  # extraction, Gram, store
     store: str
+    spill_bytes: int = 0  # features written once to a scratch file beside ``out`` and reread
     job: Optional[Job] = field(default=None, repr=False)
     costs: Optional[Costs] = field(default=None, repr=False)  # measured (rank 0's on a group)
     pair_flops: float = field(default=0.0, repr=False)
@@ -126,13 +130,19 @@ class PathKernelPlan:
             "row block accumulated together"
         )
         ex, gram, store = self.est_parts
+        spill = (
+            f"; {fmt_bytes(self.spill_bytes)} of them kept in a scratch file beside the output "
+            "and read back, not recomputed"
+            if self.spill_bytes
+            else ""
+        )
         return "\n".join(
             [
                 f"path kernel {kind}: {M} x {N}{' x C x C' if len(self.shape) == 4 else ''}, "
                 f"{T} checkpoint(s), store: {self.store}",
                 f"  tiles: {len(self.tiles)} of {self.row_block} x {self.col_block}; {how}",
                 f"  features: {self.feature_bytes_per_example} B per example per checkpoint; "
-                f"{self.extractions:,} example forward/backward passes",
+                f"{self.extractions:,} example forward/backward passes{spill}",
                 f"  memory {fmt_bytes(self.memory_bytes)} of the {fmt_bytes(self.budget_bytes)} "
                 f"budget; Gram work {self.gram_flops / 1e9:,.1f} GFLOP",
                 f"  estimated {self.est_seconds:,.1f} s (features {ex:,.1f} s, "
@@ -303,7 +313,7 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
     g1, gn = timed(1, terms1), timed(m, termsm)
     flops = _pair_flops(sample, spec.stacked) * m * m
     rate = flops / max(gn - g1, 1e-9) if m > 1 else 50e9
-    commit, per_byte = 2e-5, 1e-10
+    costs = Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), 2e-5, 1e-10)
     if out is not None:  # fsyncs in the output's folder, after a small and a large write
         folder = os.path.dirname(os.path.abspath(os.fspath(out)))
         if os.path.isdir(folder):
@@ -317,8 +327,23 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
 
                 small = best_time(lambda: sync(4096), 3)
                 large = best_time(lambda: sync(1 << 22), 2)
-                commit, per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
-    return Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), commit, per_byte)
+            costs.commit, costs.per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
+            costs.spill_write, costs.spill_read = _measure_spill(folder)
+    return costs
+
+
+def _measure_spill(folder: str, nbytes: int = 1 << 23) -> Tuple[float, float]:
+    """Seconds per byte of writing features to a scratch file in ``folder`` and reading them
+    back (``FeatureSpill``: a block of 8 MiB)."""
+    block = Block(1, 1, {0: Factor(None, torch.ones(1, 1, 1, nbytes // 4), 0.0, True)})
+    spill = FeatureSpill(folder)
+    try:
+        keys = iter(range(1 << 30))
+        write = best_time(lambda: spill.put(next(keys), block), 3)
+        read = best_time(lambda: spill.get(0), 3)
+    finally:
+        spill.close()
+    return write / nbytes, read / nbytes
 
 
 @dataclass
@@ -333,6 +358,7 @@ class _Choice:
     parts: Tuple[float, float, float]
     tiles: int
     extractions: int
+    spill: int = 0  # bytes of features kept in a scratch file (0: none, all recomputed)
 
 
 @dataclass
@@ -346,10 +372,17 @@ class _Problem:
     fixed: int  # memory besides the tiling
     pair_flops: float
     out_item: int  # stored bytes per pair of examples
+    spill: bool = False  # features may be kept in a scratch file (with out=, on the CPU)
 
 
-def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Costs) -> _Choice:
-    """Memory and estimated time of one tiling."""
+SPILL_MAX = 64 << 30  # the most feature bytes a plan writes to its scratch file
+
+
+def _cost(
+    P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Costs, spill: bool = False
+) -> _Choice:
+    """Memory and estimated time of one tiling (``spill``: features that are needed again
+    are written to a scratch file once and read back, not recomputed)."""
     M, N, T = P.M, P.N, P.T
     nr, nc = math.ceil(M / R), math.ceil(N / Cb)
     tiles = nr * (nc + 1) // 2 if P.symmetric else nr * nc
@@ -364,8 +397,22 @@ def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Co
     # row features: once per row block when all checkpoints are held, else once per band;
     # column features: once per off-diagonal tile; both for every checkpoint
     bands = nr if k == T else nr * math.ceil(cols_per_row / band)
-    row_ex = T * bands
-    t_ex = row_ex * _extraction(R, chunk, costs) + offdiag * T * _extraction(Cb, chunk, costs)
+    row_uses, col_uses = T * bands, offdiag * T
+    spilled = read = 0.0  # examples' features written to / read from the scratch file
+    if not spill:
+        t_ex = row_uses * _extraction(R, chunk, costs) + col_uses * _extraction(Cb, chunk, costs)
+        extractions = row_uses * R + col_uses * Cb
+    elif P.symmetric:  # every block extracted once, as a row or as a column
+        t_ex = nr * T * _extraction(R, chunk, costs)
+        extractions = spilled = N * T
+        read = max(0, row_uses * R + col_uses * Cb - N * T)
+    else:  # a side is spilled when it is needed again: rows by later bands, columns by
+        # later row blocks (path_kernel.spilled_sides)
+        t_ex = nr * T * _extraction(R, chunk, costs) + nc * T * _extraction(Cb, chunk, costs)
+        extractions = nr * T * R + nc * T * Cb
+        spilled = (M * T if bands > nr else 0) + (N * T if nr > 1 else 0)
+        read = max(0, (row_uses - nr * T) * R) + max(0, (col_uses - nc * T) * Cb)
+    t_ex += P.fb * (spilled * costs.spill_write + read * costs.spill_read)
     pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
     t_gram = pairs * T * P.pair_flops / costs.gram_rate + tiles * math.ceil(T / k) * costs.gram_call
     t_store = bands * costs.commit + float(M) * N * P.out_item * costs.per_byte
@@ -380,7 +427,8 @@ def _cost(P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Co
         est,
         (t_ex, t_gram, t_store),
         tiles,
-        int(row_ex * R + offdiag * T * Cb),
+        int(extractions),
+        int(spilled * P.fb),
     )
 
 
@@ -402,10 +450,18 @@ def _solve(
         for Cb in [tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N, CHUNK):
             nc = math.ceil(P.N / Cb)
             for k, band, chunk in _variants(P.T, nc, ks, max(R, Cb), tiling, Cb):
-                c = _cost(P, R, Cb, band, k, chunk, costs)
-                if c.memory <= budget and (best is None or c.est < best.est):
-                    best = c
+                for spill in (False, True) if P.spill else (False,):
+                    c = _cost(P, R, Cb, band, k, chunk, costs, spill)
+                    if spill and not 0 < c.spill <= SPILL_MAX:
+                        continue
+                    if c.memory <= budget and (best is None or c.est < best.est):
+                        best = c
     return best
+
+
+def _recost(P: _Problem, c: _Choice, costs: Costs) -> _Choice:
+    """The same tiling under other costs."""
+    return _cost(P, c.R, c.Cb, c.band, c.k, c.chunk, costs, c.spill > 0)
 
 
 def _extraction(size: int, chunk: int, costs: Costs) -> float:
@@ -446,6 +502,7 @@ def plan(
     resume: bool = True,
     collate=None,
     group=None,
+    spill: bool = True,
 ) -> PathKernelPlan:
     """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost.
 
@@ -456,7 +513,18 @@ def plan(
     """
     coll = Collective(group, "plan")
     return make_plan(
-        coll, model, checkpoints, train, query, outputs, out, memory_budget, dtype, resume, collate
+        coll,
+        model,
+        checkpoints,
+        train,
+        query,
+        outputs,
+        out,
+        memory_budget,
+        dtype,
+        resume,
+        collate,
+        spill=spill,
     )
 
 
@@ -474,6 +542,7 @@ def make_plan(
     collate,
     implementation: str = "auto",
     measure: bool = True,
+    spill: bool = True,
 ) -> PathKernelPlan:
     """The plan on every rank of ``coll``. ``measure=False`` (path_kernel) times the model
     only when the nominal costs suggest the budget may be too tight; the plan's estimate is
@@ -492,6 +561,7 @@ def make_plan(
                 "memory_budget": budget,
                 "dtype": str(job.dtype),
                 "resume": resume,
+                "spill": spill,
                 "out": None if out is None else os.path.abspath(os.fspath(out)),
             }
         )
@@ -519,8 +589,20 @@ def make_plan(
     # that tiling's time under the costs measured on this machine.
     nominal = _nominal_costs(job, sample_x, sample, out)
 
+    # features spill to a scratch file beside out= (host memory only: device features are
+    # bounded by the device's budget, and a round trip through the host would cost more)
+    on_cpu = all(q.device.type == "cpu" for q in job.model_plan.params.values())
     problem = _Problem(
-        M, N, T, symmetric, fb, cc, fixed, pair, cc // 8 * (4 if job.dtype == torch.float32 else 8)
+        M,
+        N,
+        T,
+        symmetric,
+        fb,
+        cc,
+        fixed,
+        pair,
+        cc // 8 * (4 if job.dtype == torch.float32 else 8),
+        spill=bool(spill) and out is not None and on_cpu,
     )
 
     def solve(b, tiling=None):
@@ -540,7 +622,7 @@ def make_plan(
             if measure
             else nominal
         )
-        choice = _cost(problem, choice.R, choice.Cb, choice.band, choice.k, choice.chunk, costs)
+        choice = _recost(problem, choice, costs)
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, costs)
     choice = solve(budget)
     if choice is None:
@@ -558,7 +640,7 @@ def make_plan(
     costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget) if coll.lead else None)
 
     def timed(c: _Choice) -> _Choice:
-        return _cost(problem, c.R, c.Cb, c.band, c.k, c.chunk, costs)
+        return _recost(problem, c, costs)
 
     chosen, roomy = timed(choice), timed(solve(max(budget, 2 << 30)))
     if chosen.est > 3 * roomy.est and chosen.est > 10:
@@ -601,6 +683,7 @@ def _make_plan(
         est_seconds=choice.est,
         est_parts=choice.parts,
         store="RAM" if out is None else str(out),
+        spill_bytes=choice.spill,
         job=job,
         costs=costs,
         pair_flops=pair,

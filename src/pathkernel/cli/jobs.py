@@ -41,6 +41,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--outputs", default="trace", help="trace, full or an output index")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--no-resume", action="store_true", help="start over even if --out exists")
+    p.add_argument(
+        "--no-spill",
+        action="store_true",
+        help="never keep features in a scratch file beside --out (recompute them instead)",
+    )
     p.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("describe", help="which rule and form each parameter of a model gets")
     _model_args(d)
@@ -126,6 +131,7 @@ def run(args) -> int:
         dtype=dtype,
         resume=not args.no_resume,
         progress=not args.no_progress,
+        spill=not args.no_spill,
     )
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     if rank == 0:
