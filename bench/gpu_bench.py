@@ -16,7 +16,7 @@ import time
 import torch
 
 import pathkernel as pk
-from pathkernel._backend import Term, accumulate
+from pathkernel._backend import Term, accumulate, last_cuda_kernel
 from pathkernel._capture.extract import tangent_terms
 from pathkernel._drivers.tangent import prepare
 from pathkernel.bench.workloads import best_time, mlp_factored_flops, wide_mlp
@@ -47,9 +47,8 @@ def main():
     ap.add_argument("--n", type=int, default=16384)
     ap.add_argument("--pipeline-n", type=int, default=4096)
     ap.add_argument("--out", default="bench/RESULTS.md")
-    ap.add_argument(
-        "--variants", default=os.environ.get("GPU_BENCH_VARIANTS", "ldm32 wg32").replace(" ", ",")
-    )
+    variants = os.environ.get("GPU_BENCH_VARIANTS", "ldm32 wg32 ws")
+    ap.add_argument("--variants", default=variants.replace(" ", ","))
     ap.add_argument(
         "--profile",
         default=None,
@@ -128,6 +127,7 @@ def main():
                 side2 = None if sym else sides[dt]
                 out.zero_()
                 accumulate(out, sides[dt], side2, precision=prec)
+                used = last_cuda_kernel()  # a forced variant that cannot run falls back
                 got = out[:, :, 0, 0]
                 if sym:
                     got = got.triu() + got.triu(1).T
@@ -135,7 +135,7 @@ def main():
                 t = cuda_time(lambda: accumulate(out, sides[dt], side2, precision=prec), 5)
                 what = (
                     f"{variant} {dt}{'/' + prec if dt == 'float32' else ''}"
-                    f"{' symmetric' if sym else ''}"
+                    f"{' symmetric' if sym else ''} [{used}]"
                 )
                 fl = fl_sym if sym else fl_full
                 rows.append((what, t, fl, rates[rate_key], (comp_t[rate_key] / t, err)))

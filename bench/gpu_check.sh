@@ -25,10 +25,10 @@ tail -3 "$OUT/build.log"
 [ $rc -eq 0 ] || { echo "build failed (rc=$rc)"; exit $rc; }
 python3 -c "import pathkernel as pk; print(pk.backend_info())"
 cd tests
-timeout 90 python3 -m pytest test_cuda.py -q --tb=short 2>&1 | tee "$OUT/tests.log" | tail -4
-for v in ${GPU_VARIANTS:-ldm16 wg32}; do
+timeout 150 python3 -m pytest test_cuda.py -q --tb=short 2>&1 | tee "$OUT/tests.log" | tail -4
+for v in ${GPU_VARIANTS:-ldm16 wg32 ws}; do
   echo "variant $v:"
-  PATHKERNEL_CUDA_FUSED=$v timeout 90 python3 -m pytest test_cuda.py -q --tb=short -k "kernels or pipeline" 2>&1 \
+  PATHKERNEL_CUDA_FUSED=$v timeout 90 python3 -m pytest test_cuda.py -q --tb=short -k "kernels or pipeline or variant" 2>&1 \
     | tee -a "$OUT/tests_variants.log" | tail -2
 done
 if ! grep -q " passed" "$OUT/tests.log" || grep -q "Fatal Python error" "$OUT/tests.log"; then
@@ -39,7 +39,7 @@ fi
 if [ -n "${GPU_NCU:-}" ]; then  # stall reasons of one bf16 launch of variant $GPU_NCU
   timeout 120 ncu --clock-control none --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section SchedulerStats --section LaunchStats \
-    -k regex:fused_mma -s 1 -c 1 python3 ../bench/gpu_bench.py --profile "$GPU_NCU" \
+    -k regex:"fused_mma|ws_kernel" -s 1 -c 1 python3 ../bench/gpu_bench.py --profile "$GPU_NCU" \
     > "$OUT/ncu.log" 2>&1
   grep -iE "Duration|Throughput|Registers Per|Achieved Occupancy|stall|Issued Warp|Eligible" \
     "$OUT/ncu.log" | cut -c1-220 | head -40

@@ -114,14 +114,14 @@ std::string accumulate(const py::handle& out, const py::object& side1, const py:
   pathkernel::check_output(o, r1, r2, symmetric, col_weights.is_none() ? nullptr : &w, alpha, 1, kOut);
   const pc::Precision p = precision_of(precision);
   const pc::DSide s1 = to_side(r1), s2 = symmetric ? s1 : to_side(r2);
-  const std::string kernel = pc::kernel_for(dtype_of(dtype), s1, s2, p);
+  std::string kernel;
   {
     py::gil_scoped_release release;
     int current = -1;
     cudaGetDevice(&current);
     if (current != device && cudaSetDevice(device) != cudaSuccess)
       fail("out: cannot select cuda:" + std::to_string(device));
-    pc::accumulate(reinterpret_cast<void*>(o.ptr), dtype_of(o.dtype), dtype_of(dtype), s1, s2,
+    kernel = pc::accumulate(reinterpret_cast<void*>(o.ptr), dtype_of(o.dtype), dtype_of(dtype), s1, s2,
                    symmetric, alpha, col_weights.is_none() ? nullptr : reinterpret_cast<const void*>(w.ptr),
                    p, stream);
     if (current >= 0 && current != device) cudaSetDevice(current);

@@ -28,12 +28,10 @@ struct DSide {
   std::vector<DTerm> terms;
 };
 
-// Which kernel a call will use (for tests and backend_info).
-std::string kernel_for(DType in, const DSide& s1, const DSide& s2, Precision p);
-
 // Launches on `stream` (a cudaStream_t passed as an integer); never synchronizes the device.
-// Throws std::runtime_error naming the kernel on a CUDA error.
-void accumulate(void* out, DType out_t, DType in_t, const DSide& s1, const DSide& s2,
+// Returns the names of the kernels launched ("+"-separated). Throws std::runtime_error naming
+// the kernel on a CUDA error.
+std::string accumulate(void* out, DType out_t, DType in_t, const DSide& s1, const DSide& s2,
                 bool symmetric, double alpha, const void* col_weights, Precision precision,
                 std::uintptr_t stream);
 

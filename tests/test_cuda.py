@@ -43,6 +43,11 @@ CASES = [  # n1, n2, C, specs: tensor-core tiles (S = C = 1) and the generic ker
     (19, 23, 3, [(2, 5, 7, 1.0), (1, None, 4, 0.0)]),
     (300, 261, 1, [(1, 64, 40, 1.0), (1, None, 8, 0.0), (1, 24, 1, 1.0)]),  # several tiles
     (40, 50, 1, [(1, 3, 5, 1.0)] * 18),  # more terms than one launch takes
+    # 16-byte rows in every precision (the TMA kernel ws can take them):
+    (300, 261, 1, [(1, 64, 40, 1.0), (1, None, 8, 0.0), (1, 24, 16, 1.0)]),  # partial chunks
+    (130, 140, 1, [(1, 8, 8, 1.0)] * 18),  # small K, more terms than one launch takes
+    (200, 129, 1, [(1, 520, 264, 1.0)]),  # more K chunks than pipeline stages
+    (1800, 1800, 1, [(1, 16, 8, 1.0)]),  # more tiles than SMs: persistent blocks loop
 ]
 PRECISIONS = {
     torch.float32: ["3xtf32", "tf32", "exact"],
@@ -112,6 +117,42 @@ def test_kernels_against_float64(case, dtype, precision, out_dtype, symmetric):
         bound = 2 * np.abs(peer - ref).max() / scale
         bound = max(bound, 4 * torch.finfo(out_dtype).eps)  # the output's own rounding
     assert err <= bound, f"error {err:.2e} > {bound:.2e}"
+
+
+def _runs_sm90a() -> bool:
+    return torch.cuda.get_device_capability() == (9, 0) and "90a" in pk.backend_info().get(
+        "cuda_arches", ""
+    )
+
+
+@needs_gpu
+def test_a_forced_variant_runs_where_it_can(monkeypatch):
+    """PATHKERNEL_CUDA_FUSED runs the variant it names (so that the variant runs of the
+    tests and the timings measure it), and falls back where that variant cannot run the call:
+    ws on rows that are not 16-byte aligned, wg32 and ws off sm_90a, 3xTF32 without wgmma."""
+    from pathkernel._backend import last_cuda_kernel
+
+    g = torch.Generator().manual_seed(0)
+    _, aligned = _side(g, 200, 1, [(1, 64, 40, 1.0)], torch.bfloat16, "cuda")
+    _, odd = _side(g, 200, 1, [(1, 63, 40, 1.0)], torch.bfloat16, "cuda")
+    hopper = _runs_sm90a()
+    expect = {
+        "ldm16": ["fused_mma_kernel"] * 2,
+        "ldm32": ["fused_mma_kernel"] * 2,
+        "wg32": ["fused_mma_kernel (wgmma)" if hopper else "fused_mma_kernel"] * 2,
+        "ws": ["ws_kernel" if hopper else "fused_mma_kernel", "fused_mma_kernel"],
+    }
+    for variant, (on_aligned, on_odd) in expect.items():
+        monkeypatch.setenv("PATHKERNEL_CUDA_FUSED", variant)
+        for side, name in ((aligned, on_aligned), (odd, on_odd)):
+            accumulate(torch.zeros(200, 200, 1, 1, device="cuda"), side, precision="tf32")
+            assert last_cuda_kernel() == name, variant
+        f32 = [Term(t.A.float(), t.D.float(), t.beta) for t in aligned]
+        accumulate(torch.zeros(200, 200, 1, 1, device="cuda"), f32, precision="3xtf32")
+        assert last_cuda_kernel() == "fused_mma_kernel (3xTF32)", variant
+    monkeypatch.setenv("PATHKERNEL_CUDA_FUSED", "fast")
+    with pytest.raises(RuntimeError, match="PATHKERNEL_CUDA_FUSED: expected ws, wg32"):
+        accumulate(torch.zeros(200, 200, 1, 1, device="cuda"), aligned, precision="tf32")
 
 
 @needs_gpu

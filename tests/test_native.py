@@ -221,6 +221,27 @@ def test_cuda_tile_plan_on_host(rb, cb, sym, group):
         assert seen == sorted(expect)
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_cuda_persistent_waves_share_panels_on_host(sym):
+    """The persistent kernel (ws) runs tiles t, t + G, ... on each of G blocks, so a wave of G
+    consecutive tiles is in flight at once: in the grouped order it reads far fewer distinct
+    row and column panels (L2 reuse) than in row-major order, and every tile is run once."""
+    from pathkernel import _native
+
+    rb = cb = 128  # N = 16,384 in tiles of 128
+    G = 132  # blocks: one per SM of an H100 / H200
+    n = _native._testing.cuda_tile_count(rb, cb, sym)
+
+    def mean_panels(group):
+        order = [_native._testing.cuda_tile_coords(t, rb, cb, sym, group) for t in range(n)]
+        runs = [sorted(order[b::G]) for b in range(G)]  # what each persistent block runs
+        assert sorted(t for r in runs for t in r) == sorted(set(order)) and len(order) == n
+        waves = [order[w : w + G] for w in range(0, n - G + 1, G)]
+        return np.mean([len({r for r, _ in w}) + len({c for _, c in w}) for w in waves])
+
+    assert mean_panels(8) < 0.5 * mean_panels(1)
+
+
 def test_cuda_epilogue_and_ownership_on_host():
     from pathkernel import _native
 

@@ -79,6 +79,16 @@ def _cuda_desc(keep: list):
     return conv
 
 
+_last_cuda_kernel = ""
+
+
+def last_cuda_kernel() -> str:
+    """The CUDA kernel(s) the last call of ``accumulate`` on a GPU launched ("+"-separated;
+    for tests and benchmarks: a variant forced by ``PATHKERNEL_CUDA_FUSED`` that cannot run a
+    call falls back to the default)."""
+    return _last_cuda_kernel
+
+
 def accumulate(
     out: torch.Tensor,
     side1: Sequence[Term],
@@ -126,7 +136,8 @@ def accumulate(
         keep: list = []
         conv = _cuda_desc(keep)
         stream = torch.cuda.current_stream(out.device).cuda_stream
-        _native_cuda.accumulate(
+        global _last_cuda_kernel
+        _last_cuda_kernel = _native_cuda.accumulate(
             conv(out, "out"),
             _side(side1, "side1", conv),
             None if side2 is None else _side(side2, "side2", conv),
