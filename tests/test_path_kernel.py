@@ -358,7 +358,10 @@ def test_background_writer_commits_in_order_and_raises_its_failure(tmp_path):
 
     store.write = write
     w = Writer(store)
-    w.submit([(0, 0, torch.ones(2, 3)), (0, 3, 2 * torch.ones(2, 3))], [(0, 0), (0, 1)])
+    late = torch.zeros(2, 3)  # filled by `ready`, as an asynchronous device copy would be
+    w.submit(
+        [(0, 0, torch.ones(2, 3)), (0, 3, late)], [(0, 0), (0, 1)], ready=lambda: late.fill_(2)
+    )
     with pytest.raises(OSError, match="No space left"):
         w.submit([(2, 0, torch.ones(2, 3))], [(1, 0)])
         w.close()

@@ -108,9 +108,12 @@ def path_kernel(
     return run_plan(p, resume=resume, progress=progress)
 
 
-def _band_writes(spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: dict) -> list:
+def _band_writes(spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: dict):
     """A band's finished tiles as (row, column, host tile) writes: runs of adjacent tiles as
-    one strip (one write per row), and their mirror images below the diagonal."""
+    one strip (one write per row), and their mirror images below the diagonal; and ``ready``,
+    which the writer calls before touching them. Tiles on a GPU come back by asynchronous
+    copies into pinned memory (``ready`` waits for them), so the copies and the store writes
+    overlap the next band's work."""
     js = sorted(accs)
     runs: List[List[int]] = []
     for j in js:
@@ -118,16 +121,31 @@ def _band_writes(spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: d
             runs[-1].append(j)
         else:
             runs.append([j])
+    device = accs[js[0]].device
     writes = []
     for run in runs:
-        tiles = [spec.finish(accs[j]).to(dtype).cpu() for j in run]
-        writes.append((r0, run[0] * Cb, tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1)))
+        tiles = [spec.finish(accs[j]).to(dtype) for j in run]
+        strip = tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1)
+        if device.type == "cuda":
+            host = torch.empty(strip.shape, dtype=strip.dtype, pin_memory=True)
+            host.copy_(strip, non_blocking=True)
+        else:
+            host = strip
+        writes.append((r0, run[0] * Cb, host))
         if symmetric:
+            c0 = 0
             for j, tile in zip(run, tiles):
+                part = host[:, c0 : c0 + tile.shape[1]]
+                c0 += tile.shape[1]
                 if j != i:
-                    mirror = tile.transpose(0, 1).transpose(2, 3) if tile.dim() == 4 else tile.t()
+                    mirror = part.transpose(0, 1).transpose(2, 3) if part.dim() == 4 else part.t()
                     writes.append((j * Cb, r0, mirror))
-    return writes
+    ready = None
+    if device.type == "cuda":
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(device))
+        ready = copied.synchronize
+    return writes, ready
 
 
 def _open(p: PathKernelPlan, coll: Collective, resume: bool):
@@ -298,9 +316,8 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
                     _backend.accumulate(
                         accs[j], side1, None if diagonal else side2, threads=threads
                     )
-            writer.submit(
-                _band_writes(spec, dtype, p.symmetric, i, r0, Cb, accs), [(i, j) for j in js]
-            )
+            writes, ready = _band_writes(spec, dtype, p.symmetric, i, r0, Cb, accs)
+            writer.submit(writes, [(i, j) for j in js], ready)
             accs = None
     finally:
         bar.close()

@@ -18,7 +18,7 @@ import os
 import queue
 import re
 import threading
-from typing import Iterable, List, Optional, Set, Tuple
+from typing import Callable, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -219,7 +219,9 @@ class Writer:
             self.thread = threading.Thread(target=self._run, name="pathkernel-writer", daemon=True)
             self.thread.start()
 
-    def _apply(self, writes, keys) -> None:
+    def _apply(self, writes, keys, ready) -> None:
+        if ready is not None:
+            ready()
         for i0, j0, tile in writes:
             self.store.write(i0, j0, tile)
         self.store.commit(keys)
@@ -239,13 +241,14 @@ class Writer:
         if self.error is not None:
             raise self.error
 
-    def submit(self, writes, keys) -> None:
-        """``writes``: (row, column, host tile) triples; ``keys``: the tiles they complete."""
+    def submit(self, writes, keys, ready: Optional[Callable[[], None]] = None) -> None:
+        """``writes``: (row, column, host tile) triples; ``keys``: the tiles they complete;
+        ``ready``: waits until the tiles hold their values (asynchronous device copies)."""
         self._check()
         if self.queue is None:
-            self._apply(writes, keys)
+            self._apply(writes, keys, ready)
         else:
-            self.queue.put((writes, keys))
+            self.queue.put((writes, keys, ready))
 
     def close(self) -> None:
         """Wait for every submitted band to be durable."""
