@@ -196,8 +196,18 @@ def main():
     kw = dict(
         memory_budget=budget, progress=False, outputs="full" if "full" in scenario else "trace"
     )
+    if "spill" in scenario:  # costs under which the plan keeps features in a scratch file
+        from pathkernel._drivers import tiling
+
+        dear = tiling.Costs(1e-3, 1e-2, 1e-4, 1e11, 1e-3, 1e-9)
+        tiling._nominal_costs = tiling._measure = lambda *a, **k: dear
     if scenario.startswith("file"):
         out = os.path.join(out_dir, "k.npy")
+        if "spill" in scenario:
+            plan_kw = {k: v for k, v in kw.items() if k != "progress"}
+            spilled = pk.plan(model, ck, X, Xq, out=out, **plan_kw).spill_bytes
+            with open(os.path.join(out_dir, f"spill{rank}.txt"), "w") as f:
+                f.write(str(spilled))
         if (
             "kill" in scenario
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"

@@ -52,13 +52,20 @@ def same_bytes(a, b):
     return open(a, "rb").read() == open(b, "rb").read()
 
 
-@pytest.mark.parametrize("scenario", ["file", "file-query", "file-full", "ram", "ram-query"])
+@pytest.mark.parametrize(
+    "scenario", ["file", "file-query", "file-full", "ram", "ram-query", "file-query-spill"]
+)
 def test_two_ranks_byte_identical_to_one_process(scenario, tmp_path):
     run(scenario, tmp_path / "one")
     run(scenario, tmp_path / "two", ranks=2)
     assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
     if scenario.startswith("file"):  # both ranks wrote tiles and journalled them
         assert os.path.getsize(tmp_path / "two" / "k.npy.journal.1") > 0
+    if "spill" in scenario:  # each rank kept features in its own scratch file, now gone
+        for d, ranks in (("one", [0]), ("two", [0, 1])):
+            for r in ranks:
+                assert int(open(tmp_path / d / f"spill{r}.txt").read()) > 0
+            assert not [f for f in os.listdir(tmp_path / d) if "features" in f]
 
 
 def test_killed_rank_restarted_by_torchrun_resumes(tmp_path):
