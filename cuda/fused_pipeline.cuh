@@ -71,6 +71,16 @@ __device__ __forceinline__ void mma_16<__nv_bfloat16>(float (&d)[4], const uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// A thread's accumulator fragment (either MMA path) set to zero.
+__device__ __forceinline__ void zero(float (&c)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[mt][nt][e] = 0.f;
+}
+
 // Rows [r0, r0 + BM) x one K chunk from k0 of a row-major [n, K] matrix into one staged
 // operand tile (laid out by C::word), zero outside the matrix. Aligned rows go by cp.async (completed by the
 // pipeline's wait), others element by element.
@@ -263,12 +273,7 @@ __device__ __forceinline__ void gram(float (&c)[MT][NT][4], const TIn* X1, int64
   constexpr int S = C::STAGES, OPW = C::OPW;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wm = warp / 4, wn = warp % 4;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) c[mt][nt][e] = 0.f;
+  zero(c);
   const int64_t nk = (K + KC - 1) / KC;
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {

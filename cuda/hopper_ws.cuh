@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "fused_config.cuh"
+#include "fused_kernel.cuh"
 #include "fused_pipeline.cuh"
 #include "kernel_args.cuh"
 #include "pathkernel/tile_math.hpp"
@@ -42,10 +43,9 @@ constexpr int STAGE_BYTES = 2 * OP_BYTES;    // X1 rows i0.., X2 rows j0..
 constexpr int NTHREADS = 384;                // producer + two consumer warpgroups
 constexpr int CONSUMER_THREADS = 256;
 constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;  // each releases a stage it has read
-constexpr int LDT = BM + 1;                  // row stride of the result tile
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;  // 128 x 40 + 256 x 232 <= 64K
 constexpr size_t SMEM_BYTES =
-    1024 + static_cast<size_t>(STAGES) * STAGE_BYTES + sizeof(float) * BM * LDT + 16 * STAGES;
+    1024 + static_cast<size_t>(STAGES) * STAGE_BYTES + sizeof(float) * BM * fm::LDT + 16 * STAGES;
 
 // Operands of term l: maps[l][0..3] = A1, A2, D1, D2 (the A maps unset without A factors).
 struct WsArgs {
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) ws_kernel(TOut* out, const __grid
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   uint8_t* stages = smem;
   float* ct = reinterpret_cast<float*>(smem + STAGES * STAGE_BYTES);
-  uint64_t* full = reinterpret_cast<uint64_t*>(ct + BM * LDT);
+  uint64_t* full = reinterpret_cast<uint64_t*>(ct + BM * fm::LDT);
   uint64_t* empty = full + STAGES;
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
@@ -178,12 +178,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) ws_kernel(TOut* out, const __grid
   // One Gram of the current tile into g: chunk kc's MMAs are issued, then chunk kc - 1's
   // are waited for and its stage released (one chunk in flight behind the issue).
   auto gram = [&](float (&g)[MT][NT][4], int64_t K) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) g[mt][nt][e] = 0.f;
+    fm::zero(g);
     const int64_t nk = chunks(K, ELEM);
     int prev = -1;
     for (int64_t kc = 0; kc < nk; ++kc) {
@@ -212,12 +207,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) ws_kernel(TOut* out, const __grid
     int64_t r, c;
     tiles::coords(t, a.rb, a.cb, sym, fm::GROUP, &r, &c);
     const int64_t i0 = r * BM, j0 = c * BM;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+    fm::zero(acc);
     for (int l = 0; l < a.nterms; ++l) {
       const bool hasA = a.hasA[l] != 0;
       if (hasA) gram(ga, a.k[l][0]);
@@ -232,37 +222,9 @@ __global__ void __launch_bounds__(NTHREADS, 1) ws_kernel(TOut* out, const __grid
             acc[mt][nt][e] = tiles::fuse<float>(acc[mt][nt][e], hasA ? ga[mt][nt][e] : 0.f,
                                                 scale * gd[mt][nt][e], beta, hasA);
     }
-    // wgmma fragment of warp w4 of the warpgroup: rows 16 w4 + g (+ 8), n8 block mt NT + nt
-    {
-      const int w4 = (ctid / 32) % 4, g = lane / 4, q = lane % 4;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int row = cw * 64 + w4 * 16 + g, col = (mt * NT + nt) * 8 + 2 * q;
-          ct[row * LDT + col] = acc[mt][nt][0];
-          ct[row * LDT + col + 1] = acc[mt][nt][1];
-          ct[(row + 8) * LDT + col] = acc[mt][nt][2];
-          ct[(row + 8) * LDT + col + 1] = acc[mt][nt][3];
-        }
-    }
+    fm::fragment_to_tile<true>(ct, acc, ctid / 32, lane);
     consumers_sync();
-    for (int e = ctid; e < BM * BM; e += CONSUMER_THREADS) {  // direct: along rows
-      const int li = e / BM, lj = e % BM;
-      const int64_t gi = i0 + li, gj = j0 + lj;
-      if (gi >= a.M || gj >= a.N || !tiles::owns(gi, gj, sym)) continue;
-      const double v = a.alpha * static_cast<double>(ct[li * LDT + lj]);
-      out[gi * a.N + gj] += static_cast<TOut>(v * (w ? static_cast<double>(w[gj]) : 1.0));
-    }
-    if (sym) {
-      for (int e = ctid; e < BM * BM; e += CONSUMER_THREADS) {  // mirrored: along columns
-        const int lj = e / BM, li = e % BM;
-        const int64_t gi = i0 + li, gj = j0 + lj;
-        if (gi >= a.M || gj >= a.N || !tiles::mirrors(gi, gj, sym)) continue;
-        const double v = a.alpha * static_cast<double>(ct[li * LDT + lj]);
-        out[gj * a.N + gi] += static_cast<TOut>(v * (w ? static_cast<double>(w[gi]) : 1.0));
-      }
-    }
+    fm::store_tile<CONSUMER_THREADS>(out, ct, i0, j0, a.M, a.N, sym, a.alpha, w, ctid);
     consumers_sync();  // the result tile is free for the next tile
   }
 #else

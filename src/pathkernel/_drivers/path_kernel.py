@@ -263,7 +263,7 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
 
     spill = _open_spill(p)
-    keep_rows, keep_cols = spilled_sides(p)
+    keep_rows, keep_cols = p.spill_sides
 
     def feats(src: Source, lo: int, hi: int, t: int) -> Block:
         key = (src.name, lo, hi, t)
@@ -324,17 +324,6 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
         writer.close()  # the bands computed so far become durable, even after an error
         if spill is not None:
             spill.close()
-
-
-def spilled_sides(p: PathKernelPlan) -> Tuple[bool, bool]:
-    """Whether row and column features are kept in the spill: those needed again (rows by
-    later bands of their row block, columns by later row blocks; train x train: both, as a
-    block is a row block and a column block)."""
-    if p.symmetric:
-        return True, True
-    nr = math.ceil(p.shape[0] / p.row_block)
-    nc = math.ceil(p.shape[1] / p.col_block)
-    return p.ckpt_group < p.checkpoints and p.band < nc, nr > 1
 
 
 def _open_spill(p: PathKernelPlan):

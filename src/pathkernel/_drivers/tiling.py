@@ -115,6 +115,7 @@ class PathKernelPlan:
     est_parts: Tuple[float, float, float]  # extraction, Gram, store
     store: str
     spill_bytes: int = 0  # features written once to a scratch file beside ``out`` and reread
+    spill_sides: Tuple[bool, bool] = (False, False)  # whether row / column features are spilled
     job: Optional[Job] = field(default=None, repr=False)
     costs: Optional[Costs] = field(default=None, repr=False)  # measured (rank 0's on a group)
     pair_flops: float = field(default=0.0, repr=False)
@@ -359,6 +360,7 @@ class _Choice:
     tiles: int
     extractions: int
     spill: int = 0  # bytes of features kept in a scratch file (0: none, all recomputed)
+    spill_sides: Tuple[bool, bool] = (False, False)  # rows, columns kept there
 
 
 @dataclass
@@ -399,6 +401,9 @@ def _cost(
     bands = nr if k == T else nr * math.ceil(cols_per_row / band)
     row_uses, col_uses = T * bands, offdiag * T
     spilled = read = 0.0  # examples' features written to / read from the scratch file
+    # which sides a spilling run keeps: those needed again (rows by later bands of their row
+    # block, columns by later row blocks; train x train: both, a block being both)
+    sides = (P.symmetric or bands > nr, P.symmetric or nr > 1) if spill else (False, False)
     if not spill:
         t_ex = row_uses * _extraction(R, chunk, costs) + col_uses * _extraction(Cb, chunk, costs)
         extractions = row_uses * R + col_uses * Cb
@@ -406,11 +411,10 @@ def _cost(
         t_ex = nr * T * _extraction(R, chunk, costs)
         extractions = spilled = N * T
         read = max(0, row_uses * R + col_uses * Cb - N * T)
-    else:  # a side is spilled when it is needed again: rows by later bands, columns by
-        # later row blocks (path_kernel.spilled_sides)
+    else:
         t_ex = nr * T * _extraction(R, chunk, costs) + nc * T * _extraction(Cb, chunk, costs)
         extractions = nr * T * R + nc * T * Cb
-        spilled = (M * T if bands > nr else 0) + (N * T if nr > 1 else 0)
+        spilled = (M * T if sides[0] else 0) + (N * T if sides[1] else 0)
         read = max(0, (row_uses - nr * T) * R) + max(0, (col_uses - nc * T) * Cb)
     t_ex += P.fb * (spilled * costs.spill_write + read * costs.spill_read)
     pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
@@ -429,6 +433,7 @@ def _cost(
         tiles,
         int(extractions),
         int(spilled * P.fb),
+        sides,
     )
 
 
@@ -684,6 +689,7 @@ def _make_plan(
         est_parts=choice.parts,
         store="RAM" if out is None else str(out),
         spill_bytes=choice.spill,
+        spill_sides=choice.spill_sides,
         job=job,
         costs=costs,
         pair_flops=pair,
