@@ -45,6 +45,14 @@ def init():
     return 0
 
 
+def _tiles(line: str) -> int:
+    """How many tiles a journal line records (0 for the header or a torn line)."""
+    try:
+        return len(json.loads(line).get("tiles", []))
+    except ValueError:
+        return 0
+
+
 def kill_after(journal: str, records: int):
     """SIGKILL this process once its journal holds ``records`` tiles (a crash mid-run)."""
 
@@ -52,7 +60,7 @@ def kill_after(journal: str, records: int):
         while True:
             try:
                 with open(journal) as f:
-                    n = sum(1 for line in f if line.startswith('{"tile"'))
+                    n = sum(_tiles(line) for line in f)
             except OSError:
                 n = 0
             if n >= records:

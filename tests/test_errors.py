@@ -165,15 +165,16 @@ def test_backend_info():
     assert info["cuda"] in (True, False)
 
 
+class FunctionalDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.l(torch.nn.functional.dropout(x, 0.5, self.training))
+
+
 def test_random_forward_is_refused():
-    class FunctionalDropout(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.l = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.l(torch.nn.functional.dropout(x, 0.5, self.training))
-
     m = FunctionalDropout().double()
     x = torch.randn(6, 3, dtype=torch.float64)
     for impl in ("auto", "dense"):
@@ -183,3 +184,37 @@ def test_random_forward_is_refused():
         pk.path_kernel(m, [(m.state_dict(), 1.0)], x, progress=False)
     m.eval()
     assert pk.tangent_kernel(m, x).shape == (6, 6)
+    m.train()  # the check is made again when a training flag changes
+    with pytest.raises(ValueError, match="model: two forward passes on the same inputs differ"):
+        pk.tangent_kernel(m, x)
+
+
+def test_dropout_first_seen_in_eval_then_train_is_refused():
+    m = FunctionalDropout().double().eval()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    K = pk.tangent_kernel(m, x)
+    m.train()
+    with pytest.raises(ValueError, match="model: two forward passes"):
+        pk.tangent_kernel(m, x)
+    m.eval()
+    assert torch.equal(pk.tangent_kernel(m, x), K)
+
+
+def test_a_model_that_couples_the_examples_of_a_batch_is_refused():
+    class Centered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            return self.b(h - h.mean(0))
+
+    m = Centered().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="model: an example's output depends on the other"):
+        pk.tangent_kernel(m, x)
+    with pytest.raises(ValueError, match="model: an example's output depends on the other"):
+        pk.path_kernel(m, [(m.state_dict(), 1.0)], x, progress=False)
+    with pytest.raises(ValueError, match="model: an example's output depends on the other"):
+        pk.describe(m, x)

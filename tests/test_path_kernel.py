@@ -130,10 +130,11 @@ def test_resume_mismatch_is_refused_and_nothing_overwritten(tmp_path):
     pk.path_kernel(model, ck, X, out=path, memory_budget=150_000, progress=False)
     before = open(path, "rb").read()
     with pytest.raises(
-        ValueError, match=r"out: .* holds a run with other arguments \(differs in: checkpoints"
+        ValueError,
+        match=r"out: .* holds a run with other arguments \(it differs in the checkpoints",
     ):
         pk.path_kernel(model, ck[:2], X, out=path, memory_budget=150_000, progress=False)
-    with pytest.raises(ValueError, match=r"differs in: .*train"):
+    with pytest.raises(ValueError, match=r"differs in .*train"):
         pk.path_kernel(model, ck, X + 1, out=path, memory_budget=150_000, progress=False)
     assert open(path, "rb").read() == before
 
@@ -367,7 +368,7 @@ def test_background_writer_commits_in_order_and_raises_its_failure(tmp_path):
         w.close()
     store.close()
     reopened = FileStore(tmp_path / "k.npy", (4, 6), torch.float32, {"run": 1}, resume=True)
-    assert reopened.done == {(0, 0), (0, 1)}
+    assert reopened.verified_done() == {(0, 0), (0, 1)}
     assert np.array_equal(np.load(tmp_path / "k.npy")[:2], np.array([[1, 1, 1, 2, 2, 2]] * 2))
     reopened.close()
 

@@ -299,21 +299,89 @@ def _setup(seed=20, **kw):
     return model, opt, X, Y, Xq
 
 
-def test_clipped_step_is_refused():
+def test_clipped_step_is_refused_and_the_steps_before_it_stand():
     model, opt, X, Y, Xq = _setup()
     rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
     idx = torch.arange(6)
-    with pytest.raises(pk.StepMismatchError, match=r"step 0: the optimizer's update differs .* by"):
+    train(model, opt, X, Y, batches(24, 6, 2), rec)
+    after_two = copy.deepcopy(model)
+    with pytest.raises(pk.StepMismatchError, match=r"step 2: the optimizer's update differs .* by"):
         with rec.step(idx):
             opt.zero_grad()
             LOSS(model(X[idx]), Y[idx]).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
             opt.step()
-    with pytest.raises(RuntimeError, match="a step was refused"):
-        rec.kernel_machine()
-    with pytest.raises(RuntimeError, match="cannot record after a refused step"):
+    with pytest.warns(UserWarning, match="recording stopped at step 2: .*explains the 2 recorded"):
+        km = rec.kernel_machine()
+    assert km.steps == 2 and "step 2" in km.note and km.report()["note"] == km.note
+    with torch.no_grad():
+        assert torch.allclose(km.model_output, after_two(Xq), atol=1e-12)
+    assert km.report()["relative_error"] < 1e-9
+    with pytest.raises(RuntimeError, match="recording stopped at step 2"):
         with rec.step(idx):
             pass
+
+
+def test_step_outside_the_block_is_refused_at_the_next_step():
+    model, opt, X, Y, Xq = _setup()
+    rec = pk.PathRecorder(model, opt, LOSS, (X, Y), Xq)
+    idx = torch.arange(6)
+    train(model, opt, X, Y, batches(24, 6, 2), rec)
+    km2 = rec.kernel_machine()
+    assert km2.note is None
+    train(model, opt, X, Y, batches(24, 6, 1, seed=5))  # not recorded
+    with pytest.warns(UserWarning, match="weights changed after the last recorded step"):
+        km = rec.kernel_machine()
+    assert torch.equal(km.model_output, km2.model_output)  # the recorded run's end, not now
+    with pytest.raises(pk.StepMismatchError, match=r"step 2: the weights changed between"):
+        with rec.step(idx):
+            opt.zero_grad()
+            LOSS(model(X[idx]), Y[idx]).backward()
+            opt.step()
+    with pytest.warns(UserWarning, match="recording stopped at step 2"):
+        assert rec.kernel_machine().steps == 2
+
+
+def _small_cnn_run(opt_cls, lr, clip=None, steps=3, loss=LOSS, **kw):
+    """A float32 CNN trained by ``opt_cls`` under the recorder (the error it raises, if any)."""
+    torch.manual_seed(0)
+    model = CNN(c=(8, 16), classes=10)
+    X = torch.randn(32, 1, 8, 8)
+    Y = torch.randint(0, 10, (32,))
+    opt = opt_cls(model.parameters(), lr=lr, **kw)
+    rec = pk.PathRecorder(model, opt, loss, (X, Y), X[:4])
+    for idx in batches(32, 8, steps):
+        with rec.step(idx):
+            opt.zero_grad()
+            loss(model(X[idx]), Y[idx]).backward()
+            if clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                assert norm > 1.5 * clip  # the clipping changes the update
+            opt.step()
+    return rec
+
+
+@pytest.mark.parametrize(
+    "opt_cls, lr, kw",
+    [(torch.optim.AdamW, lr, {}) for lr in (1e-6, 1e-4, 1e-2)]
+    + [(torch.optim.SGD, lr, {"momentum": 0.9}) for lr in (1e-5, 1e-3, 1.0)]
+    + [(torch.optim.SGD, 1e-5, {})],
+)
+def test_float32_small_and_large_rates_are_recorded(opt_cls, lr, kw):
+    rec = _small_cnn_run(opt_cls, lr, **kw)
+    assert rec.steps == 3
+    km = rec.kernel_machine()
+    change = (km.model_output - km.initial_output).abs().max().item()
+    # float32 features: the reconstruction holds to float32 rounding of the outputs
+    assert km.report()["max_abs_error"] < 1e-3 * max(change, 1e-6) + 1e-5
+
+
+@pytest.mark.parametrize(
+    "opt_cls, lr", [(torch.optim.SGD, 1e-2), (torch.optim.SGD, 1e-4), (torch.optim.AdamW, 1e-3)]
+)
+def test_float32_clipping_is_still_refused(opt_cls, lr):
+    with pytest.raises(pk.StepMismatchError, match="update differs"):
+        _small_cnn_run(opt_cls, lr, clip=1.0, steps=4, loss=nn.CrossEntropyLoss(reduction="sum"))
 
 
 def test_other_loss_is_refused():

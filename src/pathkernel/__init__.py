@@ -18,6 +18,8 @@ from ._drivers.recorder import PathRecorder, StepMismatchError
 from ._drivers.sklearn import sklearn_kernels
 from ._drivers.tangent import tangent_kernel
 from ._drivers.tiling import PathKernelPlan, plan
+from ._storage.diskio import StoreWriteError
+from ._storage.lock import OutputBusyError
 
 __all__ = [
     "Description",
@@ -29,6 +31,8 @@ __all__ = [
     "plan",
     "sklearn_kernels",
     "StepMismatchError",
+    "StoreWriteError",
+    "OutputBusyError",
     "backend_info",
     "tangent_kernel",
     "__version__",

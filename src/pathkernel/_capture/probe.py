@@ -69,39 +69,72 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
     _PROBED[plan.model] = (psig, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
 
 
-_DETERMINISTIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def check_deterministic(plan: ModelPlan, x: tuple) -> None:
     """Refuse a model whose forward pass is random (dropout in training mode called as a
-    function, noise layers): its kernel would be random too."""
-    psig = _param_signature(plan)
-    if _DETERMINISTIC.get(plan.model) == psig:
+    function, noise layers) or couples the examples of a batch (an example's output depends
+    on the others: ``h - h.mean(0)``): its kernel would be random, or not the kernel of the
+    function the model computes on a batch. Checked again whenever a module's training flag
+    or a parameter changes."""
+    key = (_param_signature(plan), tuple(m.training for m in plan.model.modules()))
+    if _CHECKED.get(plan.model) == key:
         return
     state = model_state(plan, torch.float64)
-    xs = cast_inputs(tuple(t[:4] for t in x), torch.float64)
+    xs = cast_inputs(tuple(t[:3] for t in x), torch.float64)
     with torch.no_grad():
         a = functional_call(plan.model, state, xs)
         b = functional_call(plan.model, state, xs)
-    if (
-        isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and a.shape == b.shape
-        and a.is_floating_point()
-        and a.numel()
-    ):
-        fin = torch.isfinite(a) & torch.isfinite(b)
-        same = torch.equal(fin, torch.isfinite(a)) and torch.equal(a[~fin].isnan(), b[~fin].isnan())
-        scale = max(a[fin].abs().max().item(), 1e-300) if fin.any() else 1.0
-        diff = (a[fin] - b[fin]).abs().max().item() / scale if fin.any() else 0.0
-        if not (same and diff <= 1e-9):
+        alone = (
+            [functional_call(plan.model, state, tuple(t[i : i + 1] for t in xs)) for i in range(n)]
+            if (n := xs[0].shape[0]) > 1
+            else None
+        )
+    if _comparable(a, b):
+        diff = _relative_gap(a, b)
+        if diff is None or diff > 1e-9:
             raise ValueError(
                 f"model: two forward passes on the same inputs differ (relative difference "
-                f"{diff:.1e}): the model is random, so its kernel would be too (dropout called "
-                "as F.dropout(x, p, self.training) in training mode?); call model.eval() or "
-                "make the forward pass deterministic"
+                f"{'NaN' if diff is None else f'{diff:.1e}'}): the model is random, so its "
+                "kernel would be too (dropout called as F.dropout(x, p, self.training) in "
+                "training mode?); call model.eval() or make the forward pass deterministic"
             )
-    _DETERMINISTIC[plan.model] = psig
+        if alone is not None and all(_comparable(o, a[:1]) for o in alone):
+            diff = _relative_gap(a, torch.cat(alone))
+            if diff is None or diff > 1e-9:
+                raise ValueError(
+                    f"model: an example's output depends on the other examples of its batch "
+                    f"(run alone and in a batch of {n}, the outputs differ by "
+                    f"{'NaN' if diff is None else f'{diff:.1e}'}, relative): a batch "
+                    "statistic such as h - h.mean(0) couples them, so no per-example kernel "
+                    "describes the model; compute such statistics per example (or keep them "
+                    "fixed, as BatchNorm does in eval mode)"
+                )
+    _CHECKED[plan.model] = key
+
+
+def _comparable(a, b) -> bool:
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.shape[1:] == b.shape[1:]
+        and a.is_floating_point()
+        and a.numel() > 0
+    )
+
+
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
+    """max |a - b| / max |a| over the finite entries; None if they differ in which are."""
+    if a.shape != b.shape:
+        return None
+    fin = torch.isfinite(a) & torch.isfinite(b)
+    if not (torch.equal(fin, torch.isfinite(a)) and torch.equal(a[~fin].isnan(), b[~fin].isnan())):
+        return None
+    if not fin.any():
+        return 0.0
+    scale = max(a[fin].abs().max().item(), 1e-300)
+    return (a[fin] - b[fin]).abs().max().item() / scale
 
 
 def _take(x: tuple, idx: List[int]) -> tuple:

@@ -17,8 +17,6 @@ import time
 from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
-import torch
-
 _CALLS: Dict[tuple, int] = {}  # per group: collective pathkernel calls made so far
 _GLOO: Dict[tuple, Any] = {}  # per group: its gloo twin for control traffic
 
@@ -194,17 +192,4 @@ class Collective:
         return result
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    h = hashlib.sha1()
-    for n, p in model.state_dict().items():
-        h.update(n.encode())
-        h.update(str((tuple(p.shape), p.dtype)).encode())
-        h.update(
-            p.detach().cpu().contiguous().numpy().tobytes()
-            if p.dtype != torch.bfloat16
-            else p.detach().float().cpu().numpy().tobytes()
-        )
-    return h.hexdigest()
-
-
-__all__ = ["Collective", "CollectiveError", "join_timeout", "model_fingerprint", "timedelta"]
+__all__ = ["Collective", "CollectiveError", "join_timeout", "timedelta"]

@@ -17,9 +17,13 @@ class KernelMachine:
             example carries (weight decay, optimizer state from before recording).
         path_kernel: ``[M, N]`` (or ``[M, N, C, C]`` for ``outputs="full"``) when the recorder
             was given ``kernel=``; else None.
+        note: None, or why the machine explains fewer steps than the model took (recording
+            stopped at a refused step, or the weights changed after the last recorded one).
     """
 
-    def __init__(self, contributions, bias, path_kernel, *, f0, fT, steps, quadrature, step_errors):
+    def __init__(
+        self, contributions, bias, path_kernel, *, f0, fT, steps, quadrature, step_errors, note=None
+    ):
         self.contributions = contributions
         self.bias = bias
         self.path_kernel = path_kernel
@@ -28,6 +32,7 @@ class KernelMachine:
         self.steps = steps
         self.quadrature = quadrature
         self.step_errors = step_errors
+        self.note = note  # why it explains fewer steps than were taken, if it does
 
     def predict(self) -> torch.Tensor:
         """``[M, C]``: bias + the sum of all contributions."""
@@ -72,6 +77,7 @@ class KernelMachine:
             "relative_error": err / max(change, 1e-300),
             "max_output_change": change,
             "max_step_mismatch": max(self.step_errors, default=0.0),
+            "note": self.note,
         }
 
     def top_contributors(

@@ -27,11 +27,12 @@ from .._capture.outputs import OutputsArg
 from .._capture.plan import cast_inputs
 from .._checks import as_inputs
 from .._progress import progress_bar
+from .._storage.diskio import fmt_bytes
 from .._storage.sources import Source
 from .._storage.spill import FeatureSpill
 from .._storage.store import Writer, open_store
 from .collective import Collective
-from .tiling import PathKernelPlan, fmt_bytes, make_plan
+from .tiling import PathKernelPlan, make_plan
 
 
 @with_autograd
@@ -234,17 +235,18 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
     coll = p.job.collective or Collective(False, "path_kernel")
     store = _open(p, coll, resume)
     try:
-        mine = _assign(p, [t for t in p.tiles if t not in store.done], coll)
+        # the finished tiles, as rank 0 reads and checks them (the same set on every rank)
+        done = coll.broadcast(coll.agree(lambda: store.verified_done() if coll.lead else None))
+        mine = _assign(p, [t for t in p.tiles if t not in done], coll)
         _compute(p, store, [t for t in p.tiles if t in mine], progress and coll.lead)
+        if coll.active and p.job.out is not None:
+            coll.barrier("written")  # rank 0 holds the output's lock until every rank is done
     except BaseException as e:
         coll.fail(e)
         store.close()
         raise
     store.close()
-    if not coll.active:
-        return store.result()
-    if p.job.out is not None:
-        coll.barrier("written")
+    if not coll.active or p.job.out is not None:
         return store.result()
     gathered = coll.gather_to_lead(store.tiles)
     return store.assemble(t for ts in gathered for t in ts) if coll.lead else None

@@ -10,7 +10,9 @@ gradients explain must be the update the optimizer made.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -162,7 +164,8 @@ class PathRecorder:
             }
         self.steps = 0
         self.step_errors = []
-        self.broken: Optional[str] = None
+        self.broken: Optional[str] = None  # why recording stopped (the steps before it stand)
+        self.w_last = self._weights()  # the weights the last recorded step left
 
     def _check_dense_memory(self) -> None:
         """Momentum and Adam(W) keep every example's share of the first moment ([N, P] float64,
@@ -198,10 +201,20 @@ class PathRecorder:
     def step(self, idx):
         """Wrap one optimizer step: forward, backward and ``optimizer.step()`` on ``train[idx]``."""
         if self.broken:
-            raise RuntimeError(f"PathRecorder: cannot record after a refused step ({self.broken})")
+            raise RuntimeError(
+                f"PathRecorder: recording stopped at step {self.steps} ({self.broken}); "
+                "kernel_machine() explains the steps before it"
+            )
         idx = self._check_idx(idx)
         self.dp.check_hooks()
-        w_t = {n: p.detach().clone() for n, p in self.plan.params.items()}
+        moved = self._moved_since_last_step()
+        if moved:
+            self.broken = (
+                f"the weights changed between recorded steps ({moved}): an optimizer step or "
+                "another change outside a `with rec.step(idx):` block"
+            )
+            raise StepMismatchError(f"step {self.steps}: {self.broken}")
+        w_t = self.w_last
         had = {n: self.opt.has_buffer(n) for n in w_t} if self.stateful else {}
         cap = StepRecording(self.plan, self.trace)
         steps = []
@@ -227,6 +240,19 @@ class PathRecorder:
         except (StepMismatchError, ValueError) as e:
             self.broken = str(e)
             raise
+        self.w_last = self._weights()
+
+    def _weights(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.plan.params.items()}
+
+    def _moved_since_last_step(self) -> str:
+        """The parameters whose values differ from those the last recorded step left."""
+        moved = [
+            n for n, p in self.plan.params.items() if not torch.equal(p.detach(), self.w_last[n])
+        ]
+        if not moved:
+            return ""
+        return ", ".join(moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
 
     def _check_idx(self, idx) -> torch.Tensor:
         t = torch.as_tensor(idx)
@@ -426,7 +452,16 @@ class PathRecorder:
         den = sum((delta[n] ** 2).sum() for n in delta).sqrt().item()
         err = num / max(den, 1e-300)
         self.step_errors.append(err)
-        if num > self._tol() * den + 1e-300:
+        # w_{t+1} is w_t + update rounded to the parameters' precision, by each of the
+        # optimizer's in-place operations (AdamW: two): at most eps |w_{t+1}| per entry, to
+        # which the gradients' own rounding (relative to the update) adds
+        rounding = math.sqrt(
+            sum(
+                (2 * torch.finfo(p.dtype).eps * p.detach().double().norm().item()) ** 2
+                for p in self.plan.params.values()
+            )
+        )
+        if num > self._tol() * den + rounding + 1e-300:
             self._fail(
                 f"the optimizer's update differs from the one the recorded gradients explain by "
                 f"{err:.2e} (relative). Gradient clipping, an unsupported optimizer option, a loss "
@@ -443,8 +478,8 @@ class PathRecorder:
             state[n] = v.detach().to(self.dtype).requires_grad_(True)
         return state
 
-    def _query_outputs(self) -> torch.Tensor:
-        state = model_state(self.plan, self.dtype)
+    def _query_outputs(self, params: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        state = model_state(self.plan, self.dtype) if params is None else self._state(params)
         with torch.no_grad():
             out = functional_call(self.model, state, cast_inputs(self.Xq, self.dtype))
         return self.full.rows(out).double()
@@ -453,12 +488,18 @@ class PathRecorder:
     def kernel_machine(self) -> Optional[KernelMachine]:
         """The kernel machine of the steps recorded so far. With a DDP model this is a
         collective call: rank 0 gets the machine of the global run, the other ranks ``None``."""
+        note = None
         if self.broken:
-            raise RuntimeError(
-                f"PathRecorder: a step was refused, so no kernel machine explains "
-                f"this run ({self.broken})"
+            note = f"recording stopped at step {self.steps}: {self.broken}"
+        elif moved := self._moved_since_last_step():
+            note = f"the weights changed after the last recorded step ({moved})"
+        if note is not None:
+            warnings.warn(
+                f"PathRecorder: {note}; the kernel machine explains the {self.steps} recorded "
+                "step(s), and model_output is the model at the weights the last of them left",
+                stacklevel=3,
             )
-        fT = self._query_outputs()
+        fT = self._query_outputs(self.w_last)
         if self.dp.active:
             contributions = self.dp.reduce_to_lead(self.contributions)
             moved = self.dp.reduce_to_lead(self.bias - self.f0)
@@ -474,6 +515,7 @@ class PathRecorder:
                 steps=self.steps,
                 quadrature=self.quadrature,
                 step_errors=list(self.step_errors),
+                note=note,
             )
         # with out= the machine shares the stores instead of copying them into RAM
         own = (lambda t: t) if self.out is not None else (lambda t: t.clone())
@@ -486,4 +528,5 @@ class PathRecorder:
             steps=self.steps,
             quadrature=self.quadrature,
             step_errors=list(self.step_errors),
+            note=note,
         )

@@ -7,10 +7,11 @@ features of a sample and cuts the output into tiles that fit the memory budget.
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -32,12 +33,14 @@ from .._checks import (
     resolve_dtype,
     run_model_once,
 )
+from .._fingerprint import callable_fingerprint, model_code, state_fingerprint, weights_fingerprint
 from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
+from .._storage.diskio import fmt_bytes
 from .._storage.sources import Source
 from .._storage.spill import FeatureSpill
 from .._storage.store import parse_bytes, resumed_tiling
 from .._timing import best_time
-from .collective import Collective, model_fingerprint
+from .collective import Collective
 
 
 @dataclass
@@ -62,10 +65,11 @@ class Job:
         outputs = (
             self.outputs
             if isinstance(self.outputs, (str, int))
-            else getattr(self.outputs, "__qualname__", repr(self.outputs))
+            else callable_fingerprint(self.outputs)
         )
         return {
-            "checkpoints": [_fingerprint_state(s, w) for s, w in zip(self.states, self.weights)],
+            "model": model_code(self.model_plan.model),
+            "checkpoints": [state_fingerprint(s, w) for s, w in zip(self.states, self.weights)],
             "train": self.cols.fingerprint(),
             "query": None if symmetric else self.rows.fingerprint(),
             "outputs": outputs,
@@ -151,22 +155,6 @@ class PathKernelPlan:
                 f"store {store:,.1f} s; costs measured on this model)",
             ]
         )
-
-
-def _fingerprint_state(state, lr) -> str:
-    h = hashlib.sha1(repr(float(lr)).encode())
-    for n in sorted(state):
-        t = state[n].detach().contiguous()
-        h.update(n.encode())
-        h.update(t.cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _block_bytes(b: Block) -> int:
@@ -317,19 +305,22 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
     costs = Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), 2e-5, 1e-10)
     if out is not None:  # fsyncs in the output's folder, after a small and a large write
         folder = os.path.dirname(os.path.abspath(os.fspath(out)))
-        if os.path.isdir(folder):
-            with tempfile.TemporaryFile(dir=folder) as f:
+        try:
+            if os.path.isdir(folder):
+                with tempfile.TemporaryFile(dir=folder) as f:
 
-                def sync(nbytes):
-                    f.seek(0)
-                    f.write(b"x" * nbytes)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    def sync(nbytes):
+                        f.seek(0)
+                        f.write(b"x" * nbytes)
+                        f.flush()
+                        os.fsync(f.fileno())
 
-                small = best_time(lambda: sync(4096), 3)
-                large = best_time(lambda: sync(1 << 22), 2)
-            costs.commit, costs.per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
-            costs.spill_write, costs.spill_read = _measure_spill(folder)
+                    small = best_time(lambda: sync(4096), 3)
+                    large = best_time(lambda: sync(1 << 22), 2)
+                costs.commit, costs.per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
+                costs.spill_write, costs.spill_read = _measure_spill(folder)
+        except OSError:  # a full or read-only disk: the run itself says so, naming the file
+            pass
     return costs
 
 
@@ -340,7 +331,11 @@ def _measure_spill(folder: str, nbytes: int = 1 << 23) -> Tuple[float, float]:
     spill = FeatureSpill(folder)
     try:
         keys = iter(range(1 << 30))
-        write = best_time(lambda: spill.put(next(keys), block), 3)
+        with warnings.catch_warnings():  # a full disk: the caller keeps the nominal costs
+            warnings.simplefilter("ignore")
+            write = best_time(lambda: spill.put(next(keys), block), 3)
+        if spill.full:
+            raise OSError(errno.ENOSPC, "no space for the scratch file")
         read = best_time(lambda: spill.get(0), 3)
     finally:
         spill.close()
@@ -561,7 +556,7 @@ def make_plan(
     if coll.active:
         coll.check_same(
             {
-                "model": model_fingerprint(model),
+                "model": weights_fingerprint(model),
                 **job.header(symmetric),
                 "memory_budget": budget,
                 "dtype": str(job.dtype),

@@ -71,6 +71,12 @@ def checkpoint_state(
             )
         t = normal_tensor(v.detach()).to(state[n].device)  # a host checkpoint for a GPU model
         t = t.to(dtype) if t.is_floating_point() else t
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            where = "" if isinstance(weights, dict) else f" ({os.fspath(weights)!r})"
+            raise ValueError(
+                f"checkpoints[{i}]{where}: '{n}' contains NaN or Inf "
+                f"({int((~torch.isfinite(t)).sum())} of {t.numel()} values)"
+            )
         state[n] = t.requires_grad_(state[n].requires_grad)
     return state
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
 from .._capture.blocks import Block, Factor
+from .diskio import SPACE_ERRNOS, fmt_bytes, pwrite_all, store_error
 
 _Tensor = Tuple[int, Tuple[int, ...], torch.dtype]  # offset, shape, dtype
 
@@ -27,7 +29,14 @@ class FeatureSpill:
     """Blocks of features by key, in a scratch file in ``folder``."""
 
     def __init__(self, folder: str):
-        self._file = tempfile.TemporaryFile(dir=folder, prefix=".pathkernel-features-")
+        self.folder = folder
+        self.full = False  # the disk filled up: nothing more is kept, the rest is recomputed
+        try:
+            self._file = tempfile.TemporaryFile(dir=folder, prefix=".pathkernel-features-")
+        except OSError as e:
+            raise store_error(
+                e, os.path.join(folder, ".pathkernel-features-*"), "creating"
+            ) from None
         self._fd = self._file.fileno()
         self._index: Dict[Hashable, Tuple[int, int, List[tuple]]] = {}
         self._end = 0
@@ -38,10 +47,32 @@ class FeatureSpill:
         return key in self._index
 
     def put(self, key: Hashable, block: Block) -> None:
-        entries = [
-            (k, f.beta, f.materialized, None if f.A is None else self._write(f.A), self._write(f.D))
-            for k, f in block.factors.items()
-        ]
+        """Keep ``block`` under ``key``; on a full disk, warn once and keep nothing more (the
+        caller recomputes what is not here, with the same result)."""
+        if self.full:
+            return
+        try:
+            entries = [
+                (
+                    k,
+                    f.beta,
+                    f.materialized,
+                    None if f.A is None else self._write(f.A),
+                    self._write(f.D),
+                )
+                for k, f in block.factors.items()
+            ]
+        except OSError as e:
+            if e.errno not in SPACE_ERRNOS:
+                raise store_error(e, self.folder, "keeping features in a scratch file in") from None
+            self.full = True
+            warnings.warn(
+                f"path_kernel: the disk of {self.folder!r} filled up after "
+                f"{fmt_bytes(self.bytes_written)} of features were kept there ({e.strerror}); "
+                "the rest are recomputed instead (slower, same result)",
+                stacklevel=2,
+            )
+            return
         self._index[key] = (block.n, block.C, entries)
 
     def get(self, key: Hashable) -> Optional[Block]:
@@ -62,10 +93,8 @@ class FeatureSpill:
     def _write(self, t: torch.Tensor) -> _Tensor:
         raw = _bytes(t.detach().to("cpu").contiguous())
         offset, view = self._end, memoryview(raw.numpy())
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], offset + done)
-        self._end += len(view)
+        self._end += len(view)  # even when the write fails: no later block overlaps it
+        pwrite_all(self._fd, view, offset)
         self.bytes_written += len(view)
         return offset, tuple(t.shape), t.dtype
 

@@ -1,13 +1,14 @@
 """Where a path kernel's tiles go: RAM, or a ``.npy`` file with journals for resume.
 
-The file is a plain ``.npy`` (``np.load(path, mmap_mode="r")`` reads it). Tiles are written
-with ``pwrite`` at their offsets, so the file's pages never count against the process's
-memory, then fsync'ed; only then are they appended to a journal. Rank 0 (or a single
-process) creates and sizes the file and writes the run's header as the first line of
-``<path>.journal`` and its records after it; rank r > 0 appends its records to
-``<path>.journal.<r>``. Resuming reads every journal, so a run killed at any moment (on any
-rank) is finished by the same call with any number of ranks; a tile in no journal, or in a
-torn last line, is recomputed.
+The file is a plain ``.npy`` (``np.load(path, mmap_mode="r")`` reads it). Rank 0 (or a single
+process) takes the output's lock (``lock.py``), creates the file, claims its space and writes
+the run's header (the fingerprint of the problem) as the first line of ``<path>.journal``.
+Tiles are written with checked ``pwrite``s at their offsets (the file's pages never count
+against the process's memory), then fsync'ed; only then is the band appended to a journal,
+with the CRC-32 of every write: rank 0 to ``<path>.journal``, rank r > 0 to
+``<path>.journal.<r>``. Resuming reads every journal and keeps the tiles whose bytes still
+match, so a run killed at any moment (on any rank) is finished by the same call with any
+number of ranks; a tile in no journal, in a torn last line or with other bytes is recomputed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import os
 import queue
 import re
 import threading
+import warnings
+import zlib
 from typing import Callable, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
 
-JOURNAL_VERSION = 1
+from .diskio import SPACE_ERRNOS, pwrite_all, store_error, unallocated_bytes
+from .lock import OutputLock
+
+JOURNAL_VERSION = 2
 
 
 class MemoryStore:
@@ -52,6 +58,9 @@ class MemoryStore:
     def commit(self, keys) -> None:
         self.done.update(tuple(k) for k in keys)
 
+    def verified_done(self) -> Set[Tuple[int, int]]:
+        return self.done
+
     def result(self):
         return self.tensor
 
@@ -60,7 +69,12 @@ class MemoryStore:
 
 
 class FileStore:
-    """A ``.npy`` file of ``shape`` written tile by tile, with journals of completed tiles."""
+    """A ``.npy`` file of ``shape`` written tile by tile, with journals of completed tiles.
+
+    Rank 0 (``create``) holds the output's lock (``lock.py``) from before it looks at the file
+    until ``close``. Every write is checked (``diskio.pwrite_all``) and its CRC-32 recorded;
+    a band of tiles is journaled, with those checksums, only after its bytes are synced, and
+    ``verified_done`` accepts a journaled tile only if the file still holds those bytes."""
 
     def __init__(
         self,
@@ -89,18 +103,28 @@ class FileStore:
             "dtype": self.np_dtype.str,
             **fingerprint,
         }
-        if create:  # rank 0: a new run, or the check that the existing one is this problem
-            if resume and os.path.exists(self.path) and os.path.exists(self.journal_path):
-                self._check_header()
+        self.lock = OutputLock(self.path) if create else None
+        self.fd = self.journal_fd = -1
+        try:
+            if create:  # rank 0: a new run, or the check that the existing one is this problem
+                if resume and os.path.exists(self.path) and os.path.exists(self.journal_path):
+                    self._check_header()
+                else:
+                    self._create()
             else:
-                self._create()
-        else:
-            self._check_header()
-        self.offset = self._data_offset()
-        self.done: Set[Tuple[int, int]] = self.read_done()
-        self.fd = os.open(self.path, os.O_RDWR)
-        own = self.journal_path if rank == 0 else f"{self.journal_path}.{rank}"
-        self.journal = open(own, "a")
+                self._check_header()
+            self.offset = self._data_offset()
+            self.fd = os.open(self.path, os.O_RDWR)
+            own = self.journal_path if rank == 0 else f"{self.journal_path}.{rank}"
+            self.journal_path_own = own
+            self.journal_fd = os.open(own, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if os.fstat(self.journal_fd).st_size and not _ends_with_newline(own):
+                self._append(b"\n")  # after a torn last record: the next one on its own line
+        except BaseException:
+            self.close()
+            raise
+        self.pending: List[list] = []  # [row, column, rows, columns, crc32] of each write
+        self.done: Set[Tuple[int, int]] = set()
 
     def _journals(self) -> List[str]:
         return [self.journal_path] + sorted(glob.glob(glob.escape(self.journal_path) + ".*"))
@@ -109,7 +133,9 @@ class FileStore:
         try:
             with open(self.journal_path) as f:
                 old = json.loads(f.readline())
-        except (OSError, json.JSONDecodeError):
+            if not isinstance(old, dict):
+                raise ValueError
+        except (OSError, ValueError):
             raise ValueError(
                 f"out: the journal {self.journal_path!r} is unreadable; delete it and "
                 "the store to start over, or pass resume=False"
@@ -117,14 +143,14 @@ class FileStore:
         diff = [k for k in sorted(set(old) | set(self.header)) if old.get(k) != self.header.get(k)]
         if diff:
             raise ValueError(
-                f"out: {self.path!r} holds a run with other arguments (differs in: "
-                f"{', '.join(diff)}); nothing was overwritten. Pass another out= path, or "
-                "resume=False to start over"
+                f"out: {self.path!r} holds a run with other arguments (it differs in "
+                f"{'; '.join(_CHANGED.get(k, k) for k in diff)}); nothing was overwritten. Pass "
+                "another out= path, or resume=False to start over"
             )
 
-    def read_done(self) -> Set[Tuple[int, int]]:
-        """The tiles recorded in every rank's journal (torn lines are ignored)."""
-        done = set()
+    def records(self) -> List[Tuple[List[Tuple[int, int]], List[list]]]:
+        """(tiles, regions) of every band in every rank's journal (torn lines are ignored)."""
+        out = []
         for path in self._journals():
             try:
                 with open(path) as f:
@@ -134,22 +160,68 @@ class FileStore:
             for line in lines[1 if path == self.journal_path else 0 :]:
                 try:
                     rec = json.loads(line)
-                    done.add((int(rec["tile"][0]), int(rec["tile"][1])))
+                    tiles = [(int(t[0]), int(t[1])) for t in rec["tiles"]]
+                    regions = [[int(v) for v in r] for r in rec["regions"]]
+                    if any(len(r) != 5 for r in regions):
+                        continue
                 except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
-                    continue  # a torn last line: that tile is simply recomputed
+                    continue  # a torn last line: those tiles are simply recomputed
+                out.append((tiles, regions))
+        return out
+
+    def verified_done(self) -> Set[Tuple[int, int]]:
+        """The journaled tiles whose bytes in the file match their recorded checksums; the
+        others are recomputed (with a warning)."""
+        done: Set[Tuple[int, int]] = set()
+        bad: Set[Tuple[int, int]] = set()
+        records = self.records()
+        if records:
+            arr = np.load(self.path, mmap_mode="r")
+            for tiles, regions in records:
+                if all(_crc(arr[r : r + h, c : c + w]) == crc for r, c, h, w, crc in regions):
+                    done.update(tiles)
+                else:
+                    bad.update(tiles)
+            del arr
+        if bad - done:
+            warnings.warn(
+                f"out: {len(bad - done)} journaled tile(s) of {self.path!r} no longer hold the "
+                "bytes that were written (the file was changed after the run wrote it?); they "
+                "are computed again",
+                stacklevel=4,
+            )
+        self.done = done
         return done
 
     def _create(self) -> None:
         for old in glob.glob(glob.escape(self.journal_path) + ".*"):
             os.remove(old)  # other ranks' records of an earlier run
-        arr = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.np_dtype, shape=self.shape)
-        del arr
-        with open(self.path, "rb+") as f:
-            os.fsync(f.fileno())
-        with open(self.journal_path, "w") as f:
-            f.write(json.dumps(self.header) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        for old in (self.journal_path, self.path):
+            if os.path.exists(old):
+                os.remove(old)  # the journal first: never a journal over a foreign file
+        try:
+            arr = np.lib.format.open_memmap(
+                self.path, mode="w+", dtype=self.np_dtype, shape=self.shape
+            )
+            del arr
+            with open(self.path, "rb+") as f:
+                size = os.fstat(f.fileno()).st_size
+                try:  # claim the space now: a full disk then fails here, not mid-run
+                    os.posix_fallocate(f.fileno(), 0, size)
+                except OSError as e:
+                    if e.errno in SPACE_ERRNOS:
+                        raise
+                os.fsync(f.fileno())
+            with open(self.journal_path, "w") as f:
+                f.write(json.dumps(self.header) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            need = int(np.prod(self.shape)) * self.np_dtype.itemsize
+            for p in (self.journal_path, self.path):
+                if os.path.exists(p):
+                    os.remove(p)
+            raise store_error(e, self.path, "creating", need) from None
 
     def _data_offset(self) -> int:
         arr = np.load(self.path, mmap_mode="r")
@@ -166,23 +238,73 @@ class FileStore:
         a = np.ascontiguousarray(tile.numpy().astype(self.np_dtype, copy=False))
         row = int(np.prod(self.shape[1:])) * self.np_dtype.itemsize
         inner = int(np.prod(self.shape[2:])) * self.np_dtype.itemsize
-        for r in range(a.shape[0]):
-            os.pwrite(self.fd, a[r].tobytes(), self.offset + (i0 + r) * row + j0 * inner)
+        try:
+            if j0 == 0 and a.shape[1] == self.shape[1]:  # whole rows: one write
+                pwrite_all(self.fd, a, self.offset + i0 * row)
+            else:
+                for r in range(a.shape[0]):
+                    pwrite_all(self.fd, a[r], self.offset + (i0 + r) * row + j0 * inner)
+        except OSError as e:
+            raise store_error(
+                e, self.path, "writing tiles to", unallocated_bytes(self.path)
+            ) from None
+        self.pending.append([i0, j0, a.shape[0], a.shape[1], _crc(a)])
 
     def commit(self, keys) -> None:
-        """Make the tiles written so far durable, then record ``keys`` as done."""
-        os.fsync(self.fd)
-        self.journal.write("".join(json.dumps({"tile": list(k)}) + "\n" for k in keys))
-        self.journal.flush()
-        os.fsync(self.journal.fileno())
+        """Make the tiles written so far durable, then record ``keys`` (and the checksums of
+        their writes) as done."""
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise store_error(e, self.path, "syncing") from None
+        rec = {"tiles": [list(k) for k in keys], "regions": self.pending}
+        self._append((json.dumps(rec) + "\n").encode())
+        self.pending = []
         self.done.update(tuple(k) for k in keys)
+
+    def _append(self, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while len(view):
+                view = view[os.write(self.journal_fd, view) :]
+            os.fsync(self.journal_fd)
+        except OSError as e:
+            raise store_error(e, self.journal_path_own, "journaling tiles in", 1 << 20) from None
 
     def result(self):
         return self.path
 
     def close(self):
-        os.close(self.fd)
-        self.journal.close()
+        for fd in (self.fd, self.journal_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.journal_fd = -1
+        if self.lock is not None:
+            self.lock.release()
+
+
+# what a journal header's keys stand for, in the message that refuses to resume
+_CHANGED = {
+    "version": "the journal's format (written by another pathkernel version)",
+    "shape": "the kernel's shape",
+    "dtype": "dtype",
+    "model": "the model (its classes, structure, parameters or forward code)",
+    "outputs": "outputs (the mode, or the callable's code or captured values)",
+    "checkpoints": "the checkpoints or their weights",
+    "train": "the train data",
+    "query": "the query data",
+    "tiles": "the tiling",
+}
+
+
+def _crc(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import re
 import sys
 
 import numpy as np
@@ -26,7 +27,7 @@ def add_parsers(sub) -> None:
         "--checkpoints",
         required=True,
         nargs="+",
-        help="saved state_dicts: paths or glob patterns (sorted)",
+        help="saved state_dicts: paths or glob patterns (natural order: ckpt_2 before ckpt_10)",
     )
     p.add_argument(
         "--weights",
@@ -77,6 +78,19 @@ def load_model(spec: str, device: str) -> torch.nn.Module:
     return model.eval().to(device)
 
 
+def natural_key(path: str):
+    """``ckpt_2`` before ``ckpt_10``: digit runs compare as numbers."""
+    return [(0, int(t), t) if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path)]
+
+
+def checkpoint_paths(patterns) -> list:
+    """Each pattern's matches in natural order (patterns in the order given); a pattern that
+    matches nothing is taken as a path."""
+    return [
+        p for pattern in patterns for p in sorted(glob.glob(pattern), key=natural_key) or [pattern]
+    ]
+
+
 def _device(name: str) -> str:
     if name == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -110,7 +124,7 @@ def run(args) -> int:
         init_process_group("nccl" if device.startswith("cuda") else "gloo")
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, device).to(dtype)
-    paths = sorted(p for pattern in args.checkpoints for p in (glob.glob(pattern) or [pattern]))
+    paths = checkpoint_paths(args.checkpoints)
     weights = args.weights or [1.0]
     if len(weights) == 1:
         weights = weights * len(paths)
@@ -118,6 +132,10 @@ def run(args) -> int:
         raise SystemExit(
             f"--weights: expected 1 or {len(paths)} values (one per checkpoint), got {len(weights)}"
         )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("checkpoint -> weight:", file=sys.stderr)
+        for path, w in zip(paths, weights):
+            print(f"  {path} -> {w:g}", file=sys.stderr)
     X = _inputs(args.train)
     Xq = None if args.query is None else _inputs(args.query)
     out = path_kernel(
