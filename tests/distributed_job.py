@@ -36,6 +36,16 @@ def problem(symmetric: bool):
     return model, ck, X, Xq
 
 
+def targets_problem(model, ck, X, Xq):
+    """The problem in float64, for loss-gradient kernels."""
+    ck = [({k: v.double() for k, v in w.items()}, lr) for w, lr in ck]
+    return model.double(), ck, X.double(), None if Xq is None else Xq.double()
+
+
+def labels(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(10 + seed))
+
+
 def init():
     if "RANK" in os.environ:
         from pathkernel.cli.distributed import init_process_group
@@ -204,6 +214,11 @@ def main():
     kw = dict(
         memory_budget=budget, progress=False, outputs="full" if "full" in scenario else "trace"
     )
+    if "targets" in scenario:  # loss-gradient kernels in float64
+        model, ck, X, Xq = targets_problem(model, ck, X, Xq)
+        Y, Yq = labels(X.shape[0], 0), None if Xq is None else labels(Xq.shape[0], 1)
+        kw.update(outputs=pk.losses.cross_entropy, dtype=torch.float64)
+        kw["targets"] = Y if Xq is None else (Y, Yq)
     if "spill" in scenario:  # costs under which the plan keeps features in a scratch file
         from pathkernel._drivers import tiling
 
@@ -255,6 +270,13 @@ def main():
                 f.write(str(e))
     elif scenario == "tangent":
         K = pk.tangent_kernel(model, X[:40], X[40:71], outputs="full")
+        if rank == 0:
+            np.save(os.path.join(out_dir, "k.npy"), K.numpy())
+    elif scenario == "tangent-targets":
+        y = kw["targets"]
+        K = pk.tangent_kernel(
+            model, X[:40], X[40:71], outputs=kw["outputs"], targets=(y[:40], y[40:71])
+        )
         if rank == 0:
             np.save(os.path.join(out_dir, "k.npy"), K.numpy())
     finish()

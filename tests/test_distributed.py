@@ -110,6 +110,34 @@ def test_tangent_kernel_on_two_ranks(tmp_path):
     assert np.abs(a - b).max() <= TOL["gram", torch.float32] * np.abs(a).max()
 
 
+@pytest.mark.parametrize("scenario", ["file-targets", "file-query-targets", "tangent-targets"])
+def test_loss_gradient_kernels_on_two_ranks(scenario, tmp_path):
+    """Kernels of per-example cross-entropy gradients: two ranks byte-identical to one
+    process, and both equal to the float64 per-example autograd reference."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import pathkernel as pk
+    from distributed_job import labels, problem, targets_problem
+    from reference import assert_close
+    from test_targets import loss_grads
+
+    run(scenario, tmp_path / "one")
+    run(scenario, tmp_path / "two", ranks=2)
+    assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
+    model, ck, X, Xq = targets_problem(*problem("query" not in scenario))
+    Y = labels(X.shape[0], 0)
+    ce = pk.losses.cross_entropy
+    if scenario == "tangent-targets":
+        G1, G2 = loss_grads(model, X[:40], Y[:40], ce), loss_grads(model, X[40:71], Y[40:71], ce)
+        ref = G1 @ G2.T
+    else:
+        rows, yr = (X, Y) if Xq is None else (Xq, labels(Xq.shape[0], 1))
+        ref = 0
+        for w, lr in ck:
+            model.load_state_dict(w)
+            ref = ref + lr * loss_grads(model, rows, yr, ce) @ loss_grads(model, X, Y, ce).T
+    assert_close(np.load(tmp_path / "two" / "k.npy"), ref, torch.float64)
+
+
 def test_command_line_under_torchrun(tmp_path):
     """`torchrun -m pathkernel path-kernel` with a model factory, saved checkpoints and .npy
     inputs equals the same command in one process; `pathkernel describe` reads the factory."""

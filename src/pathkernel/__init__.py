@@ -6,9 +6,11 @@ native core that accumulates factored per-layer Grams in tiles.
 Layout: ``_capture`` (per-example features: rules, model plan, capture, blocks, probe),
 ``_drivers`` (the entry points: tangent kernel, checkpoint path kernel, recorder and kernel
 machine), ``_storage`` (stores, sources, checkpoints), ``_backend`` (the one door to the
-native modules), ``cli`` and ``bench`` (apart from the core; nothing in it imports them).
+native modules), ``losses`` (per-example losses for ``targets=``), ``cli`` and ``bench``
+(apart from the core; nothing in it imports them).
 """
 
+from . import losses
 from ._backend import __version__
 from ._backend import info as backend_info
 from ._capture.describe import Description, describe
@@ -25,6 +27,7 @@ __all__ = [
     "Description",
     "KernelMachine",
     "describe",
+    "losses",
     "PathKernelPlan",
     "PathRecorder",
     "path_kernel",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,46 @@ def as_inputs(x, name: str) -> Tuple[torch.Tensor, ...]:
     if xs[0].shape[0] == 0:
         raise ValueError(f"{name}: empty batch (0 examples)")
     return xs
+
+
+def split_targets(targets, pair: bool, names: Tuple[str, str]):
+    """``targets=`` as (first side's, second side's): one array where the call has one side
+    (``names[1]`` not given), a pair where it has two."""
+    if targets is None:
+        return None, None
+    seq = isinstance(targets, (tuple, list))
+    if pair:
+        if not (seq and len(targets) == 2):
+            raise ValueError(
+                f"targets: with {names[1]}=, expected a pair ({names[0]}'s targets, "
+                f"{names[1]}'s targets), got {type(targets).__name__}"
+            )
+        return targets[0], targets[1]
+    if seq:
+        raise ValueError(
+            f"targets: without {names[1]}=, expected one tensor or array ({names[0]}'s "
+            f"targets), got a {type(targets).__name__} of {len(targets)}"
+        )
+    return targets, None
+
+
+def as_targets(y, n: int, name: str, device: torch.device) -> torch.Tensor:
+    """Per-example targets: a tensor or numpy array, one row per example, finite."""
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(np.array(y))
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(
+            f"{name}: expected a tensor or numpy array of per-example targets (batch first), "
+            f"got {type(y).__name__}"
+        )
+    if y.dim() == 0 or y.shape[0] != n:
+        raise ValueError(
+            f"{name}: expected one target per example ({n}, batch first), got shape "
+            f"{tuple(y.shape)}"
+        )
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return normal_tensor(y).to(device)
 
 
 def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:

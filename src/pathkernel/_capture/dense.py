@@ -43,9 +43,11 @@ def dense_jacobian(
     plan: ModelPlan,
     state: Dict[str, torch.Tensor],
     x: tuple,
-    rows: Callable[[torch.Tensor], torch.Tensor],
+    rows: Callable[..., torch.Tensor],
+    ys: tuple = (),
 ) -> torch.Tensor:
-    """``[n, C, P_dense]`` per-example Jacobians of ``rows(model(x))`` w.r.t. the dense params."""
+    """``[n, C, P_dense]`` per-example Jacobians of ``rows(model(x), ys)`` w.r.t. the dense
+    params (``ys``: the block's targets, batch first, sliced per example like the inputs)."""
     names = plan.dense
     fixed = {k: v.detach() for k, v in state.items() if k not in names}
     dense = {k: state[k].detach() for k in names}
@@ -53,7 +55,7 @@ def dense_jacobian(
     err = None
     for method in _METHODS[start:]:
         try:
-            jac = _JACOBIAN[method](plan.model, fixed, dense, x, rows)
+            jac = _JACOBIAN[method](plan.model, fixed, dense, x, ys, rows)
         except RuntimeError as e:  # no batching rule, an in-place op under vmap, ...
             err = e
             continue
@@ -63,31 +65,37 @@ def dense_jacobian(
     raise err
 
 
-def _single(model, fixed, rows):
+def _single(model, fixed, rows, k):
+    """One example's rows: ``xs`` holds its ``k`` inputs, then its targets."""
+
     def f(dp, *xs):
-        out = functional_call(model, {**fixed, **dp}, tuple(t.unsqueeze(0) for t in xs))
-        return rows(out)[0]
+        one = tuple(t.unsqueeze(0) for t in xs)
+        out = functional_call(model, {**fixed, **dp}, one[:k])
+        return rows(out, one[k:])[0]
 
     return f
 
 
-def _by_vmap(model, fixed, dense, x, rows):
+def _by_vmap(model, fixed, dense, x, ys, rows):
+    xs = x + ys
     with math_attention():
-        return vmap(jacrev(_single(model, fixed, rows)), in_dims=(None,) + (0,) * len(x))(dense, *x)
+        f = jacrev(_single(model, fixed, rows, len(x)))
+        return vmap(f, in_dims=(None,) + (0,) * len(xs))(dense, *xs)
 
 
-def _by_loop(model, fixed, dense, x, rows):
-    f = jacrev(_single(model, fixed, rows))
-    per = [f(dense, *(t[i] for t in x)) for i in range(x[0].shape[0])]
+def _by_loop(model, fixed, dense, x, ys, rows):
+    f = jacrev(_single(model, fixed, rows, len(x)))
+    per = [f(dense, *(t[i] for t in x + ys)) for i in range(x[0].shape[0])]
     return {k: torch.stack([p[k] for p in per]) for k in dense}
 
 
-def _by_autograd(model, fixed, dense, x, rows):
+def _by_autograd(model, fixed, dense, x, ys, rows):
     out = {k: [] for k in dense}
     for i in range(x[0].shape[0]):
         dp = {k: v.detach().requires_grad_(True) for k, v in dense.items()}
         with torch.enable_grad():
-            o = rows(functional_call(model, {**fixed, **dp}, tuple(t[i : i + 1] for t in x)))[0]
+            o = functional_call(model, {**fixed, **dp}, tuple(t[i : i + 1] for t in x))
+            o = rows(o, tuple(t[i : i + 1] for t in ys))[0]
             per = [
                 torch.autograd.grad(
                     o[c], list(dp.values()), retain_graph=c < o.shape[0] - 1, allow_unused=True

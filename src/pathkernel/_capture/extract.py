@@ -155,9 +155,15 @@ def extract(
     x: tuple,
     channels: Optional[slice] = None,
 ) -> Block:
-    """Features of one block of examples (``channels``: a slice of the output channels)."""
+    """Features of one block of examples (``channels``: a slice of the output channels);
+    ``x`` ends with the targets where ``spec`` has them."""
     n = x[0].shape[0]
-    rows = spec.rows if channels is None else (lambda o: spec.rows(o)[:, channels])
+    x, ys = spec.split(x)
+
+    def rows(o, ys=ys):
+        f = spec.rows(o, ys)
+        return f if channels is None else f[:, channels]
+
     factors: Dict[int, Factor] = {}
     C = None
     if plan.groups:
@@ -177,7 +183,7 @@ def extract(
             plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n, spec.stacked
         )
     if plan.dense:
-        G = dense_jacobian(plan, state, x, rows)
+        G = dense_jacobian(plan, state, x, rows, ys)
         C = G.shape[1]
         factors[DENSE] = Factor(None, G.unsqueeze(1), 0.0, True)
     return Block(n, C, factors)
@@ -217,6 +223,7 @@ def channel_chunks(
     (trace only: it sums over channels; other modes keep every channel at once)."""
     if not spec.stacked:
         return [None]
+    x, _ = spec.split(x)
     state = model_state(plan, dtype)
     one = cast_inputs(tuple(t[:1] for t in x), dtype)
     # per example and channel: the output gradients of every use, and the larger of the
@@ -283,7 +290,7 @@ def block_from_recorded(
     ]
     block = Block(n, 1, group_factors(plan, items, n))
     if plan.dense:
-        J = dense_jacobian(plan, state, x, lambda o: o.reshape(o.shape[0], -1))
+        J = dense_jacobian(plan, state, x, lambda o, _: o.reshape(o.shape[0], -1))
         G = torch.einsum("nc,ncp->np", cotangent.reshape(n, -1).to(J.dtype), J)
         block.factors[DENSE] = Factor(None, G[:, None, None, :], 0.0, True)
     return block

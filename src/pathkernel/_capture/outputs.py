@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable, Tuple, Union
 
 import torch
 
-OutputsArg = Union[str, int, Callable[[torch.Tensor], torch.Tensor]]
+OutputsArg = Union[str, int, Callable[..., torch.Tensor]]
 
 
 class OutputSpec:
@@ -14,9 +14,20 @@ class OutputSpec:
 
     ``stacked`` (trace) sums the C channels inside the kernel: the C output cotangents are
     stacked along the feature dimension, so the kernel has one channel.
+
+    With ``targets``, every block of examples carries its targets as the last tensor of its
+    tuple (so slicing, streaming and vmapping treat them like inputs); ``split`` separates
+    them again and the callable gets ``(output, target)``.
     """
 
-    def __init__(self, outputs: OutputsArg):
+    def __init__(self, outputs: OutputsArg, targets: bool = False):
+        self.targets = targets
+        if targets and (isinstance(outputs, (str, int)) or not callable(outputs)):
+            raise ValueError(
+                "outputs: with targets=, expected a callable (output, target) -> one scalar "
+                "per example, e.g. pathkernel.losses.cross_entropy, mse or margin; "
+                f"got {outputs!r}"
+            )
         if isinstance(outputs, bool) or not (
             outputs in ("trace", "full")
             if isinstance(outputs, str)
@@ -30,15 +41,19 @@ class OutputSpec:
         self.stacked = outputs == "trace"
         self.full = outputs == "full"
 
-    def rows(self, out: torch.Tensor) -> torch.Tensor:
-        """``[n, C]`` from the model output (batch first)."""
+    def split(self, x: tuple) -> Tuple[tuple, tuple]:
+        """(model inputs, targets) of a block of examples."""
+        return (x[:-1], x[-1:]) if self.targets else (x, ())
+
+    def rows(self, out: torch.Tensor, targets: tuple = ()) -> torch.Tensor:
+        """``[n, C]`` from the model output (batch first) and the block's targets."""
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"model: expected the model to return a tensor, got {type(out).__name__}"
             )
         n = out.shape[0] if out.dim() > 0 else 0
         if callable(self.outputs) and not isinstance(self.outputs, str):
-            h = self.outputs(out)
+            h = self.outputs(out, *targets)
             if not isinstance(h, torch.Tensor) or h.reshape(-1).shape[0] != n:
                 got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
                 raise ValueError(

@@ -43,6 +43,7 @@ def path_kernel(
     query=None,
     *,
     outputs: OutputsArg = "trace",
+    targets=None,
     out=None,
     memory_budget="2GB",
     dtype: torch.dtype = torch.float32,
@@ -63,6 +64,11 @@ def path_kernel(
             Dataset whose items are model inputs (``collate`` batches them).
         query: query inputs (rows); ``None`` computes train x train with symmetric halves.
         outputs: ``"trace"``, ``"full"``, an int, or a callable (as in ``tangent_kernel``).
+        targets: per-example targets, batch first, tensors or numpy arrays (memory-mapped
+            ``.npy`` too): ``Y_train``, or ``(Y_train, Y_query)`` with ``query``. The kernel is
+            then that of the per-example losses ``outputs(f(x), y)`` (``outputs`` a callable
+            such as ``pathkernel.losses.cross_entropy``): with the learning rates as weights,
+            TracInCP's scores.
         out: ``None`` returns a tensor (if it fits half the budget); a ``.npy`` path writes the
             kernel to that file (read it with ``np.load(path, mmap_mode="r")``) and returns
             the path.
@@ -105,6 +111,7 @@ def path_kernel(
         collate,
         measure=False,
         spill=spill,
+        targets=targets,
     )
     return run_plan(p, resume=resume, progress=progress)
 

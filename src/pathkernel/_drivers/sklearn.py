@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .._checks import split_targets
 from .path_kernel import path_kernel
 
 
@@ -17,8 +18,9 @@ def sklearn_kernels(
     Returns ``(K_fit, K_predict)``: ``K_fit [N, N]`` (train x train) for ``fit`` and
     ``K_predict [M, N]`` (query x train) for ``predict``/``decision_function``, or None when
     ``X_query`` is None. Keyword arguments go to ``path_kernel`` (``outputs`` must give a
-    scalar kernel: ``"trace"``, an int or a callable; ``group``: a collective call whose rank
-    0 gets the arrays and the other ranks ``(None, None)``).
+    scalar kernel: ``"trace"``, an int or a callable; ``targets``: ``Y_train``, or
+    ``(Y_train, Y_query)`` with ``X_query``, for kernels of per-example losses; ``group``: a
+    collective call whose rank 0 gets the arrays and the other ranks ``(None, None)``).
 
     Example::
 
@@ -36,10 +38,13 @@ def sklearn_kernels(
             "orientation to write them to disk"
         )
     kwargs.setdefault("progress", False)
-    K_fit = _numpy(path_kernel(model, checkpoints, X_train, None, **kwargs))
+    targets = kwargs.pop("targets", None)
+    y_train, y_query = split_targets(targets, X_query is not None, ("X_train", "X_query"))
+    K_fit = _numpy(path_kernel(model, checkpoints, X_train, None, targets=y_train, **kwargs))
     K_pred = None
     if X_query is not None:
-        K_pred = _numpy(path_kernel(model, checkpoints, X_train, X_query, **kwargs))
+        pair = None if targets is None else (y_train, y_query)
+        K_pred = _numpy(path_kernel(model, checkpoints, X_train, X_query, targets=pair, **kwargs))
     return K_fit, K_pred
 
 

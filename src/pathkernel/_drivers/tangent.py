@@ -15,19 +15,25 @@ from .._capture.plan import ModelPlan, check_model
 from .._capture.probe import probe
 from .._checks import (
     as_inputs,
+    as_targets,
     check_batch_size,
     check_inputs_match,
     check_same_features,
     resolve_dtype,
     run_model_once,
+    split_targets,
 )
 from .collective import Collective
 
 
-def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype, batch_size):
-    """Validate everything, build and probe the plan. Returns (plan, spec, dtype, x1, x2)."""
+def prepare(
+    model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype, batch_size, targets
+):
+    """Validate everything, build and probe the plan. Returns (plan, spec, dtype, x1, x2),
+    the inputs followed by their targets where ``targets`` is given."""
     check_model(model)
-    spec = OutputSpec(outputs)
+    spec = OutputSpec(outputs, targets is not None)
+    y1, y2 = split_targets(targets, x2 is not None, ("x1", "x2"))
     check_batch_size(batch_size)
     x1 = as_inputs(x1, "x1")
     check_inputs_match(model, x1, "x1")
@@ -43,6 +49,10 @@ def prepare(model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, 
     probe(plan, x1)
     if x2 is not None:
         probe(plan, x2)
+    if targets is not None:
+        x1 = x1 + (as_targets(y1, x1[0].shape[0], "targets (x1)", x1[0].device),)
+        if x2 is not None:
+            x2 = x2 + (as_targets(y2, x2[0].shape[0], "targets (x2)", x2[0].device),)
     return plan, spec, dtype, x1, x2
 
 
@@ -53,6 +63,7 @@ def tangent_kernel(
     x2=None,
     *,
     outputs: OutputsArg = "trace",
+    targets=None,
     implementation: str = "auto",
     dtype: Optional[torch.dtype] = None,
     batch_size: Optional[int] = None,
@@ -65,7 +76,11 @@ def tangent_kernel(
         x1: inputs, a tensor or a tuple of tensors, batch first (integer tokens allowed).
         x2: second inputs; ``None`` means ``x1`` against itself (symmetric, half the work).
         outputs: ``"trace"`` (sum over outputs), ``"full"`` (the C x C block), an int (one
-            output), or a callable mapping the model output to one scalar per example.
+            output), or a callable mapping the model output to one scalar per example (with
+            ``targets``: a callable ``(output, target)``, e.g. ``pathkernel.losses.cross_entropy``).
+        targets: per-example targets, batch first (``y1``, or ``(y1, y2)`` with ``x2``): the
+            kernel is then that of the per-example losses ``outputs(f(x), y)``, i.e. of their
+            parameter gradients (TracIn's, TRAK's features).
         implementation: ``"factored"`` (per-layer factors of Linear/Conv/Embedding only),
             ``"dense"`` (per-example Jacobians with torch.func), or ``"auto"`` (factored where
             a rule exists, dense for every other parameter).
@@ -80,8 +95,10 @@ def tangent_kernel(
     """
     coll = Collective(group, "tangent_kernel")
     if coll.active:
-        return _collective(coll, model, x1, x2, outputs, implementation, dtype, batch_size)
-    plan, spec, dtype, x1, x2 = prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
+        return _collective(coll, model, x1, x2, outputs, implementation, dtype, batch_size, targets)
+    plan, spec, dtype, x1, x2 = prepare(
+        model, x1, x2, outputs, implementation, dtype, batch_size, targets
+    )
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
     out = None
@@ -93,15 +110,21 @@ def tangent_kernel(
     return spec.finish(out)
 
 
-def _collective(coll: Collective, model, x1, x2, outputs, implementation, dtype, batch_size):
+def _collective(
+    coll: Collective, model, x1, x2, outputs, implementation, dtype, batch_size, targets
+):
     """The tangent kernel as the one-checkpoint path kernel of the current weights, its row
     blocks split among the ranks."""
     from .path_kernel import run_plan
     from .tiling import make_plan
 
     _, spec, dtype, x1, x2 = coll.agree(
-        lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size)
+        lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size, targets)
     )
+    x1, y1 = spec.split(x1)
+    x2, y2 = (None, ()) if x2 is None else spec.split(x2)
+    # path_kernel's order: train (x2, or x1 alone), then query (x1)
+    path_targets = None if targets is None else y1[0] if x2 is None else (y2[0], y1[0])
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
     C = 1
@@ -124,5 +147,6 @@ def _collective(coll: Collective, model, x1, x2, outputs, implementation, dtype,
         None,
         implementation,
         measure=False,
+        targets=path_targets,
     )
     return run_plan(p, resume=False, progress=False)

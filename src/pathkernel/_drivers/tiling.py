@@ -13,7 +13,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,15 +28,17 @@ from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
 from .._checks import (
     as_inputs,
+    as_targets,
     check_inputs_match,
     check_same_features,
     resolve_dtype,
     run_model_once,
+    split_targets,
 )
 from .._fingerprint import callable_fingerprint, model_code, state_fingerprint, weights_fingerprint
 from .._storage.checkpoints import allocated_bytes, check_checkpoints, checkpoint_state
 from .._storage.diskio import fmt_bytes
-from .._storage.sources import Source
+from .._storage.sources import Source, WithTargets, source
 from .._storage.spill import FeatureSpill
 from .._storage.store import parse_bytes, resumed_tiling
 from .._timing import best_time
@@ -50,8 +52,8 @@ class Job:
     model_plan: ModelPlan
     spec: OutputSpec
     dtype: torch.dtype
-    rows: Source
-    cols: Source
+    rows: Union[Source, WithTargets]
+    cols: Union[Source, WithTargets]
     states: list  # functional_call states, one per checkpoint
     weights: List[float]  # each checkpoint's weight (learning rate)
     out: Optional[str]
@@ -178,30 +180,44 @@ def _pair_flops(b: Block, stacked: bool) -> float:
 
 
 def _job(
-    model, checkpoints, train, query, outputs, out, dtype, collate, implementation="auto"
+    model,
+    checkpoints,
+    train,
+    query,
+    outputs,
+    out,
+    dtype,
+    collate,
+    implementation="auto",
+    targets=None,
 ) -> Tuple[Job, tuple, Block]:
-    """Validate the arguments, probe the model, load the checkpoints; also returns the
-    features of a sample block (for the memory model)."""
+    """Validate the arguments, probe the model, load the checkpoints; also returns a sample
+    block of examples (the row side's, with its targets) and its features (for the memory
+    model)."""
     check_model(model)
     ckpts = check_checkpoints(checkpoints)
-    spec = OutputSpec(outputs)
+    spec = OutputSpec(outputs, targets is not None)
+    y_train, y_query = split_targets(targets, query is not None, ("train", "query"))
     dtype = resolve_dtype(dtype, model)
     like = next((p for p in model.parameters() if p.is_floating_point()), None)
-    cols = Source(train, "train", collate, like)
-    rows = cols if query is None else Source(query, "query", collate, like)
-    sample_rows = as_inputs(rows.get(0, min(64, rows.n)), rows.name)
+    cols = source(train, "train", collate, like, y_train)
+    rows = cols if query is None else source(query, "query", collate, like, y_query)
+    sample_x = as_inputs(rows.get(0, min(64, rows.n)), rows.name)
+    sample_rows, sample_y = spec.split(sample_x)
+    for y in sample_y:
+        as_targets(y, y.shape[0], f"targets ({rows.name})", y.device)
     check_inputs_match(model, sample_rows, rows.name)
     run_model_once(model, sample_rows, rows.name)
     mplan = ModelPlan(model, implementation)
     probe(mplan, sample_rows)
     if query is not None:
-        sample_cols = as_inputs(cols.get(0, min(8, cols.n)), "train")
+        sample_cols = spec.split(as_inputs(cols.get(0, min(8, cols.n)), "train"))[0]
         check_inputs_match(model, sample_cols, "train")
         check_same_features(sample_cols, sample_rows, "train", "query")
         run_model_once(model, sample_cols, "train")
         probe(mplan, sample_cols)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
-    sample = extract(mplan, spec, states[0], cast_inputs(sample_rows, dtype))
+    sample = extract(mplan, spec, states[0], cast_inputs(sample_x, dtype))
     job = Job(
         mplan,
         spec,
@@ -215,7 +231,7 @@ def _job(
         CHUNK,
         sum(allocated_bytes(w, mplan, dtype) for w, _ in ckpts),
     )
-    return job, sample_rows, sample
+    return job, sample_x, sample
 
 
 EXTRACT_RATE = 5e10  # nominal FLOP/s of the per-example gradient work (the choice of tiling)
@@ -228,7 +244,7 @@ def _nominal_costs(job: Job, sample_x: tuple, sample: Block, out) -> Costs:
     the budget only: the same on every machine, rank and run."""
     from .._capture.extract import run_captured
 
-    x = cast_inputs(tuple(t[:1] for t in sample_x), job.dtype)
+    x = cast_inputs(tuple(t[:1] for t in job.spec.split(sample_x)[0]), job.dtype)
     mplan = job.model_plan
     flops = materialize = 0.0
     C = sample.C
@@ -496,6 +512,7 @@ def plan(
     query=None,
     *,
     outputs: OutputsArg = "trace",
+    targets=None,
     out=None,
     memory_budget="2GB",
     dtype: torch.dtype = torch.float32,
@@ -525,6 +542,7 @@ def plan(
         resume,
         collate,
         spill=spill,
+        targets=targets,
     )
 
 
@@ -543,13 +561,16 @@ def make_plan(
     implementation: str = "auto",
     measure: bool = True,
     spill: bool = True,
+    targets=None,
 ) -> PathKernelPlan:
     """The plan on every rank of ``coll``. ``measure=False`` (path_kernel) times the model
     only when the nominal costs suggest the budget may be too tight; the plan's estimate is
     then the nominal one."""
     budget = parse_bytes(memory_budget)
     job, sample_x, sample = coll.agree(
-        lambda: _job(model, checkpoints, train, query, outputs, out, dtype, collate, implementation)
+        lambda: _job(
+            model, checkpoints, train, query, outputs, out, dtype, collate, implementation, targets
+        )
     )
     symmetric = query is None
     job.collective = coll

@@ -106,3 +106,39 @@ class Source:
                 for t in item if isinstance(item, (tuple, list)) else (item,):
                     h.update(torch.as_tensor(t).contiguous().numpy().tobytes())
         return h.hexdigest()
+
+
+class WithTargets:
+    """Examples and their targets (``targets=``): each block is the inputs' tensors followed by
+    the targets' tensor, so the targets travel, are sliced and streamed like an input."""
+
+    def __init__(self, inputs: Source, targets: Source):
+        if targets.tensors is None or len(targets.tensors) != 1:
+            raise TypeError(
+                f"{targets.name}: expected one tensor or numpy array (batch first), "
+                f"got {len(targets.tensors or ())} tensors"
+            )
+        if targets.n != inputs.n:
+            raise ValueError(
+                f"{targets.name}: {targets.n} targets for the {inputs.n} examples of "
+                f"{inputs.name}; expected one per example"
+            )
+        self.inputs, self.targets = inputs, targets
+        self.name, self.n = inputs.name, inputs.n
+
+    def get(self, lo: int, hi: int) -> tuple:
+        x = self.inputs.get(lo, hi)
+        x = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        return x + (self.targets.get(lo, hi),)
+
+    def fingerprint(self) -> str:
+        both = self.inputs.fingerprint() + self.targets.fingerprint()
+        return hashlib.sha1(both.encode()).hexdigest()
+
+
+def source(data, name: str, collate=None, like=None, targets=None):
+    """A ``Source`` of ``data``, paired with its ``targets`` where given."""
+    src = Source(data, name, collate, like)
+    if targets is None:
+        return src
+    return WithTargets(src, Source(targets, f"targets ({name})", None, like))

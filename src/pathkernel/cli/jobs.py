@@ -39,7 +39,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--query", help=".npy of query inputs (rows); default: train x train")
     p.add_argument("--out", required=True, help="the .npy to write (resumed if it exists)")
     p.add_argument("--memory-budget", default="2GB", help="per rank, e.g. 8GB")
-    p.add_argument("--outputs", default="trace", help="trace, full or an output index")
+    p.add_argument(
+        "--outputs",
+        default="trace",
+        help="trace, full, an output index, or with --targets a per-example loss: "
+        + ", ".join(LOSSES),
+    )
+    p.add_argument(
+        "--targets",
+        help=".npy of the training examples' targets (loss-gradient kernels, TracInCP scores)",
+    )
+    p.add_argument("--query-targets", help=".npy of the query examples' targets")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--no-resume", action="store_true", help="start over even if --out exists")
     p.add_argument(
@@ -102,8 +112,29 @@ def _inputs(path: str):
     return np.load(path, mmap_mode="r")
 
 
+LOSSES = ("cross_entropy", "mse", "margin")  # pathkernel.losses by name
+
+
 def _outputs(s: str):
+    if s in LOSSES:
+        from .. import losses
+
+        return getattr(losses, s)
     return int(s) if s.lstrip("-").isdigit() else s
+
+
+def _targets(args):
+    """``targets=`` from ``--targets`` / ``--query-targets``."""
+    if args.query_targets is not None and (args.targets is None or args.query is None):
+        raise SystemExit("--query-targets: needs --query and --targets")
+    if args.targets is None:
+        return None
+    if args.outputs not in LOSSES:
+        raise SystemExit(f"--outputs: with --targets, expected one of {', '.join(LOSSES)}")
+    if args.query is not None and args.query_targets is None:
+        raise SystemExit("--query-targets: with --query and --targets, the query's targets too")
+    y = _inputs(args.targets)
+    return y if args.query is None else (y, _inputs(args.query_targets))
 
 
 def run(args) -> int:
@@ -136,6 +167,7 @@ def run(args) -> int:
         print("checkpoint -> weight:", file=sys.stderr)
         for path, w in zip(paths, weights):
             print(f"  {path} -> {w:g}", file=sys.stderr)
+    targets = _targets(args)
     X = _inputs(args.train)
     Xq = None if args.query is None else _inputs(args.query)
     out = path_kernel(
@@ -144,6 +176,7 @@ def run(args) -> int:
         X,
         Xq,
         outputs=_outputs(args.outputs),
+        targets=targets,
         out=args.out,
         memory_budget=args.memory_budget,
         dtype=dtype,
