@@ -39,12 +39,13 @@ def sklearn_kernels(
         )
     kwargs.setdefault("progress", False)
     targets = kwargs.pop("targets", None)
-    y_train, y_query = split_targets(targets, X_query is not None, ("X_train", "X_query"))
+    y_train, _ = split_targets(targets, X_query is not None, ("X_train", "X_query"))
     K_fit = _numpy(path_kernel(model, checkpoints, X_train, None, targets=y_train, **kwargs))
     K_pred = None
     if X_query is not None:
-        pair = None if targets is None else (y_train, y_query)
-        K_pred = _numpy(path_kernel(model, checkpoints, X_train, X_query, targets=pair, **kwargs))
+        K_pred = _numpy(
+            path_kernel(model, checkpoints, X_train, X_query, targets=targets, **kwargs)
+        )
     return K_fit, K_pred
 
 

@@ -28,7 +28,6 @@ from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
 from .._checks import (
     as_inputs,
-    as_targets,
     check_inputs_match,
     check_same_features,
     resolve_dtype,
@@ -203,9 +202,7 @@ def _job(
     cols = source(train, "train", collate, like, y_train)
     rows = cols if query is None else source(query, "query", collate, like, y_query)
     sample_x = as_inputs(rows.get(0, min(64, rows.n)), rows.name)
-    sample_rows, sample_y = spec.split(sample_x)
-    for y in sample_y:
-        as_targets(y, y.shape[0], f"targets ({rows.name})", y.device)
+    sample_rows = spec.split(sample_x)[0]
     check_inputs_match(model, sample_rows, rows.name)
     run_model_once(model, sample_rows, rows.name)
     mplan = ModelPlan(model, implementation)

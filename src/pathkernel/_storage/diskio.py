@@ -1,6 +1,6 @@
 """Writes that are checked, and the errors a full or failing disk becomes.
 
-``os.pwrite`` may write fewer bytes than asked (a filling disk, a signal): every positioned
+``os.pwrite`` / ``os.write`` may write fewer bytes than asked (a filling disk, a signal): every
 write here loops until the whole buffer is on its way or the system says why not, and that
 reason becomes an exception naming the file, the space still needed and what to do next.
 """
@@ -27,14 +27,17 @@ class StoreWriteError(OSError):
         return self.message
 
 
-def pwrite_all(fd: int, data, offset: int) -> None:
-    """Write every byte of ``data`` (a buffer) at ``offset``, or raise ``OSError``."""
+def write_all(fd: int, data, offset: Optional[int] = None) -> None:
+    """Write every byte of ``data`` (a buffer) at ``offset`` (None: at the descriptor's own
+    position, e.g. the end of an append-only journal), or raise ``OSError``."""
     view = memoryview(data).cast("B")
     while len(view):
-        n = os.pwrite(fd, view, offset)
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
         if n <= 0:  # POSIX allows 0 only for an empty buffer; never spin on it
-            raise OSError(errno.EIO, "pwrite wrote no bytes")
-        view, offset = view[n:], offset + n
+            raise OSError(errno.EIO, "write wrote no bytes")
+        view = view[n:]
+        if offset is not None:
+            offset += n
 
 
 def free_bytes(path: str) -> Optional[int]:

@@ -15,6 +15,8 @@ import os
 import socket
 import time
 
+from .diskio import write_all
+
 
 class OutputBusyError(RuntimeError):
     """Another process is writing the same output file."""
@@ -35,7 +37,7 @@ class OutputLock:
             ) from None
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(me).encode(), 0)
+        write_all(self.fd, json.dumps(me).encode(), 0)
 
     def _holder(self) -> str:
         try:

@@ -20,7 +20,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import torch
 
 from .._capture.blocks import Block, Factor
-from .diskio import SPACE_ERRNOS, fmt_bytes, pwrite_all, store_error
+from .diskio import SPACE_ERRNOS, fmt_bytes, store_error, write_all
 
 _Tensor = Tuple[int, Tuple[int, ...], torch.dtype]  # offset, shape, dtype
 
@@ -94,7 +94,7 @@ class FeatureSpill:
         raw = _bytes(t.detach().to("cpu").contiguous())
         offset, view = self._end, memoryview(raw.numpy())
         self._end += len(view)  # even when the write fails: no later block overlaps it
-        pwrite_all(self._fd, view, offset)
+        write_all(self._fd, view, offset)
         self.bytes_written += len(view)
         return offset, tuple(t.shape), t.dtype
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, List, Optional, Set, Tuple
 import numpy as np
 import torch
 
-from .diskio import SPACE_ERRNOS, pwrite_all, store_error, unallocated_bytes
+from .diskio import SPACE_ERRNOS, store_error, unallocated_bytes, write_all
 from .lock import OutputLock
 
 JOURNAL_VERSION = 2
@@ -72,7 +72,7 @@ class FileStore:
     """A ``.npy`` file of ``shape`` written tile by tile, with journals of completed tiles.
 
     Rank 0 (``create``) holds the output's lock (``lock.py``) from before it looks at the file
-    until ``close``. Every write is checked (``diskio.pwrite_all``) and its CRC-32 recorded;
+    until ``close``. Every write is checked (``diskio.write_all``) and its CRC-32 recorded;
     a band of tiles is journaled, with those checksums, only after its bytes are synced, and
     ``verified_done`` accepts a journaled tile only if the file still holds those bytes."""
 
@@ -240,10 +240,10 @@ class FileStore:
         inner = int(np.prod(self.shape[2:])) * self.np_dtype.itemsize
         try:
             if j0 == 0 and a.shape[1] == self.shape[1]:  # whole rows: one write
-                pwrite_all(self.fd, a, self.offset + i0 * row)
+                write_all(self.fd, a, self.offset + i0 * row)
             else:
                 for r in range(a.shape[0]):
-                    pwrite_all(self.fd, a[r], self.offset + (i0 + r) * row + j0 * inner)
+                    write_all(self.fd, a[r], self.offset + (i0 + r) * row + j0 * inner)
         except OSError as e:
             raise store_error(
                 e, self.path, "writing tiles to", unallocated_bytes(self.path)
@@ -264,9 +264,7 @@ class FileStore:
 
     def _append(self, data: bytes) -> None:
         try:
-            view = memoryview(data)
-            while len(view):
-                view = view[os.write(self.journal_fd, view) :]
+            write_all(self.journal_fd, data)
             os.fsync(self.journal_fd)
         except OSError as e:
             raise store_error(e, self.journal_path_own, "journaling tiles in", 1 << 20) from None
