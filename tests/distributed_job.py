@@ -219,6 +219,8 @@ def main():
         Y, Yq = labels(X.shape[0], 0), None if Xq is None else labels(Xq.shape[0], 1)
         kw.update(outputs=pk.losses.cross_entropy, dtype=torch.float64)
         kw["targets"] = Y if Xq is None else (Y, Yq)
+    if "project" in scenario:  # projected features (fewer dims than either layer has)
+        kw["project"] = 24
     if "spill" in scenario:  # costs under which the plan keeps features in a scratch file
         from pathkernel._drivers import tiling
 

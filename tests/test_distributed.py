@@ -53,7 +53,8 @@ def same_bytes(a, b):
 
 
 @pytest.mark.parametrize(
-    "scenario", ["file", "file-query", "file-full", "ram", "ram-query", "file-query-spill"]
+    "scenario",
+    ["file", "file-query", "file-full", "ram", "ram-query", "file-query-spill", "file-project"],
 )
 def test_two_ranks_byte_identical_to_one_process(scenario, tmp_path):
     run(scenario, tmp_path / "one")

@@ -430,7 +430,7 @@ def test_spilled_features_give_the_same_bits(tmp_path, monkeypatch, symmetric, o
             return False
         return p.spill_bytes > 0 and len(p.tiles) > 3
 
-    budget = next(b for b in range(100_000, 4_000_000, 20_000) if spills(b))
+    budget = next(b for b in range(100_000, 4_000_000, 10_000) if spills(b))
     runs = {}
     for spill in (True, False):
         out = str(tmp_path / f"k{spill}.npy")

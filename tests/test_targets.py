@@ -142,11 +142,13 @@ def test_tiled_path_kernel_of_losses_equals_the_reference(symmetric, tmp_path):
     assert len(p.tiles) > 1
     K = pk.path_kernel(model, ck, X, Xq, memory_budget="300KB", **kw)
     out = pk.path_kernel(model, ck, X, Xq, memory_budget="300KB", out=tmp_path / "k.npy", **kw)
-    assert np.array_equal(np.load(out), K.numpy())
     ref = path_reference(
         model, ck, X if symmetric else Xq, Y if symmetric else Yq, X, Y, losses.cross_entropy
     )
     assert_close(K, ref, torch.float64)
+    # the file's plan may group the checkpoints differently (the RAM run also holds the
+    # kernel in its budget), so the two agree to float64 rounding, not bit for bit
+    assert_close(np.load(out), ref, torch.float64)
 
 
 def test_other_targets_refuse_to_resume(tmp_path):

@@ -16,6 +16,7 @@ from ._backend import info as backend_info
 from ._capture.describe import Description, describe
 from ._drivers.machine import KernelMachine
 from ._drivers.path_kernel import path_kernel
+from ._drivers.projection_error import projection_error
 from ._drivers.recorder import PathRecorder, StepMismatchError
 from ._drivers.sklearn import sklearn_kernels
 from ._drivers.tangent import tangent_kernel
@@ -32,6 +33,7 @@ __all__ = [
     "PathRecorder",
     "path_kernel",
     "plan",
+    "projection_error",
     "sklearn_kernels",
     "StepMismatchError",
     "StoreWriteError",

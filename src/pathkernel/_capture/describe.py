@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 from torch import nn
 
 from .._autograd import with_autograd
-from .extract import extract
+from .extract import extract, fit_projection
 from .outputs import OutputsArg, OutputSpec
-from .plan import ModelPlan, cast_inputs, model_state
+from .plan import DENSE, ModelPlan, cast_inputs, model_state
 from .probe import probe
+from .projection import check_project
 
 FORMS = {
     "factored": "factor Grams: (A.A')(D.D') over positions, never the gradient itself",
@@ -27,6 +28,7 @@ class ParameterRow:
     shape: tuple
     form: str  # "factored" | "materialized" | "elementwise" | "dense"
     why: str
+    dims: Optional[int] = None  # with project=: the random dims of its group (None: exact)
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Description:
     """
 
     rows: List[ParameterRow]
+    projection: str = ""  # with project=: how k was split
 
     @property
     def dense_share(self) -> float:
@@ -46,9 +49,16 @@ class Description:
 
     def __str__(self) -> str:
         w = max([len(r.name) for r in self.rows] + [9])
-        lines = [f"{'parameter':<{w}}  {'shape':<18} {'form':<13} why", "-" * (w + 60)]
+        proj = bool(self.projection)
+        head = f"{'parameter':<{w}}  {'shape':<18} {'form':<13} "
+        lines = [head + ("projected   " if proj else "") + "why", "-" * (w + 60)]
         for r in self.rows:
-            lines.append(f"{r.name:<{w}}  {str(tuple(r.shape)):<18} {r.form:<13} {r.why}")
+            dims = (f"{r.dims} dims" if r.dims else "exact") if proj else ""
+            lines.append(
+                f"{r.name:<{w}}  {str(tuple(r.shape)):<18} {r.form:<13} "
+                + (f"{dims:<12}" if proj else "")
+                + r.why
+            )
         counts = {f: sum(_numel(r.shape) for r in self.rows if r.form == f) for f in FORMS}
         total = max(sum(counts.values()), 1)
         lines.append("")
@@ -57,6 +67,8 @@ class Description:
             for f, c in counts.items()
             if c
         ]
+        if proj:
+            lines.append(self.projection)
         return "\n".join(lines)
 
 
@@ -69,7 +81,14 @@ def _numel(shape) -> int:
 
 @with_autograd
 def describe(
-    model: nn.Module, x, *, outputs: OutputsArg = "trace", implementation: str = "auto"
+    model: nn.Module,
+    x,
+    *,
+    outputs: OutputsArg = "trace",
+    targets=None,
+    implementation: str = "auto",
+    project: Optional[int] = None,
+    seed: int = 0,
 ) -> Description:
     """How ``tangent_kernel`` (and the other entry points) will treat each parameter.
 
@@ -77,21 +96,31 @@ def describe(
         model: the ``nn.Module``.
         x: a few example inputs (a tensor or a tuple of tensors, batch first).
         outputs: the output mode (it decides, per layer, between factored and materialized).
+        targets: the examples' targets, with an ``outputs`` callable ``(output, target)``.
         implementation: as in ``tangent_kernel``.
+        project, seed: as in ``tangent_kernel``: also shows how ``k`` is split over the
+            parameters (fitted on these examples).
 
     Returns:
         A ``Description``; ``print`` it for a table.
     """
-    from .._checks import as_inputs, check_inputs_match, resolve_dtype, run_model_once
+    from .._checks import as_inputs, as_targets, check_inputs_match, resolve_dtype, run_model_once
 
+    project = check_project(project, seed)
+    spec = OutputSpec(outputs, targets is not None)
     x = as_inputs(x, "x")
     check_inputs_match(model, x, "x")
     run_model_once(model, x, "x")
     plan = ModelPlan(model, implementation)
     probe(plan, x)
     dtype = resolve_dtype(None, model)
+    if targets is not None:
+        x = x + (as_targets(targets, x[0].shape[0], "targets", x[0].device),)
+    state = model_state(plan, dtype)
+    if project is not None:
+        fit_projection(plan, spec, state, cast_inputs(x, dtype), project, seed)
     sample = tuple(t[:4] for t in x)
-    block = extract(plan, OutputSpec(outputs), model_state(plan, dtype), cast_inputs(sample, dtype))
+    block = extract(plan, spec, state, cast_inputs(sample, dtype))
     rows = []
     for name, p in plan.params.items():
         k = plan.group_of.get(name)
@@ -109,5 +138,7 @@ def describe(
         why = plan.why.get(name, "")
         if form == "dense" and implementation == "dense":
             why = "implementation='dense'"
-        rows.append(ParameterRow(name, tuple(p.shape), form, why))
-    return Description(rows)
+        proj = plan.projection
+        dims = None if proj is None else proj.dims.get(DENSE if k is None else k)
+        rows.append(ParameterRow(name, tuple(p.shape), form, why, dims))
+    return Description(rows, "" if plan.projection is None else plan.projection.summary(plan))

@@ -21,6 +21,7 @@ from .layout import Layout
 from .ops import MATRIX_OPS, OpCapture, Use
 from .outputs import OutputSpec
 from .plan import DENSE, ModelPlan, Trace, cast_inputs, model_state
+from .projection import SAMPLE, fit
 from .rules import bias_grads, elementwise_grads, matrix_factors, one_hot, weight_grads
 
 CHUNK = 2048  # examples per forward/backward pass unless the caller bounds memory tighter
@@ -94,6 +95,7 @@ def group_factors(
 ) -> Dict[int, Factor]:
     """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``)."""
     cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    proj = plan.projection
 
     def ad(i: int, use: Use, lay: Layout, g: torch.Tensor, rows: int):
         if i not in cache:
@@ -118,17 +120,23 @@ def group_factors(
                     parts.setdefault(k, []).append(ad(i, use, lay, g, rows_of(use)))
                 continue
             p = plan.params[ref.name]
+            projected = proj is not None and k in proj.dims
             if use.op not in MATRIX_OPS:
                 G = elementwise_grads(use, role, lay, n, g, p.shape)
             else:
                 A, D = ad(i, use, lay, g, rows_of(use))
                 if role == "bias":
                     G = bias_grads(use, D, p.numel())
+                elif projected and use.ctx.get("groups", 1) == 1:  # a tied weight's use
+                    parts.setdefault(k, []).append(
+                        proj.use_part(k, A, D, ref.transposed, p.shape[0])
+                    )
+                    continue
                 else:
                     G = weight_grads(
                         A, D, p.shape, ref.transposed, p.shape[0], use.ctx.get("groups", 1)
                     ).reshape(n, D.shape[2], -1)
-            parts.setdefault(k, []).append(G)
+            parts.setdefault(k, []).append(proj.param_part(k, G, p.shape) if projected else G)
     factors: Dict[int, Factor] = {}
     for k, ps in parts.items():
         grp = plan.groups[k]
@@ -144,7 +152,11 @@ def group_factors(
             As = [one_hot(a, grp.vocab, dt) if a.dtype == torch.long else a for a in As]
         A = As[0] if len(As) == 1 else torch.cat(As, 1)
         D = ps[0][1] if len(ps) == 1 else torch.cat([d for _, d in ps], 1)
-        factors[k] = choose_form(grp, Factor(A, D, 1.0 if grp.bias is not None else 0.0), stacked)
+        f = Factor(A, D, 1.0 if grp.bias is not None else 0.0)
+        if proj is not None and k in proj.dims:
+            factors[k] = Factor(None, proj.matrix_group(k, grp, f).unsqueeze(1), 0.0, True)
+        else:
+            factors[k] = choose_form(grp, f, stacked)
     return factors
 
 
@@ -185,8 +197,32 @@ def extract(
     if plan.dense:
         G = dense_jacobian(plan, state, x, rows, ys)
         C = G.shape[1]
+        if plan.projection is not None and DENSE in plan.projection.dims:
+            G = _project_dense(plan, G)
         factors[DENSE] = Factor(None, G.unsqueeze(1), 0.0, True)
     return Block(n, C, factors)
+
+
+def _project_dense(plan: ModelPlan, G: torch.Tensor) -> torch.Tensor:
+    """The dense group's projection: each parameter's own functionals, summed."""
+    out, i = None, 0
+    for name in plan.dense:
+        p = plan.params[name]
+        part = plan.projection.param_part(DENSE, G[..., i : i + p.numel()], p.shape, name + ":")
+        out = part if out is None else out + part
+        i += p.numel()
+    return out
+
+
+def fit_projection(plan: ModelPlan, spec: OutputSpec, state, x: tuple, k: int, seed: int) -> None:
+    """Split ``k`` over the plan's groups by their gradient norms on the first examples of
+    ``x`` (the weights ``state``; ``x`` cast and with its targets), and adopt that sketch."""
+    plan.projection = None
+    blocks = [
+        extract(plan, spec, state, tuple(t[i : i + 1] for t in x))
+        for i in range(min(SAMPLE, x[0].shape[0]))
+    ]
+    plan.projection = fit(plan, k, seed, blocks)
 
 
 def features(

@@ -106,6 +106,7 @@ class ModelPlan:
         self.dense: List[str] = list(self.params)
         self.why: Dict[str, str] = {n: "not probed" for n in self.params}
         self.traces: Dict[tuple, Trace] = {}
+        self.projection = None  # a projection.Projection: features in k random dims
 
     def set_groups(self, groups: List[Group], why: Dict[str, str]) -> None:
         """Adopt the probe's verdict: these groups, every other parameter dense."""

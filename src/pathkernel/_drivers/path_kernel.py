@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ def path_kernel(
     collate=None,
     group=None,
     spill: bool = True,
+    project: Optional[int] = None,
+    seed: int = 0,
 ):
     """Checkpoint path kernel ``sum_t weight_t K_{w_t}(query, train)``, tiled under a budget.
 
@@ -92,6 +94,13 @@ def path_kernel(
             in ``out``'s folder and read back instead of recomputed, when the plan estimates
             that faster (at most 64 GiB; ``plan()`` shows how much). The result is the same
             bit for bit. ``False`` never writes one.
+        project: ``k``: each example's per-checkpoint gradient replaced by a ``k``-dimensional
+            random projection (as in ``tangent_kernel``): the features are small, so the plan
+            keeps them instead of recomputing. The sketch is the same at every checkpoint, on
+            every rank and in every resumed run (fixed by ``seed``, the model, and the first
+            8 train examples at the first checkpoint, whose gradient norms split ``k`` over
+            the layers), so ``train x train`` and ``query x train`` share it.
+        seed: the projection's seed.
 
     Returns:
         ``[M, N]`` (``[M, N, C, C]`` for ``outputs="full"``) tensor, or the path ``out``.
@@ -112,6 +121,8 @@ def path_kernel(
         measure=False,
         spill=spill,
         targets=targets,
+        project=project,
+        seed=seed,
     )
     return run_plan(p, resume=resume, progress=progress)
 

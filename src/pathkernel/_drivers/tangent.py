@@ -9,10 +9,11 @@ from torch import nn
 
 from .. import _backend
 from .._autograd import with_autograd
-from .._capture.extract import channel_chunks, tangent_terms
+from .._capture.extract import channel_chunks, fit_projection, tangent_terms
 from .._capture.outputs import OutputsArg, OutputSpec
-from .._capture.plan import ModelPlan, check_model
+from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
 from .._capture.probe import probe
+from .._capture.projection import check_project
 from .._checks import (
     as_inputs,
     as_targets,
@@ -27,11 +28,22 @@ from .collective import Collective
 
 
 def prepare(
-    model: nn.Module, x1, x2, outputs: OutputsArg, implementation: str, dtype, batch_size, targets
+    model: nn.Module,
+    x1,
+    x2,
+    outputs: OutputsArg,
+    implementation: str,
+    dtype,
+    batch_size,
+    targets,
+    project=None,
+    seed=0,
 ):
-    """Validate everything, build and probe the plan. Returns (plan, spec, dtype, x1, x2),
-    the inputs followed by their targets where ``targets`` is given."""
+    """Validate everything, build and probe the plan (and fit its projection). Returns
+    (plan, spec, dtype, x1, x2), the inputs followed by their targets where ``targets`` is
+    given."""
     check_model(model)
+    project = check_project(project, seed)
     spec = OutputSpec(outputs, targets is not None)
     y1, y2 = split_targets(targets, x2 is not None, ("x1", "x2"))
     check_batch_size(batch_size)
@@ -53,6 +65,9 @@ def prepare(
         x1 = x1 + (as_targets(y1, x1[0].shape[0], "targets (x1)", x1[0].device),)
         if x2 is not None:
             x2 = x2 + (as_targets(y2, x2[0].shape[0], "targets (x2)", x2[0].device),)
+    if project is not None:  # k split by the gradient norms of x2's first examples (or x1's)
+        first = cast_inputs(x1 if x2 is None else x2, dtype)
+        fit_projection(plan, spec, model_state(plan, dtype), first, project, seed)
     return plan, spec, dtype, x1, x2
 
 
@@ -67,6 +82,8 @@ def tangent_kernel(
     implementation: str = "auto",
     dtype: Optional[torch.dtype] = None,
     batch_size: Optional[int] = None,
+    project: Optional[int] = None,
+    seed: int = 0,
     group=None,
 ) -> Optional[torch.Tensor]:
     """Empirical tangent kernel ``K(x, x') = J(x) J(x')^T`` of ``model`` at its current weights.
@@ -87,6 +104,12 @@ def tangent_kernel(
         dtype: ``torch.float32`` or ``torch.float64``: precision of the computation and output
             (default: the model's).
         batch_size: examples per forward/backward pass when extracting features.
+        project: ``k``: each example's gradient replaced by a ``k``-dimensional random
+            projection (unbiased for the inner products; an approximation, exact for groups
+            small enough to keep whole), read off the per-layer factors without forming the
+            gradient. For models with very many parameters; see the README's "Projected
+            features". ``None``: exact.
+        seed: the projection's seed (the same seed gives the same projection everywhere).
         group: a collective call on a torch.distributed group (as in ``path_kernel``): the
             rows are split among the ranks; rank 0 returns the kernel, the others ``None``.
 
@@ -95,9 +118,11 @@ def tangent_kernel(
     """
     coll = Collective(group, "tangent_kernel")
     if coll.active:
-        return _collective(coll, model, x1, x2, outputs, implementation, dtype, batch_size, targets)
+        return _collective(
+            coll, model, x1, x2, outputs, implementation, dtype, batch_size, targets, project, seed
+        )
     plan, spec, dtype, x1, x2 = prepare(
-        model, x1, x2, outputs, implementation, dtype, batch_size, targets
+        model, x1, x2, outputs, implementation, dtype, batch_size, targets, project, seed
     )
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
@@ -111,7 +136,17 @@ def tangent_kernel(
 
 
 def _collective(
-    coll: Collective, model, x1, x2, outputs, implementation, dtype, batch_size, targets
+    coll: Collective,
+    model,
+    x1,
+    x2,
+    outputs,
+    implementation,
+    dtype,
+    batch_size,
+    targets,
+    project,
+    seed,
 ):
     """The tangent kernel as the one-checkpoint path kernel of the current weights, its row
     blocks split among the ranks."""
@@ -120,7 +155,7 @@ def _collective(
 
     _, spec, dtype, x1, x2 = coll.agree(
         lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size, targets)
-    )
+    )  # the projection is fitted by the path kernel's plan below, on x1 as here
     x1, y1 = spec.split(x1)
     x2, y2 = (None, ()) if x2 is None else spec.split(x2)
     # path_kernel's order: train (x2, or x1 alone), then query (x1)
@@ -148,5 +183,7 @@ def _collective(
         implementation,
         measure=False,
         targets=path_targets,
+        project=project,
+        seed=seed,
     )
     return run_plan(p, resume=False, progress=False)

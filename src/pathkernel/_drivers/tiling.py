@@ -22,10 +22,11 @@ from torch import nn
 from .. import _backend
 from .._autograd import with_autograd
 from .._capture.blocks import Block, Factor, concat_blocks, to_terms
-from .._capture.extract import CHUNK, extract
+from .._capture.extract import CHUNK, extract, fit_projection
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
 from .._capture.probe import probe
+from .._capture.projection import SAMPLE, check_project
 from .._checks import (
     as_inputs,
     check_inputs_match,
@@ -59,6 +60,7 @@ class Job:
     outputs: OutputsArg
     chunk: int  # examples per forward/backward pass
     state_bytes: int = 0  # what the checkpoints' states take beyond the caller's tensors
+    scratch: int = 0  # bytes per example of a chunk while it is extracted (activations, factors)
     collective: Optional[Collective] = None  # the ranks that run the plan together
 
     def header(self, symmetric: bool) -> dict:
@@ -68,12 +70,14 @@ class Job:
             if isinstance(self.outputs, (str, int))
             else callable_fingerprint(self.outputs)
         )
+        proj = self.model_plan.projection
         return {
             "model": model_code(self.model_plan.model),
             "checkpoints": [state_fingerprint(s, w) for s, w in zip(self.states, self.weights)],
             "train": self.cols.fingerprint(),
             "query": None if symmetric else self.rows.fingerprint(),
             "outputs": outputs,
+            "projection": None if proj is None else proj.fingerprint(),
         }
 
 
@@ -155,6 +159,11 @@ class PathKernelPlan:
                 f"Grams {gram:,.1f} s, "
                 f"store {store:,.1f} s; costs measured on this model)",
             ]
+            + (
+                []
+                if self.job is None or self.job.model_plan.projection is None
+                else ["  " + self.job.model_plan.projection.summary(self.job.model_plan)]
+            )
         )
 
 
@@ -189,11 +198,14 @@ def _job(
     collate,
     implementation="auto",
     targets=None,
+    project=None,
+    seed=0,
 ) -> Tuple[Job, tuple, Block]:
     """Validate the arguments, probe the model, load the checkpoints; also returns a sample
     block of examples (the row side's, with its targets) and its features (for the memory
     model)."""
     check_model(model)
+    project = check_project(project, seed)
     ckpts = check_checkpoints(checkpoints)
     spec = OutputSpec(outputs, targets is not None)
     y_train, y_query = split_targets(targets, query is not None, ("train", "query"))
@@ -214,6 +226,9 @@ def _job(
         run_model_once(model, sample_cols, "train")
         probe(mplan, sample_cols)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
+    if project is not None:  # k split by the gradient norms of the first train examples
+        first = as_inputs(cols.get(0, min(SAMPLE, cols.n)), "train")
+        fit_projection(mplan, spec, states[0], cast_inputs(first, dtype), project, seed)
     sample = extract(mplan, spec, states[0], cast_inputs(sample_x, dtype))
     job = Job(
         mplan,
@@ -227,8 +242,24 @@ def _job(
         outputs,
         CHUNK,
         sum(allocated_bytes(w, mplan, dtype) for w, _ in ckpts),
+        _scratch(mplan, spec, states[0], sample_x, sample, dtype),
     )
     return job, sample_x, sample
+
+
+def _scratch(mplan, spec, state, sample_x, sample: Block, dtype) -> int:
+    """Bytes per example that extracting a chunk holds at once: a few times the larger of its
+    features and its activations with their output gradients (what autograd keeps, and the
+    exact factors a projection is read from)."""
+    from .._capture.extract import run_captured
+
+    acts = 0
+    if mplan.groups:
+        x = cast_inputs(tuple(t[:1] for t in spec.split(sample_x)[0]), dtype)
+        _, uses = run_captured(mplan, state, x, mplan.trace_for(x))
+        acts = sum(u.x.numel() + sample.C * u.y.numel() for u in uses if u.x is not None)
+    acts += sample.C * sum(mplan.params[n].numel() for n in mplan.dense)
+    return SCRATCH * max(_block_bytes(sample) // max(1, sample.n), acts * (dtype.itemsize))
 
 
 EXTRACT_RATE = 5e10  # nominal FLOP/s of the per-example gradient work (the choice of tiling)
@@ -383,6 +414,7 @@ class _Problem:
     pair_flops: float
     out_item: int  # stored bytes per pair of examples
     spill: bool = False  # features may be kept in a scratch file (with out=, on the CPU)
+    scratch: int = 0  # bytes per example of a chunk being extracted (0: SCRATCH x features)
 
 
 SPILL_MAX = 64 << 30  # the most feature bytes a plan writes to its scratch file
@@ -402,7 +434,10 @@ def _cost(
     # ... and the band's float64 accumulators, plus the previous band's finished tiles while
     # they are being written
     mem = (
-        P.fixed + SCRATCH * chunk * P.fb + R * band * Cb * (P.cc + P.out_item) + (R + Cb) * k * P.fb
+        P.fixed
+        + chunk * (P.scratch or SCRATCH * P.fb)
+        + R * band * Cb * (P.cc + P.out_item)
+        + (R + Cb) * k * P.fb
     )
     # row features: once per row block when all checkpoints are held, else once per band;
     # column features: once per off-diagonal tile; both for every checkpoint
@@ -517,6 +552,8 @@ def plan(
     collate=None,
     group=None,
     spill: bool = True,
+    project: Optional[int] = None,
+    seed: int = 0,
 ) -> PathKernelPlan:
     """The tiling plan ``path_kernel`` would follow, with its memory use and estimated cost.
 
@@ -524,6 +561,7 @@ def plan(
     plan keeps that run's tiling, so the resumed file is bit-identical to an uninterrupted one.
     The tiling depends on the problem and the budget only (``memory_budget`` is per rank), so
     ``group`` (as in ``path_kernel``: a collective call) gives every rank the same plan.
+    ``project`` and ``seed`` as in ``path_kernel``.
     """
     coll = Collective(group, "plan")
     return make_plan(
@@ -540,6 +578,8 @@ def plan(
         collate,
         spill=spill,
         targets=targets,
+        project=project,
+        seed=seed,
     )
 
 
@@ -559,6 +599,8 @@ def make_plan(
     measure: bool = True,
     spill: bool = True,
     targets=None,
+    project=None,
+    seed=0,
 ) -> PathKernelPlan:
     """The plan on every rank of ``coll``. ``measure=False`` (path_kernel) times the model
     only when the nominal costs suggest the budget may be too tight; the plan's estimate is
@@ -566,7 +608,18 @@ def make_plan(
     budget = parse_bytes(memory_budget)
     job, sample_x, sample = coll.agree(
         lambda: _job(
-            model, checkpoints, train, query, outputs, out, dtype, collate, implementation, targets
+            model,
+            checkpoints,
+            train,
+            query,
+            outputs,
+            out,
+            dtype,
+            collate,
+            implementation,
+            targets,
+            project,
+            seed,
         )
     )
     symmetric = query is None
@@ -621,6 +674,7 @@ def make_plan(
         pair,
         cc // 8 * (4 if job.dtype == torch.float32 else 8),
         spill=bool(spill) and out is not None and on_cpu,
+        scratch=job.scratch,
     )
 
     def solve(b, tiling=None):
@@ -645,7 +699,7 @@ def make_plan(
     choice = solve(budget)
     if choice is None:
         r, c = min(M, 16), min(N, 16)
-        least = fixed + SCRATCH * min(r, c) * fb + (r + c) * fb + r * c * cc
+        least = fixed + min(r, c) * job.scratch + (r + c) * fb + r * c * cc
         raise ValueError(
             f"memory_budget: {fmt_bytes(budget)} is too small for this model and "
             f"{T} checkpoint(s): the smallest tiles ({r} x {c}) need "

@@ -57,11 +57,23 @@ def add_parsers(sub) -> None:
         action="store_true",
         help="never keep features in a scratch file beside --out (recompute them instead)",
     )
+    _projection_args(p)
     p.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("describe", help="which rule and form each parameter of a model gets")
     _model_args(d)
     d.add_argument("--input", required=True, help=".npy of a few example inputs")
     d.add_argument("--outputs", default="trace")
+    _projection_args(d)
+
+
+def _projection_args(p) -> None:
+    p.add_argument(
+        "--project",
+        type=int,
+        metavar="K",
+        help="project each example's gradient to K random dims (approximate; large models)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the projection's seed")
 
 
 def _model_args(p) -> None:
@@ -147,7 +159,9 @@ def run(args) -> int:
         dt = next(model.parameters()).dtype
         x = torch.from_numpy(np.array(_inputs(args.input)))
         x = (x.to(dt) if x.is_floating_point() else x).to(device)
-        print(describe(model, x, outputs=_outputs(args.outputs)))
+        print(
+            describe(model, x, outputs=_outputs(args.outputs), project=args.project, seed=args.seed)
+        )
         return 0
     if distributed:
         from .distributed import init_process_group
@@ -183,6 +197,8 @@ def run(args) -> int:
         resume=not args.no_resume,
         progress=not args.no_progress,
         spill=not args.no_spill,
+        project=args.project,
+        seed=args.seed,
     )
     rank = int(os.environ.get("RANK", "0")) if distributed else 0
     if rank == 0:
