@@ -218,3 +218,29 @@ def test_a_model_that_couples_the_examples_of_a_batch_is_refused():
         pk.path_kernel(m, [(m.state_dict(), 1.0)], x, progress=False)
     with pytest.raises(ValueError, match="model: an example's output depends on the other"):
         pk.describe(m, x)
+
+
+class _Mixed(torch.nn.Module):
+    """A float32 body and a float64 head (the forward casts between them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(5, 8)
+        self.head = torch.nn.Linear(8, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)).double())
+
+
+def test_mixed_precision_model_in_its_widest_dtype():
+    """Computed in float64 by default (exact against the float64 reference); a narrower
+    dtype= is refused naming the wider parameters."""
+    from reference import assert_close, reference_ntk
+
+    torch.manual_seed(0)
+    model, x = _Mixed(), torch.randn(6, 5)
+    K = pk.tangent_kernel(model, x)
+    assert K.dtype == torch.float64
+    assert_close(K, reference_ntk(model, x.double()), torch.float64)
+    with pytest.raises(ValueError, match=r"dtype: the model mixes .*head.weight"):
+        pk.tangent_kernel(model, x, dtype=torch.float32)

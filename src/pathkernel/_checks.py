@@ -81,23 +81,26 @@ def as_targets(y, n: int, name: str, device: torch.device) -> torch.Tensor:
     return normal_tensor(y).to(device)
 
 
-def model_dtype_device(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
+def model_dtypes_device(model: nn.Module) -> Tuple[list, torch.device]:
+    """The floating dtypes of the model's parameters (widest first) and their device."""
     ps = [p for p in model.parameters() if p.is_floating_point()]
     if not ps:
-        return torch.get_default_dtype(), torch.device("cpu")
-    return ps[0].dtype, ps[0].device
+        return [torch.get_default_dtype()], torch.device("cpu")
+    dtypes = sorted({p.dtype for p in ps}, key=lambda d: -torch.finfo(d).bits)
+    return dtypes, ps[0].device
 
 
 def check_inputs_match(model: nn.Module, xs, name: str) -> None:
-    mdtype, mdev = model_dtype_device(model)
+    mdtypes, mdev = model_dtypes_device(model)
     for t in xs:
         if t.device != mdev:
             raise ValueError(
                 f"{name}: is on {t.device} but the model is on {mdev}; move them to the same device"
             )
-        if t.is_floating_point() and t.dtype != mdtype:
+        if t.is_floating_point() and t.dtype not in mdtypes:
+            have = " and ".join(str(d) for d in mdtypes)
             raise TypeError(
-                f"{name}: has dtype {t.dtype} but the model's parameters are {mdtype}; "
+                f"{name}: has dtype {t.dtype} but the model's parameters are {have}; "
                 "convert one of them (the kernel's precision is set by dtype=)"
             )
 
@@ -117,10 +120,18 @@ def check_same_features(x1, x2, n1: str = "x1", n2: str = "x2") -> None:
 
 
 def resolve_dtype(dtype: Optional[torch.dtype], model: nn.Module) -> torch.dtype:
-    if dtype is None:
-        dtype = model_dtype_device(model)[0]
+    dtypes = model_dtypes_device(model)[0]
+    if dtype is None:  # a model of mixed precision is computed in its widest dtype
+        dtype = dtypes[0]
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
+    if len(dtypes) > 1 and torch.finfo(dtype).bits < torch.finfo(dtypes[0]).bits:
+        wide = [n for n, p in model.named_parameters() if p.dtype == dtypes[0]]
+        raise ValueError(
+            f"dtype: the model mixes {' and '.join(map(str, dtypes))} parameters ({dtypes[0]}: "
+            f"{', '.join(wide[:3])}{', ...' if len(wide) > 3 else ''}); it is computed in its "
+            f"widest dtype: pass dtype={dtypes[0]} (or None), not {dtype}"
+        )
     return dtype
 
 

@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Callable, Tuple, Union
+from collections.abc import Mapping
+from typing import Callable, List, Tuple, Union
 
 import torch
 
 OutputsArg = Union[str, int, Callable[..., torch.Tensor]]
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The tensor the built-in output modes read from what the model returns: a tensor; the
+    ``logits`` of a Hugging Face ``ModelOutput`` (or of a dict); a tuple's first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(
+        f"model: returned a {type(out).__name__} with no tensor to take as its output (no "
+        "'logits'); pass outputs= a callable that selects one, e.g. "
+        "outputs=lambda o: o['scores'][:, 0]"
+    )
+
+
+def output_tensors(out) -> List[torch.Tensor]:
+    """Every tensor in what the model returns (tuples, lists, dicts, ``ModelOutput``s)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
 
 
 class OutputSpec:
@@ -47,12 +76,9 @@ class OutputSpec:
 
     def rows(self, out: torch.Tensor, targets: tuple = ()) -> torch.Tensor:
         """``[n, C]`` from the model output (batch first) and the block's targets."""
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"model: expected the model to return a tensor, got {type(out).__name__}"
-            )
-        n = out.shape[0] if out.dim() > 0 else 0
         if callable(self.outputs) and not isinstance(self.outputs, str):
+            first = output_tensors(out)  # the callable gets what the model returned
+            n = first[0].shape[0] if first and first[0].dim() > 0 else 0
             h = self.outputs(out, *targets)
             if not isinstance(h, torch.Tensor) or h.reshape(-1).shape[0] != n:
                 got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
@@ -61,6 +87,8 @@ class OutputSpec:
                     f"(shape ({n},)), got {got}"
                 )
             return h.reshape(n, 1)
+        out = output_tensor(out)
+        n = out.shape[0] if out.dim() > 0 else 0
         f = out.reshape(n, -1)
         if isinstance(self.outputs, int):
             C = f.shape[1]

@@ -23,6 +23,7 @@ from .blocks import materialize
 from .extract import _output_grads, group_factors, param_ids, run_captured
 from .layout import Layout, discover
 from .ops import MATRIX_OPS, OpCapture, Use
+from .outputs import output_tensors
 from .plan import Group, ModelPlan, Trace, cast_inputs, input_signature, model_state
 from .rules import _aligned, expandable_dims
 
@@ -83,12 +84,16 @@ def check_deterministic(plan: ModelPlan, x: tuple) -> None:
         return
     state = model_state(plan, torch.float64)
     xs = cast_inputs(tuple(t[:3] for t in x), torch.float64)
+    n = xs[0].shape[0]
     with torch.no_grad():
-        a = functional_call(plan.model, state, xs)
-        b = functional_call(plan.model, state, xs)
+        a = _batched(functional_call(plan.model, state, xs), n)
+        b = _batched(functional_call(plan.model, state, xs), n)
         alone = (
-            [functional_call(plan.model, state, tuple(t[i : i + 1] for t in xs)) for i in range(n)]
-            if (n := xs[0].shape[0]) > 1
+            [
+                _batched(functional_call(plan.model, state, tuple(t[i : i + 1] for t in xs)), 1)
+                for i in range(n)
+            ]
+            if n > 1
             else None
         )
     if _comparable(a, b):
@@ -148,9 +153,24 @@ def _record(plan, state, x, touched=None) -> Tuple[torch.Tensor, List[Use]]:
         OpCapture(param_ids(plan, state), x[0].shape[0], copy_outputs=True, touched=touched) as cap,
     ):
         out = functional_call(plan.model, state, x)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model: expected the model to return a tensor, got {type(out).__name__}")
-    return out, cap.uses
+    return _batched(out, x[0].shape[0]), cap.uses
+
+
+def _batched(out, n: int) -> torch.Tensor:
+    """What the model returned, as one ``[n, F]`` tensor: every floating tensor in it whose
+    first dim is the batch (a ``ModelOutput``'s logits and hidden states alike), so the probe
+    checks every parameter that reaches any of them."""
+    ts = [
+        t.reshape(n, -1)
+        for t in output_tensors(out)
+        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == n
+    ]
+    if not ts:
+        raise TypeError(
+            f"model: returned a {type(out).__name__} holding no floating tensor with the batch "
+            "first; return the output tensor (or a tuple, dict or ModelOutput holding it)"
+        )
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
 
 
 def _discover(plan, state, x):
@@ -294,6 +314,7 @@ def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int) -> None:
 
 def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     n = x[0].shape[0]
+    out = _batched(out, n)
     gen = torch.Generator().manual_seed(seed)
     r = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
     f = (out * r).reshape(n, -1).sum(1, keepdim=True)

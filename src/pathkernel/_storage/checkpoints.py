@@ -57,6 +57,8 @@ def checkpoint_state(
     sd = weights if isinstance(weights, dict) else load_state_dict(weights, i)
     sd = _unwrap(sd)
     state = model_state(plan, dtype)
+    if sd and not set(sd) & set(state) and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}  # saved from a DDP-wrapped model
     unknown = sorted(set(sd) - set(state))
     if unknown:
         raise ValueError(f"checkpoints[{i}]: keys not in the model: {unknown[:5]}")

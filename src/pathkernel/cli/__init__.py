@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -11,8 +12,15 @@ def _quadrature(s: str):
     return s if s in ("left", "trapezoid") else int(s)
 
 
+def _debug_flag(p, default) -> None:
+    p.add_argument(
+        "--debug", action="store_true", default=default, help="show the traceback of an error"
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pathkernel", description=__doc__)
+    _debug_flag(ap, False)
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="explain a digits classifier by its kernel machine")
     d.add_argument("--out", default="pathkernel-demo", help="folder for the PNGs")
@@ -32,7 +40,50 @@ def main(argv=None) -> int:
     from .jobs import add_parsers, run
 
     add_parsers(sub)
+    for p in sub.choices.values():  # after the command too, without resetting it
+        _debug_flag(p, argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    try:
+        return _dispatch(ap, args, run)
+    except _USER_ERRORS as e:
+        if args.debug:
+            raise
+        text = _as_flags(" ".join(str(e).split()) or type(e).__name__)
+        print(
+            f"pathkernel {args.cmd}: error: {text} (--debug shows the traceback)", file=sys.stderr
+        )
+        return 2
+
+
+# what a user's arguments, files, model or machine can cause; anything else is a bug and
+# keeps its traceback
+_USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+
+
+# the library names its arguments; say the flag that set them
+_FLAGS = {
+    "memory_budget": "--memory-budget",
+    "outputs": "--outputs",
+    "checkpoints": "--checkpoints",
+    "train": "--train",
+    "query": "--query",
+    "x": "--input",
+    "targets": "--targets",
+    "project": "--project",
+    "seed": "--seed",
+    "dtype": "--dtype",
+    "out": "--out",
+}
+
+
+def _as_flags(text: str) -> str:
+    name = re.match(r"[A-Za-z_]+", text)
+    if name and name.group() in _FLAGS and text[name.end() : name.end() + 1] in (":", "[", " "):
+        return _FLAGS[name.group()] + text[name.end() :]
+    return text
+
+
+def _dispatch(ap, args, run) -> int:
     if args.cmd in ("path-kernel", "describe"):
         return run(args)
 

@@ -76,6 +76,10 @@ def _projection_args(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="the projection's seed")
 
 
+class UsageError(ValueError):
+    """A command-line argument that cannot be used (printed as one line, exit status 2)."""
+
+
 def _model_args(p) -> None:
     p.add_argument(
         "--model",
@@ -88,15 +92,15 @@ def _model_args(p) -> None:
 def load_model(spec: str, device: str) -> torch.nn.Module:
     mod, sep, fn = spec.partition(":")
     if not sep or not mod or not fn:
-        raise SystemExit(f"--model: expected module:function, got {spec!r}")
+        raise UsageError(f"--model: expected module:function, got {spec!r}")
     sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"--model: cannot load {spec!r}: {e}") from None
+        raise UsageError(f"--model: cannot load {spec!r}: {e}") from None
     model = factory()
     if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"--model: {spec} returned {type(model).__name__}, not an nn.Module")
+        raise UsageError(f"--model: {spec} returned {type(model).__name__}, not an nn.Module")
     return model.eval().to(device)
 
 
@@ -114,14 +118,32 @@ def checkpoint_paths(patterns) -> list:
 
 
 def _device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device: {name} asked for, but this torch sees no CUDA device "
+            f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} "
+            "CUDA); use --device cpu"
+        )
     if name == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu or cuda[:index], got {name!r}") from None
     return name
 
 
-def _inputs(path: str):
+def _inputs(path: str, arg: str):
     """A memory-mapped array: blocks are read (and moved to the model's device) as needed."""
-    return np.load(path, mmap_mode="r")
+    if not os.path.isfile(path):
+        raise UsageError(f"{arg}: no file {path!r}")
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{arg}: {path!r} is not a .npy array ({e})") from None
+    if not isinstance(a, np.ndarray):
+        raise UsageError(f"{arg}: {path!r} holds several arrays (.npz); save one array per file")
+    return a
 
 
 LOSSES = ("cross_entropy", "mse", "margin")  # pathkernel.losses by name
@@ -138,15 +160,15 @@ def _outputs(s: str):
 def _targets(args):
     """``targets=`` from ``--targets`` / ``--query-targets``."""
     if args.query_targets is not None and (args.targets is None or args.query is None):
-        raise SystemExit("--query-targets: needs --query and --targets")
+        raise UsageError("--query-targets: needs --query and --targets")
     if args.targets is None:
         return None
     if args.outputs not in LOSSES:
-        raise SystemExit(f"--outputs: with --targets, expected one of {', '.join(LOSSES)}")
+        raise UsageError(f"--outputs: with --targets, expected one of {', '.join(LOSSES)}")
     if args.query is not None and args.query_targets is None:
-        raise SystemExit("--query-targets: with --query and --targets, the query's targets too")
-    y = _inputs(args.targets)
-    return y if args.query is None else (y, _inputs(args.query_targets))
+        raise UsageError("--query-targets: with --query and --targets, the query's targets too")
+    y = _inputs(args.targets, "--targets")
+    return y if args.query is None else (y, _inputs(args.query_targets, "--query-targets"))
 
 
 def run(args) -> int:
@@ -157,7 +179,7 @@ def run(args) -> int:
     if args.cmd == "describe":
         model = load_model(args.model, device)
         dt = next(model.parameters()).dtype
-        x = torch.from_numpy(np.array(_inputs(args.input)))
+        x = torch.from_numpy(np.array(_inputs(args.input, "--input")))
         x = (x.to(dt) if x.is_floating_point() else x).to(device)
         print(
             describe(model, x, outputs=_outputs(args.outputs), project=args.project, seed=args.seed)
@@ -174,7 +196,7 @@ def run(args) -> int:
     if len(weights) == 1:
         weights = weights * len(paths)
     if len(weights) != len(paths):
-        raise SystemExit(
+        raise UsageError(
             f"--weights: expected 1 or {len(paths)} values (one per checkpoint), got {len(weights)}"
         )
     if int(os.environ.get("RANK", "0")) == 0:
@@ -182,8 +204,8 @@ def run(args) -> int:
         for path, w in zip(paths, weights):
             print(f"  {path} -> {w:g}", file=sys.stderr)
     targets = _targets(args)
-    X = _inputs(args.train)
-    Xq = None if args.query is None else _inputs(args.query)
+    X = _inputs(args.train, "--train")
+    Xq = None if args.query is None else _inputs(args.query, "--query")
     out = path_kernel(
         model,
         list(zip(paths, weights)),
