@@ -149,13 +149,13 @@ class OpCapture(TorchFunctionMode):
                 xs = list(x.shape)
                 xs[dim] = self.n
                 x = x.expand(xs)
-        elif self.copy_outputs:
-            y = y.clone()
         use = Use(op, weight, bias, None if x is None else x.detach(), y, ctx, y._version)
         self.uses.append(use)
         if self.record_grads and y.requires_grad:
             y.register_hook(lambda g, u=use: setattr(u, "grad", g.detach()))
-        return y
+        # the model gets a copy: an in-place op downstream (ReLU(inplace=True), `out += x`)
+        # then changes the copy, and the gradient at the recorded output stays the op's own
+        return y.clone() if self.copy_outputs and dim is None else y
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
