@@ -244,3 +244,17 @@ def test_mixed_precision_model_in_its_widest_dtype():
     assert_close(K, reference_ntk(model, x.double()), torch.float64)
     with pytest.raises(ValueError, match=r"dtype: the model mixes .*head.weight"):
         pk.tangent_kernel(model, x, dtype=torch.float32)
+
+
+def test_describe_warns_when_outputs_hardly_vary():
+    """A model whose outputs barely depend on the input (random init in eval mode with default
+    BatchNorm statistics, here scaled weights) gets a warning; an ordinary one none."""
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        flat[0].weight.mul_(1e-12)
+        flat[0].bias.fill_(1.0)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    d = pk.describe(flat, x)
+    assert len(d.warnings) == 1 and "nearly constant" in str(d)
+    assert pk.describe(mlp(d_in=4), x).warnings == []

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
 from torch import nn
 
 from .._autograd import with_autograd
@@ -41,6 +42,7 @@ class Description:
 
     rows: List[ParameterRow]
     projection: str = ""  # with project=: how k was split
+    warnings: List[str] = field(default_factory=list)  # what makes the kernel suspect
 
     @property
     def dense_share(self) -> float:
@@ -69,6 +71,7 @@ class Description:
         ]
         if proj:
             lines.append(self.projection)
+        lines += ["warning: " + w for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -141,4 +144,32 @@ def describe(
         proj = plan.projection
         dims = None if proj is None else proj.dims.get(DENSE if k is None else k)
         rows.append(ParameterRow(name, tuple(p.shape), form, why, dims))
-    return Description(rows, "" if plan.projection is None else plan.projection.summary(plan))
+    return Description(
+        rows,
+        "" if plan.projection is None else plan.projection.summary(plan),
+        _flat_outputs(model, x, spec),
+    )
+
+
+FLAT = 1e-8  # outputs that vary less than this, relative to their size, across the examples
+
+
+def _flat_outputs(model, x: tuple, spec: OutputSpec) -> List[str]:
+    """A warning when the model's outputs barely depend on its input on these examples (a
+    random-init network in eval mode with default BatchNorm statistics, say): its kernel is
+    then nearly constant, and says little about the examples."""
+    xs, ys = spec.split(tuple(t[:8] for t in x))
+    if xs[0].shape[0] < 2:
+        return []
+    with torch.no_grad():
+        f = spec.rows(model(*xs), ys).double()
+    spread = float((f - f[:1]).abs().max())
+    scale = float(f.abs().max())
+    if spread > FLAT * max(scale, 1e-30) and spread > 1e-30:
+        return []
+    return [
+        f"the outputs hardly vary across these {f.shape[0]} examples (largest difference "
+        f"{spread:.1e}, outputs up to {scale:.1e}): the kernel will be nearly constant. A "
+        "randomly initialized model in eval mode with default BatchNorm statistics does this; "
+        "use trained weights (or a forward pass in training mode to set the statistics)"
+    ]
