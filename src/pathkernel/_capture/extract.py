@@ -218,10 +218,12 @@ def fit_projection(plan: ModelPlan, spec: OutputSpec, state, x: tuple, k: int, s
     """Split ``k`` over the plan's groups by their gradient norms on the first examples of
     ``x`` (the weights ``state``; ``x`` cast and with its targets), and adopt that sketch."""
     plan.projection = None
-    blocks = [
+    # one example at a time: exact features can be large (a tied embedding's gradient is
+    # materialized), and only their norms are kept
+    blocks = (
         extract(plan, spec, state, tuple(t[i : i + 1] for t in x))
         for i in range(min(SAMPLE, x[0].shape[0]))
-    ]
+    )
     plan.projection = fit(plan, k, seed, blocks)
 
 

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .blocks import materialize
+from .plan import DENSE
 
 SAMPLE = 8  # examples whose gradient norms decide the split of k over groups
 CACHE_BYTES = 1 << 30  # sign matrices kept between calls (regenerated beyond this)
@@ -188,7 +189,8 @@ class Projection:
 
 
 def fit(plan, k: int, seed: int, blocks) -> Projection:
-    """The split of ``k`` for ``plan`` from exact feature blocks of a sample."""
+    """The split of ``k`` for ``plan`` from exact feature blocks of a sample (an iterable,
+    read once)."""
     energy: Dict[int, float] = {g: 0.0 for g in plan.group_keys()}
     for b in blocks:
         for g, f in b.factors.items():
@@ -202,8 +204,6 @@ def fit(plan, k: int, seed: int, blocks) -> Projection:
 
 
 def _label(plan, key: int) -> str:
-    from .plan import DENSE
-
     return "dense" if key == DENSE else plan.group(key).weight
 
 
