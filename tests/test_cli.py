@@ -157,3 +157,53 @@ def test_ddp_checkpoints_and_projection_on_the_command_line(cli_files):
     assert np.array_equal(np.load(cli_files / "p.npy"), K.numpy())
     d = _cli(cli_files, "describe", "--model", "factory:mlp", "--input", "x.npy", "--project", "9")
     assert d.returncode == 0 and "projected to k = 9" in d.stdout
+
+
+KEYWORDS = """
+import torch
+from torch import nn
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.lin = nn.Embedding(9, 4), nn.Linear(4, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids) * attention_mask[..., None]
+        return {"logits": self.lin(h.sum(1))}
+"""
+
+
+def test_keyword_inputs_on_the_command_line(tmp_path):
+    """--train NAME=FILE.npy ... is path_kernel(x={NAME: array, ...}): keyword inputs."""
+    import numpy as np
+    import torch
+
+    import pathkernel as pk
+
+    (tmp_path / "kw.py").write_text(KEYWORDS)
+    rng = np.random.default_rng(0)
+    ids, mask = rng.integers(0, 9, (10, 4)), (rng.random((10, 4)) > 0.3).astype(np.float32)
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "mask.npy", mask)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from kw import Masked
+    finally:
+        sys.path.pop(0)
+        sys.modules.pop("kw", None)
+    m = Masked()
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    inputs = ["--train", "attention_mask=mask.npy", "input_ids=ids.npy"]
+    args = ["path-kernel", "--model", "kw:Masked", "--checkpoints", "m.pt", "--out", "k.npy"]
+    r = _cli(tmp_path, *args, *inputs, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    x = {"attention_mask": torch.from_numpy(mask), "input_ids": torch.from_numpy(ids)}
+    K = pk.path_kernel(m, [(m.state_dict(), 1.0)], x, progress=False)
+    assert np.array_equal(np.load(tmp_path / "k.npy"), K.numpy())
+    d = _cli(tmp_path, "describe", "--model", "kw:Masked", "--input", *inputs[1:])
+    assert d.returncode == 0 and "emb.weight" in d.stdout, d.stderr[-2000:]
+    r = _cli(tmp_path, *args, "--train", "input_ids=ids.npy", "mask.npy")
+    assert r.returncode == 2 and "--train: give every input as NAME=FILE.npy" in r.stderr

@@ -140,7 +140,7 @@ def test_bad_batch_size(model):
 
 
 def test_not_a_tensor_input(model):
-    with pytest.raises(TypeError, match="x1: expected a tensor or a tuple of tensors"):
+    with pytest.raises(TypeError, match="x1: expected a tensor, a tuple of tensors or a dict"):
         pk.tangent_kernel(model, [[1.0] * 6])
 
 

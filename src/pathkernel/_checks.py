@@ -2,27 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._autograd import normal_tensor
+from ._capture.plan import call_model
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
+def input_keys(x, name: str) -> Optional[Tuple[str, ...]]:
+    """The keyword names of inputs given as a dict (``{"input_ids": ids, ...}``: the model is
+    called as ``model(**x)``), ``None`` for positional inputs."""
+    if not isinstance(x, Mapping):
+        return None
+    if not x or not all(isinstance(k, str) and k.isidentifier() for k in x):
+        raise TypeError(
+            f"{name}: a dict of inputs needs keyword names (str) for the model's arguments, "
+            f"got keys {list(x)[:4]}"
+        )
+    return tuple(x)
+
+
+def check_same_keys(k1, k2, n1: str, n2: str) -> None:
+    if k1 != k2:
+        raise ValueError(
+            f"{n2}: expected the same inputs as {n1} "
+            f"({'keywords ' + str(list(k1)) if k1 else 'positional'}), got "
+            f"{'keywords ' + str(list(k2)) if k2 else 'positional inputs'}"
+        )
+
+
 def as_inputs(x, name: str) -> Tuple[torch.Tensor, ...]:
-    """A tensor or tuple of tensors, batch-first, one length, non-empty and finite."""
-    xs = (x,) if isinstance(x, torch.Tensor) else x
+    """A tensor, a tuple of tensors or a dict of them (values in key order: see
+    ``input_keys``), batch-first, one length, non-empty and finite."""
+    keys = input_keys(x, name)
+    xs = (x,) if isinstance(x, torch.Tensor) else tuple(x.values()) if keys else x
     if (
         not isinstance(xs, (tuple, list))
         or not xs
         or not all(isinstance(t, torch.Tensor) for t in xs)
     ):
         raise TypeError(
-            f"{name}: expected a tensor or a tuple of tensors (batch first), got {type(x).__name__}"
+            f"{name}: expected a tensor, a tuple of tensors or a dict of them (batch first), "
+            f"got {type(x).__name__}"
         )
     xs = tuple(normal_tensor(t) for t in xs)
     for i, t in enumerate(xs):
@@ -142,11 +168,11 @@ def check_batch_size(batch_size: Optional[int]) -> None:
         raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
 
 
-def run_model_once(model: nn.Module, xs, name: str) -> None:
+def run_model_once(model: nn.Module, xs, name: str, keys=None) -> None:
     """Run the model on one example so a wrong feature shape is reported against ``name``."""
     try:
         with torch.no_grad():
-            model(*(t[:1] for t in xs))
+            call_model(model, tuple(t[:1] for t in xs), keys)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
         ints = [t.dtype for t in xs if not t.is_floating_point()]
         msg = str(e)

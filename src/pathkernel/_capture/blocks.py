@@ -76,6 +76,8 @@ def choose_form(group, f: Factor, stacked: bool) -> Factor:
     """Keep the factored form or materialize, whichever a pair of examples costs less."""
     if f.A is None or f.materialized:
         return f
+    if f.A.dtype == torch.long:  # tokens: decided per pair of blocks, by the tokens they hold
+        return f
     S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
     da = group.vocab if f.A.dtype == torch.long else f.A.shape[2] // group.conv_groups
     fac, mat = pair_cost(S, da, dd, C, stacked, group.conv_groups)
@@ -102,9 +104,9 @@ def to_terms(
         if f1.materialized != f2.materialized:  # blocks of different shapes chose differently
             f1 = f1 if f1.materialized else materialize(plan.group(k), f1)
             f2 = f2 if f2.materialized else materialize(plan.group(k), f2)
+        if f1.A is not None and f1.A.dtype == torch.long:
+            f1, f2 = _token_pair(f1, None if b2 is None else f2, stacked)
         A1, A2 = f1.A, f2.A
-        if A1 is not None and A1.dtype == torch.long:  # embedding: one-hot over the tokens seen
-            A1, A2 = _shared_one_hot(A1, A2 if b2 is not None else None, f1.D.dtype)
         g = 1 if f1.materialized else plan.group(k).conv_groups
         # a grouped convolution: one term per group (no pairs across groups)
         for A1j, D1j, A2j, D2j in zip(
@@ -124,19 +126,43 @@ def _split(t: Optional[torch.Tensor], g: int) -> list:
     return [t[..., j * w : (j + 1) * w] for j in range(g)]
 
 
-def _shared_one_hot(t1: torch.Tensor, t2: Optional[torch.Tensor], dtype):
-    """One-hot codes of two token blocks over the union of their tokens (-1 = no token)."""
-    both = t1 if t2 is None else torch.cat([t1.reshape(-1), t2.reshape(-1)])
-    vocab, inverse = torch.unique(both.reshape(-1), return_inverse=True)
+def _token_pair(f1: Factor, f2: Optional[Factor], stacked: bool) -> Tuple[Factor, Factor]:
+    """An embedding's factors for one pair of blocks (``f2 = None``: the block against
+    itself), over the ``u`` distinct tokens the two hold: one-hot ``A`` (the Gram over
+    positions, ``S^2 (u + C dd)`` a pair) or the gradient's ``u`` rows that can be nonzero
+    (``u dd`` a pair: its other rows are zero in every example of both blocks), whichever
+    costs less. Never the whole vocabulary."""
+    t1, t2 = f1.A, None if f2 is None else f2.A
+    both = t1.reshape(-1) if t2 is None else torch.cat([t1.reshape(-1), t2.reshape(-1)])
+    vocab, inverse = torch.unique(both, return_inverse=True)
     has_pad = bool(vocab.numel()) and int(vocab[0]) < 0
     idx = inverse - 1 if has_pad else inverse  # -1 stays "no token"
-    V = max(1, vocab.numel() - int(has_pad))
-    i1 = idx[: t1.numel()].reshape(t1.shape)
-    oh1 = one_hot(i1, V, dtype)
-    if t2 is None:
-        return oh1, oh1
-    i2 = idx[t1.numel() :].reshape(t2.shape)
-    return oh1, one_hot(i2, V, dtype)
+    u = max(1, vocab.numel() - int(has_pad))
+    S, C, dd = f1.D.shape[1], f1.D.shape[2], f1.D.shape[3]
+    fac, mat = pair_cost(S, u, dd, C, stacked)
+    codes = [idx[: t1.numel()].reshape(t1.shape)]
+    if t2 is not None:
+        codes.append(idx[t1.numel() :].reshape(t2.shape))
+    fs = [f1] if f2 is None else [f1, f2]
+    if mat < fac:
+        out = [_token_rows(c, f.D, u, f.beta) for c, f in zip(codes, fs)]
+    else:
+        out = [Factor(one_hot(c, u, f.D.dtype), f.D, f.beta) for c, f in zip(codes, fs)]
+    return out[0], out[-1]
+
+
+def _token_rows(codes: torch.Tensor, D: torch.Tensor, u: int, beta: float) -> Factor:
+    """Materialized over ``u`` tokens: row ``v`` of example ``i``'s gradient is the sum of its
+    output gradients at the positions holding token ``v`` (a scatter-add, no one-hot
+    product); a folded bias adds their sum over all positions as one more row."""
+    n, S, C, dd = D.shape
+    flat = D.reshape(n, S, C * dd) * (codes >= 0).unsqueeze(-1).to(D.dtype)
+    Z = torch.zeros(n, u, C * dd, dtype=D.dtype, device=D.device)
+    Z.scatter_add_(1, codes.clamp(min=0).unsqueeze(-1).expand(n, S, C * dd), flat)
+    if beta:
+        Z = torch.cat([Z, flat.sum(1, keepdim=True)], 1)
+    Z = Z.reshape(n, -1, C, dd).transpose(1, 2)  # [n, C, rows, dd]
+    return Factor(None, Z.reshape(n, 1, C, -1), 0.0, True)
 
 
 def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import weakref
 from typing import Callable, Dict
 
 import torch
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from .plan import ModelPlan
 
@@ -55,7 +55,7 @@ def dense_jacobian(
     err = None
     for method in _METHODS[start:]:
         try:
-            jac = _JACOBIAN[method](plan.model, fixed, dense, x, ys, rows)
+            jac = _JACOBIAN[method](plan, fixed, dense, x, ys, rows)
         except RuntimeError as e:  # no batching rule, an in-place op under vmap, ...
             err = e
             continue
@@ -65,36 +65,36 @@ def dense_jacobian(
     raise err
 
 
-def _single(model, fixed, rows, k):
+def _single(plan, fixed, rows, k):
     """One example's rows: ``xs`` holds its ``k`` inputs, then its targets."""
 
     def f(dp, *xs):
         one = tuple(t.unsqueeze(0) for t in xs)
-        out = functional_call(model, {**fixed, **dp}, one[:k])
+        out = plan.forward({**fixed, **dp}, one[:k])
         return rows(out, one[k:])[0]
 
     return f
 
 
-def _by_vmap(model, fixed, dense, x, ys, rows):
+def _by_vmap(plan, fixed, dense, x, ys, rows):
     xs = x + ys
     with math_attention():
-        f = jacrev(_single(model, fixed, rows, len(x)))
+        f = jacrev(_single(plan, fixed, rows, len(x)))
         return vmap(f, in_dims=(None,) + (0,) * len(xs))(dense, *xs)
 
 
-def _by_loop(model, fixed, dense, x, ys, rows):
-    f = jacrev(_single(model, fixed, rows, len(x)))
+def _by_loop(plan, fixed, dense, x, ys, rows):
+    f = jacrev(_single(plan, fixed, rows, len(x)))
     per = [f(dense, *(t[i] for t in x + ys)) for i in range(x[0].shape[0])]
     return {k: torch.stack([p[k] for p in per]) for k in dense}
 
 
-def _by_autograd(model, fixed, dense, x, ys, rows):
+def _by_autograd(plan, fixed, dense, x, ys, rows):
     out = {k: [] for k in dense}
     for i in range(x[0].shape[0]):
         dp = {k: v.detach().requires_grad_(True) for k, v in dense.items()}
         with torch.enable_grad():
-            o = functional_call(model, {**fixed, **dp}, tuple(t[i : i + 1] for t in x))
+            o = plan.forward({**fixed, **dp}, tuple(t[i : i + 1] for t in x))
             o = rows(o, tuple(t[i : i + 1] for t in ys))[0]
             per = [
                 torch.autograd.grad(

@@ -11,7 +11,7 @@ from torch import nn
 from .._autograd import with_autograd
 from .extract import extract, fit_projection
 from .outputs import OutputsArg, OutputSpec
-from .plan import DENSE, ModelPlan, cast_inputs, model_state
+from .plan import DENSE, ModelPlan, call_model, cast_inputs, model_state
 from .probe import probe
 from .projection import check_project
 
@@ -97,7 +97,7 @@ def describe(
 
     Args:
         model: the ``nn.Module``.
-        x: a few example inputs (a tensor or a tuple of tensors, batch first).
+        x: a few example inputs (a tensor, a tuple or a dict of tensors, batch first).
         outputs: the output mode (it decides, per layer, between factored and materialized).
         targets: the examples' targets, with an ``outputs`` callable ``(output, target)``.
         implementation: as in ``tangent_kernel``.
@@ -107,14 +107,22 @@ def describe(
     Returns:
         A ``Description``; ``print`` it for a table.
     """
-    from .._checks import as_inputs, as_targets, check_inputs_match, resolve_dtype, run_model_once
+    from .._checks import (
+        as_inputs,
+        as_targets,
+        check_inputs_match,
+        input_keys,
+        resolve_dtype,
+        run_model_once,
+    )
 
     project = check_project(project, seed)
     spec = OutputSpec(outputs, targets is not None)
+    keys = input_keys(x, "x")
     x = as_inputs(x, "x")
     check_inputs_match(model, x, "x")
-    run_model_once(model, x, "x")
-    plan = ModelPlan(model, implementation)
+    run_model_once(model, x, "x", keys)
+    plan = ModelPlan(model, implementation, keys)
     probe(plan, x)
     dtype = resolve_dtype(None, model)
     if targets is not None:
@@ -147,14 +155,14 @@ def describe(
     return Description(
         rows,
         "" if plan.projection is None else plan.projection.summary(plan),
-        _flat_outputs(model, x, spec),
+        _flat_outputs(plan, x, spec),
     )
 
 
 FLAT = 1e-8  # outputs that vary less than this, relative to their size, across the examples
 
 
-def _flat_outputs(model, x: tuple, spec: OutputSpec) -> List[str]:
+def _flat_outputs(plan: ModelPlan, x: tuple, spec: OutputSpec) -> List[str]:
     """A warning when the model's outputs barely depend on its input on these examples (a
     random-init network in eval mode with default BatchNorm statistics, say): its kernel is
     then nearly constant, and says little about the examples."""
@@ -162,7 +170,7 @@ def _flat_outputs(model, x: tuple, spec: OutputSpec) -> List[str]:
     if xs[0].shape[0] < 2:
         return []
     with torch.no_grad():
-        f = spec.rows(model(*xs), ys).double()
+        f = spec.rows(call_model(plan.model, xs, plan.keys), ys).double()
     spread = float((f - f[:1]).abs().max())
     scale = float(f.abs().max())
     if spread > FLAT * max(scale, 1e-30) and spread > 1e-30:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.func import functional_call
 
 from .._checks import check_finite_block
 from .blocks import Block, Factor, choose_form, concat_blocks, to_terms
@@ -43,10 +42,10 @@ def run_captured(plan: ModelPlan, state, x: tuple, trace: Trace) -> Tuple[torch.
     # passes vmapped over output channels
     with torch.enable_grad(), math_attention():
         with OpCapture(ids, n, trace.expand) as cap:
-            out = functional_call(plan.model, state, x)
+            out = plan.forward(state, x)
         if any(u.y._version != u.version for u in cap.uses):  # modified in place downstream
             with OpCapture(ids, n, trace.expand, copy_outputs=True) as cap:
-                out = functional_call(plan.model, state, x)
+                out = plan.forward(state, x)
     check_trace(cap.uses, trace)
     return out, cap.uses
 
@@ -278,7 +277,7 @@ def channel_chunks(
         per += sum(max(s, plan.group_size(k)) for k, s in sizes.items())
     else:
         with torch.no_grad():
-            out = functional_call(plan.model, state, one)
+            out = plan.forward(state, one)
     C = spec.rows(out).shape[1]
     per_bytes = max(1, per * torch.finfo(dtype).bits // 8)
     cc = max(1, budget // (n_total * per_bytes))

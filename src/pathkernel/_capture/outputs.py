@@ -27,6 +27,17 @@ def output_tensor(out) -> torch.Tensor:
     )
 
 
+def with_output_tensor(out, t: torch.Tensor):
+    """``out`` with the tensor ``output_tensor`` reads replaced by ``t``."""
+    if isinstance(out, torch.Tensor):
+        return t
+    if isinstance(out, Mapping) and "logits" in out:
+        return type(out)(**{**out, "logits": t})  # dicts and ModelOutput dataclasses
+    if isinstance(out, tuple):
+        return (t,) + tuple(out[1:])
+    raise TypeError(f"model: cannot pass a {type(out).__name__} output to loss_fn")
+
+
 def output_tensors(out) -> List[torch.Tensor]:
     """Every tensor in what the model returns (tuples, lists, dicts, ``ModelOutput``s)."""
     if isinstance(out, torch.Tensor):

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .._autograd import normal_tensor
 from .layout import Layout
@@ -84,14 +85,27 @@ def input_signature(x: Sequence[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape[1:]), t.is_floating_point()) for t in x)
 
 
+def call_model(model: nn.Module, x: tuple, keys: Optional[tuple] = None, state=None):
+    """``model(*x)``, or ``model(**dict(zip(keys, x)))`` for inputs given as a dict; with
+    ``state``, through ``functional_call`` on those parameters and buffers."""
+    args, kwargs = ((), dict(zip(keys, x))) if keys else (tuple(x), {})
+    if state is None:
+        return model(*args, **kwargs)
+    return functional_call(model, state, args, kwargs)
+
+
 class ModelPlan:
-    def __init__(self, model: nn.Module, implementation: str = "auto"):
+    def __init__(
+        self, model: nn.Module, implementation: str = "auto", keys: Optional[tuple] = None
+    ):
+        """``keys``: the keyword names of inputs given as a dict (``_checks.input_keys``)."""
         check_model(model)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(
                 f"implementation: expected one of {IMPLEMENTATIONS}, got {implementation!r}"
             )
         self.model = model
+        self.keys = keys
         self.implementation = implementation
         self.params: Dict[str, nn.Parameter] = {
             n: p for n, p in model.named_parameters() if p.requires_grad
@@ -135,6 +149,10 @@ class ModelPlan:
                 g.bias = None
             kept.append(g)
         self.set_groups(kept, {**self.why, **{n: why for n in names}})
+
+    def forward(self, state: Dict[str, torch.Tensor], x: tuple):
+        """The model's output on inputs ``x`` under ``state``."""
+        return call_model(self.model, x, self.keys, state)
 
     def trace_for(self, x) -> Optional[Trace]:
         return self.traces.get(input_signature(x))

@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from .ops import OpCapture, Use
+from .outputs import output_tensor
 from .plan import ModelPlan, Trace
 
 
@@ -31,8 +32,8 @@ class StepRecording:
     def __enter__(self):
         root = self.plan.model
         self._handles = [
-            root.register_forward_pre_hook(self._pre),
-            root.register_forward_hook(self._post),
+            root.register_forward_pre_hook(self._pre, with_kwargs=True),
+            root.register_forward_hook(self._post, with_kwargs=True),
         ]
         return self
 
@@ -48,16 +49,19 @@ class StepRecording:
             self._mode.__exit__(None, None, None)
             self._mode = None
 
-    def _pre(self, module, args):
+    def _pre(self, module, args, kwargs):
         if not torch.is_grad_enabled() or self._mode is not None:
             return None
-        n = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 1
+        keys = self.plan.keys  # keyword inputs: the tensors named by the train set's keys
+        ins = tuple(args) + tuple(kwargs.get(k) for k in keys) if keys else tuple(args)
+        first = next((t for t in ins if isinstance(t, torch.Tensor)), None)
+        n = first.shape[0] if first is not None and first.dim() else 1
         self._mode = OpCapture(self.ids, n, self.trace.expand, record_grads=True)
         self._mode.__enter__()
-        self.root_inputs.append(args)
+        self.root_inputs.append(ins)
         return None
 
-    def _post(self, module, args, output):
+    def _post(self, module, args, kwargs, output):
         if self._mode is None:
             return None
         self.uses.append(self._mode.uses)
@@ -65,6 +69,7 @@ class StepRecording:
         self.root_outputs.append(output)
         i = len(self.root_grads)
         self.root_grads.append(None)
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(lambda grad: self.root_grads.__setitem__(i, grad.detach()))
+        out = output_tensor(output)  # a ModelOutput's logits, as the output modes read
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.root_grads.__setitem__(i, grad.detach()))
         return None

@@ -17,14 +17,13 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .. import _backend
 from .._autograd import with_autograd
 from .._backend import Term
 from .._capture.blocks import concat_blocks, dot_params, per_example_grads, summed_grads, to_terms
 from .._capture.extract import CHUNK, block_from_recorded, features
-from .._capture.outputs import OutputsArg, OutputSpec
+from .._capture.outputs import OutputsArg, OutputSpec, output_tensor, with_output_tensor
 from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
 from .._capture.probe import probe
 from .._capture.recording import StepRecording
@@ -33,6 +32,8 @@ from .._checks import (
     check_finite_block,
     check_inputs_match,
     check_same_features,
+    check_same_keys,
+    input_keys,
     resolve_dtype,
     run_model_once,
 )
@@ -59,7 +60,8 @@ class PathRecorder:
         optimizer: ``torch.optim.SGD`` (any lr schedule, momentum, dampening, nesterov,
             weight decay), ``Adam`` or ``AdamW``, holding all of the model's trainable parameters.
         loss_fn: ``loss_fn(model(X[idx]), Y[idx])`` is the loss your loop backpropagates.
-        train: ``(X, Y)``, the training set (X: tensor or tuple of tensors, batch first).
+        train: ``(X, Y)``, the training set (X: a tensor, a tuple or a dict of tensors, batch
+            first; a dict's are the model's keyword arguments).
         query: inputs at which to explain the model (default: the training inputs).
         quadrature: Gauss-Legendre nodes per step (exact), ``"left"`` (Domingos' left
             endpoint approximation) or ``"trapezoid"``.
@@ -98,6 +100,7 @@ class PathRecorder:
             )
         if not isinstance(train, (tuple, list)) or len(train) != 2:
             raise TypeError("train: expected a pair (X, Y)")
+        keys = input_keys(train[0], "train")
         self.X = as_inputs(train[0], "train")
         self.Y = train[1]
         if (
@@ -113,6 +116,7 @@ class PathRecorder:
         if query is None:
             self.Xq = self.X
         else:
+            check_same_keys(keys, input_keys(query, "query"), "train", "query")
             self.Xq = as_inputs(query, "query")
             check_inputs_match(model, self.Xq, "query")
             check_same_features(self.X, self.Xq, "train", "query")
@@ -124,11 +128,11 @@ class PathRecorder:
         self.spec = OutputSpec(outputs)
         self.full = OutputSpec("full")
         self.dtype = resolve_dtype(dtype, model)
-        run_model_once(model, self.X, "train")
+        run_model_once(model, self.X, "train", keys)
         if query is not None:
-            run_model_once(model, self.Xq, "query")
+            run_model_once(model, self.Xq, "query", keys)
         self.model = model
-        self.plan = ModelPlan(model, "auto")
+        self.plan = ModelPlan(model, "auto", keys)
         probe(self.plan, self.X)
         probe(self.plan, self.Xq)
         self.trace = self.plan.trace_for(self.X)
@@ -337,9 +341,9 @@ class PathRecorder:
         return list(zip(cap.uses, ins, cap.root_grads))
 
     def _check_loss_gradient(self, idx, out, u) -> None:
-        fl = out.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.loss_fn(fl, self.Y[idx])
+        fl = output_tensor(out).detach().clone().requires_grad_(True)
+        with torch.enable_grad():  # the loss of what the model returned, its logits a leaf
+            loss = self.loss_fn(with_output_tensor(out, fl), self.Y[idx])
         if not torch.isfinite(loss).all():
             raise ValueError(f"step {self.steps}: the loss is not finite ({loss.item()})")
         gl = torch.autograd.grad(loss, fl)[0]
@@ -481,7 +485,7 @@ class PathRecorder:
     def _query_outputs(self, params: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         state = model_state(self.plan, self.dtype) if params is None else self._state(params)
         with torch.no_grad():
-            out = functional_call(self.model, state, cast_inputs(self.Xq, self.dtype))
+            out = self.plan.forward(state, cast_inputs(self.Xq, self.dtype))
         return self.full.rows(out).double()
 
     @with_autograd

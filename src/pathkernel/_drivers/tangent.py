@@ -11,7 +11,7 @@ from .. import _backend
 from .._autograd import with_autograd
 from .._capture.extract import channel_chunks, fit_projection, tangent_terms
 from .._capture.outputs import OutputsArg, OutputSpec
-from .._capture.plan import ModelPlan, cast_inputs, check_model, model_state
+from .._capture.plan import ModelPlan, call_model, cast_inputs, check_model, model_state
 from .._capture.probe import probe
 from .._capture.projection import check_project
 from .._checks import (
@@ -20,6 +20,8 @@ from .._checks import (
     check_batch_size,
     check_inputs_match,
     check_same_features,
+    check_same_keys,
+    input_keys,
     resolve_dtype,
     run_model_once,
     split_targets,
@@ -47,17 +49,19 @@ def prepare(
     spec = OutputSpec(outputs, targets is not None)
     y1, y2 = split_targets(targets, x2 is not None, ("x1", "x2"))
     check_batch_size(batch_size)
+    keys = input_keys(x1, "x1")
     x1 = as_inputs(x1, "x1")
     check_inputs_match(model, x1, "x1")
     if x2 is not None:
+        check_same_keys(keys, input_keys(x2, "x2"), "x1", "x2")
         x2 = as_inputs(x2, "x2")
         check_inputs_match(model, x2, "x2")
         check_same_features(x1, x2)
     dtype = resolve_dtype(dtype, model)
-    run_model_once(model, x1, "x1")
+    run_model_once(model, x1, "x1", keys)
     if x2 is not None:
-        run_model_once(model, x2, "x2")
-    plan = ModelPlan(model, implementation)
+        run_model_once(model, x2, "x2", keys)
+    plan = ModelPlan(model, implementation, keys)
     probe(plan, x1)
     if x2 is not None:
         probe(plan, x2)
@@ -90,7 +94,9 @@ def tangent_kernel(
 
     Args:
         model: a ``torch.nn.Module`` (in eval mode if it has BatchNorm or Dropout).
-        x1: inputs, a tensor or a tuple of tensors, batch first (integer tokens allowed).
+        x1: inputs, batch first (integer tokens allowed): a tensor, a tuple of tensors (the
+            model's positional arguments) or a dict of them (its keyword arguments, e.g.
+            ``{"input_ids": ids, "attention_mask": mask}``).
         x2: second inputs; ``None`` means ``x1`` against itself (symmetric, half the work).
         outputs: ``"trace"`` (sum over outputs), ``"full"`` (the C x C block), an int (one
             output), or a callable mapping the model output to one scalar per example (with
@@ -153,19 +159,23 @@ def _collective(
     from .path_kernel import run_plan
     from .tiling import make_plan
 
-    _, spec, dtype, x1, x2 = coll.agree(
+    plan, spec, dtype, x1, x2 = coll.agree(
         lambda: prepare(model, x1, x2, outputs, implementation, dtype, batch_size, targets)
     )  # the projection is fitted by the path kernel's plan below, on x1 as here
+    keys = plan.keys
     x1, y1 = spec.split(x1)
     x2, y2 = (None, ()) if x2 is None else spec.split(x2)
-    # path_kernel's order: train (x2, or x1 alone), then query (x1)
-    path_targets = None if targets is None else y1[0] if x2 is None else (y2[0], y1[0])
     n1 = x1[0].shape[0]
     n2 = n1 if x2 is None else x2[0].shape[0]
     C = 1
     if spec.full:
         with torch.no_grad():
-            C = spec.rows(model(*(t[:1] for t in x1))).shape[1]
+            C = spec.rows(call_model(model, tuple(t[:1] for t in x1), keys)).shape[1]
+    if keys:  # passed on as given: keyword inputs
+        x1 = dict(zip(keys, x1))
+        x2 = None if x2 is None else dict(zip(keys, x2))
+    # path_kernel's order: train (x2, or x1 alone), then query (x1)
+    path_targets = None if targets is None else y1[0] if x2 is None else (y2[0], y1[0])
     kernel = n1 * n2 * C * C * torch.finfo(dtype).bits // 8
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     p = make_plan(

@@ -31,6 +31,7 @@ from .._checks import (
     as_inputs,
     check_inputs_match,
     check_same_features,
+    check_same_keys,
     resolve_dtype,
     run_model_once,
     split_targets,
@@ -181,9 +182,13 @@ def _pair_flops(b: Block, stacked: bool) -> float:
     fl = 0.0
     for f in b.factors.values():
         S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
-        # embedding tokens: the one-hot width is the union of tokens, at most 2 S per pair
-        da = 0 if f.A is None else (f.A.shape[2] if f.A.dim() == 3 else 2 * S)
-        fl += S * S * (da + (C if stacked else C * C) * dd)
+        CC = C if stacked else C * C
+        if f.A is not None and f.A.dtype == torch.long:  # tokens: as blocks._token_pair does
+            u = max(1, int(torch.unique(f.A).numel()))
+            fl += min(S * S * (u + CC * dd), CC * dd * (u + 1))
+            continue
+        da = 0 if f.A is None else f.A.shape[2]
+        fl += S * S * (da + CC * dd)
     return 2.0 * fl
 
 
@@ -213,17 +218,18 @@ def _job(
     like = next((p for p in model.parameters() if p.is_floating_point()), None)
     cols = source(train, "train", collate, like, y_train)
     rows = cols if query is None else source(query, "query", collate, like, y_query)
+    check_same_keys(cols.keys, rows.keys, "train", "query")
     sample_x = as_inputs(rows.get(0, min(64, rows.n)), rows.name)
     sample_rows = spec.split(sample_x)[0]
     check_inputs_match(model, sample_rows, rows.name)
-    run_model_once(model, sample_rows, rows.name)
-    mplan = ModelPlan(model, implementation)
+    run_model_once(model, sample_rows, rows.name, rows.keys)
+    mplan = ModelPlan(model, implementation, cols.keys)
     probe(mplan, sample_rows)
     if query is not None:
         sample_cols = spec.split(as_inputs(cols.get(0, min(8, cols.n)), "train"))[0]
         check_inputs_match(model, sample_cols, "train")
         check_same_features(sample_cols, sample_rows, "train", "query")
-        run_model_once(model, sample_cols, "train")
+        run_model_once(model, sample_cols, "train", cols.keys)
         probe(mplan, sample_cols)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
     if project is not None:  # k split by the gradient norms of the first train examples

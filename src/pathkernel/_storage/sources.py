@@ -1,12 +1,15 @@
-"""Inputs streamed in blocks: tensors, tuples of tensors, numpy arrays, or a torch Dataset."""
+"""Inputs streamed in blocks: tensors, tuples or dicts of tensors, numpy arrays, or a torch
+Dataset."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
+
+from .._checks import input_keys
 
 
 class Source:
@@ -22,10 +25,15 @@ class Source:
     ):
         """``like``: a parameter of the model. Blocks go to its device (a data set on the host
         streams to a model on the GPU block by block); blocks read from numpy arrays also take
-        its floating-point dtype."""
+        its floating-point dtype. A dict (of tensors or arrays, or a Dataset whose items are
+        dicts) names the model's keyword arguments: ``keys``, its blocks the values in that
+        order."""
         self.name = name
         self.dataset = None
         self.like = like
+        self.keys = input_keys(data, name)
+        if self.keys:
+            data = tuple(data.values())
         if isinstance(data, np.ndarray):
             data = (data,)
         arrays = (torch.Tensor, np.ndarray)
@@ -39,12 +47,14 @@ class Source:
             self.collate = collate or torch.utils.data.default_collate
         else:
             raise TypeError(
-                f"{name}: expected a tensor, a tuple of tensors, a numpy array or a "
+                f"{name}: expected a tensor, a tuple or dict of tensors, a numpy array or a "
                 f"torch Dataset with __len__, got {type(data).__name__}"
             )
         self.n = len(self.dataset) if self.dataset is not None else self.tensors[0].shape[0]
         if self.n == 0:
             raise ValueError(f"{name}: empty (0 examples)")
+        if self.dataset is not None:  # a Dataset of dicts: keyword inputs
+            self.keys = input_keys(self.collate([self.dataset[0]]), name)
 
     def get(self, lo: int, hi: int):
         """Examples ``lo:hi`` as a tensor or tuple of tensors (batch first)."""
@@ -57,6 +67,13 @@ class Source:
             )
             return part[0] if len(part) == 1 else part
         batch = self.collate([self.dataset[i] for i in range(lo, hi)])
+        if isinstance(batch, Mapping):
+            if tuple(batch) != self.keys:
+                raise ValueError(
+                    f"{self.name}: items {lo}:{hi} have keys {list(batch)}, item 0 has "
+                    f"{list(self.keys or ())}"
+                )
+            batch = tuple(batch.values())
         if isinstance(batch, torch.Tensor):
             return self._to_device(batch)
         if isinstance(batch, (tuple, list)):
@@ -82,7 +99,7 @@ class Source:
     def fingerprint(self) -> str:
         """Identifies the data for resume: a hash of the tensors, or of a Dataset's length and
         a few items (hashing a whole Dataset would read it all)."""
-        h = hashlib.sha1(f"{self.name}:{self.n}".encode())
+        h = hashlib.sha1(f"{self.name}:{self.n}{f':{self.keys}' if self.keys else ''}".encode())
         if self.tensors is not None:
             for t in self.tensors:
                 h.update(str((tuple(t.shape), str(t.dtype).replace("torch.", ""))).encode())
@@ -102,9 +119,9 @@ class Source:
                     h.update(np.ascontiguousarray(part).tobytes())
         else:
             for i in sorted({0, self.n // 2, self.n - 1}):
-                item = self.collate([self.dataset[i]])
+                item = self.get(i, i + 1)
                 for t in item if isinstance(item, (tuple, list)) else (item,):
-                    h.update(torch.as_tensor(t).contiguous().numpy().tobytes())
+                    h.update(torch.as_tensor(t).detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
 
@@ -124,7 +141,7 @@ class WithTargets:
                 f"{inputs.name}; expected one per example"
             )
         self.inputs, self.targets = inputs, targets
-        self.name, self.n = inputs.name, inputs.n
+        self.name, self.n, self.keys = inputs.name, inputs.n, inputs.keys
 
     def get(self, lo: int, hi: int) -> tuple:
         x = self.inputs.get(lo, hi)

@@ -35,8 +35,16 @@ def add_parsers(sub) -> None:
         nargs="*",
         help="one weight (learning rate) per checkpoint, or one for all (default 1)",
     )
-    p.add_argument("--train", required=True, help=".npy of training inputs (columns)")
-    p.add_argument("--query", help=".npy of query inputs (rows); default: train x train")
+    p.add_argument(
+        "--train",
+        required=True,
+        nargs="+",
+        help=".npy of training inputs (columns); several: the model's positional inputs, or "
+        "NAME=FILE.npy each for its keyword inputs (input_ids=ids.npy attention_mask=mask.npy)",
+    )
+    p.add_argument(
+        "--query", nargs="+", help="query inputs (rows), as --train; default: train x train"
+    )
     p.add_argument("--out", required=True, help="the .npy to write (resumed if it exists)")
     p.add_argument("--memory-budget", default="2GB", help="per rank, e.g. 8GB")
     p.add_argument(
@@ -61,7 +69,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     d = sub.add_parser("describe", help="which rule and form each parameter of a model gets")
     _model_args(d)
-    d.add_argument("--input", required=True, help=".npy of a few example inputs")
+    d.add_argument(
+        "--input", required=True, nargs="+", help=".npy of a few example inputs (as --train)"
+    )
     d.add_argument("--outputs", default="trace")
     _projection_args(d)
 
@@ -146,6 +156,24 @@ def _inputs(path: str, arg: str):
     return a
 
 
+def _input_set(values, arg: str):
+    """One ``.npy`` (an array), several (a tuple: positional inputs), or ``NAME=FILE`` each (a
+    dict: the model's keyword inputs)."""
+    named = [v.partition("=") for v in values]
+    keyed = [
+        bool(n.isidentifier() and sep) and not os.path.isfile(v)
+        for v, (n, sep, _) in zip(values, named)
+    ]
+    if any(keyed) and not all(keyed):
+        raise UsageError(f"{arg}: give every input as NAME=FILE.npy, or none")
+    if all(keyed):
+        if len({n for n, _, _ in named}) < len(named):
+            raise UsageError(f"{arg}: a name is given twice: {values}")
+        return {n: _inputs(path, arg) for n, _, path in named}
+    arrays = tuple(_inputs(v, arg) for v in values)
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
 LOSSES = ("cross_entropy", "mse", "margin")  # pathkernel.losses by name
 
 
@@ -179,8 +207,16 @@ def run(args) -> int:
     if args.cmd == "describe":
         model = load_model(args.model, device)
         dt = next(model.parameters()).dtype
-        x = torch.from_numpy(np.array(_inputs(args.input, "--input")))
-        x = (x.to(dt) if x.is_floating_point() else x).to(device)
+
+        def tensor(a):  # describe reads its few examples whole
+            t = torch.from_numpy(np.array(a))
+            return (t.to(dt) if t.is_floating_point() else t).to(device)
+
+        x = _input_set(args.input, "--input")
+        if isinstance(x, dict):
+            x = {k: tensor(a) for k, a in x.items()}
+        else:
+            x = tuple(map(tensor, x)) if isinstance(x, tuple) else tensor(x)
         print(
             describe(model, x, outputs=_outputs(args.outputs), project=args.project, seed=args.seed)
         )
@@ -204,8 +240,8 @@ def run(args) -> int:
         for path, w in zip(paths, weights):
             print(f"  {path} -> {w:g}", file=sys.stderr)
     targets = _targets(args)
-    X = _inputs(args.train, "--train")
-    Xq = None if args.query is None else _inputs(args.query, "--query")
+    X = _input_set(args.train, "--train")
+    Xq = None if args.query is None else _input_set(args.query, "--query")
     out = path_kernel(
         model,
         list(zip(paths, weights)),

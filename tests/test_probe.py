@@ -1,0 +1,85 @@
+"""The probe's check of the factors: one random combination of the examples' gradients must
+catch factors that are wrong for one example, or that give one example's gradient to another
+(which leaves their plain sum unchanged)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import pathkernel as pk
+from models import CNN
+from pathkernel._capture import probe as probe_mod
+from pathkernel._capture.plan import ModelPlan
+from reference import assert_close, reference_ntk
+
+
+def _corrupt(how):
+    real = probe_mod.group_factors
+
+    def group_factors(plan, uses, n, *a, **k):
+        out = real(plan, uses, n, *a, **k)
+        g = next((j for j, grp in enumerate(plan.groups) if grp.weight == "c1.weight"), None)
+        if g not in out:
+            return out
+        f = out[g]  # the first layer's factor, batch first
+        if how == "swap":  # example 0's part given to example 1 and back
+            i = torch.tensor([1, 0] + list(range(2, n)))
+            f = dataclasses.replace(f, A=None if f.A is None else f.A[i], D=f.D[i])
+        else:  # a wrong gradient for the last example only
+            D = f.D.clone()
+            D[-1] *= 1.001
+            f = dataclasses.replace(f, D=D)
+        out[g] = f
+        return out
+
+    return group_factors
+
+
+@pytest.mark.parametrize("how", ["swap", "scale"])
+def test_wrong_factors_are_caught_and_sent_dense(monkeypatch, how):
+    model = CNN().double()
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    clean = ModelPlan(model)
+    probe_mod.probe(clean, (x,))
+    first = {"c1.weight", "c1.bias"}
+    assert first <= set(clean.group_of)
+    probe_mod._PROBED.clear()
+    monkeypatch.setattr(probe_mod, "group_factors", _corrupt(how))
+    plan = ModelPlan(model)
+    probe_mod.probe(plan, (x,))
+    assert first <= set(plan.dense), (first, plan.dense)
+    assert plan.why[next(iter(first))].startswith("its factors do not reproduce")
+    assert len(plan.dense) == len(first)  # the other groups stand
+    probe_mod._PROBED.clear()
+
+
+def test_clean_probe_keeps_every_group():
+    model = CNN().double()
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    probe_mod._PROBED.clear()
+    assert pk.describe(model, x).dense_share == 0.0
+    assert_close(pk.tangent_kernel(model, x), reference_ntk(model, x), torch.float64)
+
+
+class RoundsInside(torch.nn.Module):
+    """A float64 model that computes a norm in float32, as Llama's RMSNorm does: its
+    backward rounds the gradient there, and the check must round both sides alike."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(5, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h32 = h.float()
+        h = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype)
+        return self.b(torch.tanh(h))
+
+
+def test_model_that_rounds_inside_stays_factored():
+    model = RoundsInside().double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    probe_mod._PROBED.clear()
+    assert pk.describe(model, x).dense_share == 0.0
