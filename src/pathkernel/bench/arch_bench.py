@@ -14,7 +14,7 @@ from typing import List, Tuple
 import torch
 
 from .architectures import ARCHITECTURES, architecture
-from .workloads import best_time, gemm_rate, paired_best, torch_func_ntk
+from .workloads import best_time, flop_limit, gemm_rate, paired_best, torch_func_ntk
 
 
 def _flops(model, x) -> Tuple[float, float, float]:
@@ -70,13 +70,15 @@ def architecture_rows(quick: bool, row) -> List:
         ours, peer = paired_best(
             lambda: tangent_kernel(model, x), lambda: torch_func_ntk(model, x), 1 if quick else 2
         )
-        plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
+        plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None, None)
         t_grad = best_time(lambda: tangent_terms(plan, spec, dtype, x1), 2)
         s1, s2, _ = tangent_terms(plan, spec, dtype, x1)
         out = torch.zeros(n, n, 1, 1)
         t_gram = best_time(lambda: accumulate(out, s1, s2), 2)
         f_grad, f_gram, dense = _flops(model, x)
+        limit = flop_limit(model, x, "trace", rate)
         note = (
+            f"{limit / ours:.0%} of the FLOP limit ({limit:.3f} s); "
             f"dense {100 * dense:.0f}%; per-example grads {f_grad / 1e9:.2f} GFLOP in "
             f"{t_grad:.3f} s ({f_grad / t_grad / rate:.0%} of sgemm); Gram "
             f"{f_gram / 1e9:.2f} GFLOP in {t_gram:.3f} s ({f_gram / t_gram / rate:.0%})"

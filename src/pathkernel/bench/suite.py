@@ -110,19 +110,7 @@ def _digits_cnn(quick: bool) -> List[Row]:
     x = torch.randn(n, 1, 8, 8)
     ours = best_time(lambda: tangent_kernel(model, x, outputs="full"), 2)
 
-    def tfunc_full():
-        from torch.func import functional_call, jacrev, vmap
-
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        j = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi.unsqueeze(0),))[0]), (None, 0))(
-            params, x
-        )
-        return sum(
-            torch.einsum("ncp,mdp->nmcd", v.reshape(n, 10, -1), v.reshape(n, 10, -1))
-            for v in j.values()
-        )
-
-    peer = best_time(tfunc_full, 1)
+    peer = best_time(lambda: torch_func_ntk(model, x, outputs="full"), 1)
     return [Row("digits-cnn", f"NTK N={n}, full 10x10 blocks", ours, {"torch.func": peer})]
 
 
@@ -297,8 +285,8 @@ def _tiny_transformer(quick: bool) -> List[Row]:
 
     n = 128 if quick else 512
     model, x = tiny_transformer(n)
-    ours = best_time(lambda: tangent_kernel(model, x), 2)
-    peer = best_time(lambda: torch_func_ntk(model, x), 1)
+    tangent_kernel(model, x), torch_func_ntk(model, x)  # warm both
+    ours, peer = paired_best(lambda: tangent_kernel(model, x), lambda: torch_func_ntk(model, x), 2)
     return [
         Row(
             "tiny-transformer",
@@ -347,6 +335,12 @@ def _architectures(quick: bool) -> List[Row]:
     return architecture_rows(quick, Row)
 
 
+def _real_width(quick: bool) -> List[Row]:
+    from .real_width import real_width_rows
+
+    return real_width_rows(quick, Row)
+
+
 BENCHES: Dict[str, Callable[[bool], List[Row]]] = {
     "wide-mlp": _wide_mlp,
     "digits-cnn": _digits_cnn,
@@ -355,6 +349,7 @@ BENCHES: Dict[str, Callable[[bool], List[Row]]] = {
     "tiny-transformer": _tiny_transformer,
     "large-n": _large_n,
     "architectures": _architectures,
+    "real-width": _real_width,
 }
 
 

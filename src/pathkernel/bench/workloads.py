@@ -9,7 +9,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from .._timing import best_time
 
@@ -130,25 +130,78 @@ def torch_factored_ntk(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return K
 
 
-def torch_func_ntk(model: nn.Module, x1: torch.Tensor, x2=None) -> torch.Tensor:
-    """The PyTorch NTK tutorial recipe: vmap(jacrev) Jacobians, contracted (trace)."""
+def torch_func_ntk(model: nn.Module, x1: torch.Tensor, x2=None, outputs: str = "trace"):
+    """The PyTorch NTK tutorial recipe: vmap(jacrev) Jacobians, contracted as its own
+    ``empirical_ntk_jacobian_contraction`` does: ``"Naf,Maf->NM"`` for the trace,
+    ``"Naf,Mbf->NMab"`` for the full C x C blocks."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def single(p, x):
         return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
 
-    j1 = vmap(jacrev(single), (None, 0))(params, x1)
-    j2 = j1 if x2 is None else vmap(jacrev(single), (None, 0))(params, x2)
+    from .._capture.dense import math_attention
+
+    with math_attention():  # the fused kernels have no batching rule (a slow fallback)
+        j1 = vmap(jacrev(single), (None, 0))(params, x1)
+        j2 = j1 if x2 is None else vmap(jacrev(single), (None, 0))(params, x2)
     n1 = x1.shape[0]
     n2 = n1 if x2 is None else x2.shape[0]
+    how = "Naf,Maf->NM" if outputs == "trace" else "Naf,Mbf->NMab"
     return sum(
-        torch.einsum(
-            "Naf,Mbf->NMab", a.reshape(n1, -1, a[0, 0].numel()), b.reshape(n2, -1, b[0, 0].numel())
-        )
-        .diagonal(dim1=2, dim2=3)
-        .sum(-1)
+        torch.einsum(how, a.reshape(n1, -1, a[0, 0].numel()), b.reshape(n2, -1, b[0, 0].numel()))
         for a, b in zip(j1.values(), j2.values())
     )
+
+
+def torch_func_grad_ntk(model: nn.Module, x, scalar: Callable, chunk: int = 32) -> torch.Tensor:
+    """The recipe for one scalar output when the N x P Jacobian fits: ``vmap(grad)``
+    per-example gradients in chunks of ``chunk``, flattened, one GEMM. ``x``: a tensor, or a
+    dict of the model's keyword inputs."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    xs = x if isinstance(x, dict) else {None: x}
+    keys = tuple(xs)
+
+    def f(p, *ts):
+        one = [t.unsqueeze(0) for t in ts]
+        out = (
+            functional_call(model, p, tuple(one))
+            if keys == (None,)
+            else functional_call(model, p, (), dict(zip(keys, one)))
+        )
+        return scalar(out)[0]
+
+    from .._capture.dense import math_attention
+
+    g = vmap(grad(f), in_dims=(None,) + (0,) * len(keys))
+    n = next(iter(xs.values())).shape[0]
+    rows = []
+    for lo in range(0, n, chunk):
+        with math_attention():  # the fused kernels have no batching rule for their backward
+            gs = g(params, *(t[lo : lo + chunk] for t in xs.values()))
+        rows.append(torch.cat([v.reshape(v.shape[0], -1) for v in gs.values()], 1))
+    J = torch.cat(rows)
+    return J @ J.T
+
+
+def flop_limit(model: nn.Module, x, outputs, rate: float) -> float:
+    """Seconds of the work's FLOPs at ``rate`` (the sgemm rate measured in the same run): one
+    batched forward + backward of the N examples (torch's ``FlopCounterMode``; ``C`` backward
+    passes for the trace of ``C`` outputs) plus the symmetric Gram, N(N+1)/2 pairs x P x 2
+    (x C for the trace). ``outputs``: ``"trace"`` or a callable giving one scalar per
+    example; ``x``: a tensor, or a dict of keyword inputs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+    with FlopCounterMode(display=False) as fc:
+        out = model(**x) if isinstance(x, dict) else model(x)
+        forward = fc.get_total_flops()
+        s = out.reshape(n, -1).sum(1) if outputs == "trace" else outputs(out)
+        s.sum().backward()
+    model.zero_grad(set_to_none=True)
+    C = out.reshape(n, -1).shape[1] if outputs == "trace" else 1
+    backward = fc.get_total_flops() - forward
+    return (forward + C * backward + n * (n + 1) / 2 * P * 2 * C) / rate
 
 
 def mlp_factored_flops(sizes, n1: int, n2: int, symmetric: bool) -> float:
