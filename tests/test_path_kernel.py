@@ -288,6 +288,13 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
     spilled = pk.plan(model.float(), ck, X, out="k.npy", memory_budget=60_000)
     assert spilled.spill_bytes > 0 and spilled.est_seconds <= 3 * roomy.est_seconds
     assert "kept in a scratch file" in str(spilled)
+    # the plan says how often it extracts each example: once per checkpoint when it keeps
+    # them, more when it recomputes
+    assert "(1.00 per example and checkpoint)" in str(spilled)
+    T = len(ck)
+    again = pk.plan(model.float(), ck, X, out="k.npy", memory_budget=4_000_000, spill=False)
+    per = again.extractions / (3000 * T)
+    assert per > 1 and f"({per:.2f} per example and checkpoint)" in str(again)
 
 
 def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):

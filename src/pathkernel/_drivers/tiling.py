@@ -153,7 +153,9 @@ class PathKernelPlan:
                 f"{T} checkpoint(s), store: {self.store}",
                 f"  tiles: {len(self.tiles)} of {self.row_block} x {self.col_block}; {how}",
                 f"  features: {self.feature_bytes_per_example} B per example per checkpoint; "
-                f"{self.extractions:,} example forward/backward passes{spill}",
+                f"{self.extractions:,} example forward/backward passes "
+                f"({self.extractions / ((N if self.symmetric else M + N) * T):.2f} per example "
+                f"and checkpoint){spill}",
                 f"  memory {fmt_bytes(self.memory_bytes)} of the {fmt_bytes(self.budget_bytes)} "
                 f"budget; Gram work {self.gram_flops / 1e9:,.1f} GFLOP",
                 f"  estimated {self.est_seconds:,.1f} s (features {ex:,.1f} s, "
