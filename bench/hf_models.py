@@ -1,4 +1,4 @@
-"""Library models as users hold them: a Hugging Face BERT (keyword inputs with a padding
+"""Library models as users hold them: a Hugging Face BERT (keyword x with a padding
 mask, a ModelOutput) and torchvision's MobileNetV3-small (in-place Hardswish), passed as the
 libraries build them, against the torch.func recipe in the same process.
 
@@ -56,7 +56,7 @@ def mobilenet(n):
     with torch.no_grad():  # set the BatchNorm statistics (default ones give a flat model)
         model(torch.randn(64, 3, 64, 64))
     model.eval()
-    return "MobileNetV3-small (64x64)", model, {"x": torch.randn(n, 3, 64, 64)}
+    return "MobileNetV3-small (64x64)", model, torch.randn(n, 3, 64, 64)
 
 
 def pick(o):
@@ -64,10 +64,10 @@ def pick(o):
 
 
 def peer(model, x):
-    if "attention_mask" in x:  # as a 4-D additive mask: vmap cannot run HF's check of a 2-D one
+    if isinstance(x, dict):  # a 4-D additive mask: vmap cannot run HF's check of a 2-D one
         m = x["attention_mask"][:, None, None, :].to(torch.float32)
         x = {**x, "attention_mask": (1.0 - m) * torch.finfo(torch.float32).min}
-    return torch_func_grad_ntk(model, x if set(x) != {"x"} else x["x"], pick)
+    return torch_func_grad_ntk(model, x, pick)
 
 
 def main():
@@ -82,17 +82,16 @@ def main():
         except ImportError as e:
             print(f"{make.__name__}: skipped ({e})")
             continue
-        inputs = x if set(x) != {"x"} else x["x"]
         t = time.perf_counter()
-        K = pk.tangent_kernel(model, inputs, outputs=pick)
+        K = pk.tangent_kernel(model, x, outputs=pick)
         first = time.perf_counter() - t
         ref = peer(model, x)
         err = float((K - ref).abs().max() / ref.abs().max())
         ours, theirs = paired_best(
-            lambda: pk.tangent_kernel(model, inputs, outputs=pick), lambda: peer(model, x), 3
+            lambda: pk.tangent_kernel(model, x, outputs=pick), lambda: peer(model, x), 3
         )
-        lim = flop_limit(model, inputs, pick, rate)
-        dense = pk.describe(model, inputs, outputs=pick).dense_share
+        lim = flop_limit(model, x, pick, rate)
+        dense = pk.describe(model, x, outputs=pick).dense_share
         print(
             f"{name}: ours {ours:.2f} s (first call {first:.2f} s), torch.func {theirs:.2f} s "
             f"-> {theirs / ours:.2f}x; {100 * lim / ours:.0f}% of the FLOP limit "

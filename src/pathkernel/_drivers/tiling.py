@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _backend
 from .._autograd import with_autograd
-from .._capture.blocks import Block, Factor, concat_blocks, to_terms
+from .._capture.blocks import Block, Factor, concat_blocks, pair_cost, to_terms
 from .._capture.extract import CHUNK, extract, fit_projection
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
@@ -186,8 +186,7 @@ def _pair_flops(b: Block, stacked: bool) -> float:
         S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
         CC = C if stacked else C * C
         if f.A is not None and f.A.dtype == torch.long:  # tokens: as blocks._token_pair does
-            u = max(1, int(torch.unique(f.A).numel()))
-            fl += min(S * S * (u + CC * dd), CC * dd * (u + 1))
+            fl += min(pair_cost(S, max(1, int(torch.unique(f.A).numel())), dd, C, stacked))
             continue
         da = 0 if f.A is None else f.A.shape[2]
         fl += S * S * (da + CC * dd)
