@@ -80,6 +80,24 @@ def kill_after(journal: str, records: int):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def count_extractions(path: str):
+    """Write to ``path`` how many examples' features the path kernel extracts (every
+    checkpoint counted), once the process exits."""
+    import atexit
+
+    from pathkernel._drivers import path_kernel as driver
+
+    count = [0]
+    real = driver.features
+
+    def counted(mplan, spec, state, x, *a, **k):
+        count[0] += spec.split(x)[0][0].shape[0]
+        return real(mplan, spec, state, x, *a, **k)
+
+    driver.features = counted
+    atexit.register(lambda: open(path, "w").write(str(count[0])))
+
+
 def ddp_problem():
     torch.manual_seed(0)
     model = mlp(d_in=4, hidden=(7,), d_out=3)  # float64, tanh
@@ -230,9 +248,12 @@ def main():
         out = os.path.join(out_dir, "k.npy")
         if "spill" in scenario:
             plan_kw = {k: v for k, v in kw.items() if k != "progress"}
-            spilled = pk.plan(model, ck, X, Xq, out=out, **plan_kw).spill_bytes
+            plan = pk.plan(model, ck, X, Xq, out=out, **plan_kw)
             with open(os.path.join(out_dir, f"spill{rank}.txt"), "w") as f:
-                f.write(str(spilled))
+                f.write(str(plan.spill_bytes))
+            with open(os.path.join(out_dir, f"plan{rank}.txt"), "w") as f:
+                f.write(str(plan))
+            count_extractions(os.path.join(out_dir, f"extracted{rank}.txt"))
         if (
             "kill" in scenario
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"

@@ -54,7 +54,16 @@ def same_bytes(a, b):
 
 @pytest.mark.parametrize(
     "scenario",
-    ["file", "file-query", "file-full", "ram", "ram-query", "file-query-spill", "file-project"],
+    [
+        "file",
+        "file-query",
+        "file-full",
+        "ram",
+        "ram-query",
+        "file-spill",
+        "file-query-spill",
+        "file-project",
+    ],
 )
 def test_two_ranks_byte_identical_to_one_process(scenario, tmp_path):
     run(scenario, tmp_path / "one")
@@ -62,11 +71,26 @@ def test_two_ranks_byte_identical_to_one_process(scenario, tmp_path):
     assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
     if scenario.startswith("file"):  # both ranks wrote tiles and journalled them
         assert os.path.getsize(tmp_path / "two" / "k.npy.journal.1") > 0
-    if "spill" in scenario:  # each rank kept features in its own scratch file, now gone
-        for d, ranks in (("one", [0]), ("two", [0, 1])):
-            for r in ranks:
-                assert int(open(tmp_path / d / f"spill{r}.txt").read()) > 0
-            assert not [f for f in os.listdir(tmp_path / d) if "features" in f]
+    if "spill" in scenario:
+        _check_shared_extraction(tmp_path, query="query" in scenario)
+
+
+def _check_shared_extraction(d, query: bool):
+    """The ranks kept features in scratch files (now gone) and shared them: every example's
+    features were extracted once per checkpoint across the ranks, split about evenly, and
+    the plan said what each rank does."""
+    N, M, T = 203, 57 if query else 0, 3  # tests/distributed_job.py's problem
+    for run_dir, ranks in (("one", [0]), ("two", [0, 1])):
+        for r in ranks:
+            assert int(open(d / run_dir / f"spill{r}.txt").read()) > 0
+        assert not [f for f in os.listdir(d / run_dir) if "features" in f]
+    one = int(open(d / "one" / "extracted0.txt").read())
+    two = [int(open(d / "two" / f"extracted{r}.txt").read()) for r in (0, 1)]
+    assert sum(two) == (M + N) * T <= one, (two, one)
+    assert max(two) < 0.7 * sum(two), two
+    plan = open(d / "two" / "plan0.txt").read()
+    assert "on 2 ranks" in plan and "rank 1: " in plan and "extracted once across" in plan
+    assert "on 2 ranks" not in open(d / "one" / "plan0.txt").read()
 
 
 def test_killed_rank_restarted_by_torchrun_resumes(tmp_path):
@@ -75,15 +99,16 @@ def test_killed_rank_restarted_by_torchrun_resumes(tmp_path):
     assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
 
 
-@pytest.mark.parametrize("world", [None, 3])
-def test_crash_finished_with_another_world_size(world, tmp_path):
-    run("file", tmp_path / "one")
-    crashed = run("file-crash", tmp_path / "two", ranks=2, check=False)
+@pytest.mark.parametrize("world,kind", [(None, "file"), (3, "file"), (3, "file-spill")])
+def test_crash_finished_with_another_world_size(world, kind, tmp_path):
+    run(kind, tmp_path / "one")
+    crashed = run(kind + "-crash", tmp_path / "two", ranks=2, check=False)
     assert crashed.returncode != 0
     d = tmp_path / "two"
     assert os.path.exists(d / "k.npy.journal.1")
-    run("file", d, ranks=world)
+    run(kind, d, ranks=world)
     assert same_bytes(tmp_path / "one" / "k.npy", d / "k.npy")
+    assert not [f for f in os.listdir(d) if "features" in f]
 
 
 def test_a_rank_that_does_not_join_gives_an_error_not_a_hang(tmp_path):

@@ -394,10 +394,10 @@ class _CountingSpill:
 
     reads = 0
 
-    def __init__(self, folder):
+    def __init__(self, folder, name=None):
         from pathkernel._storage.spill import FeatureSpill
 
-        self._s = FeatureSpill(folder)
+        self._s = FeatureSpill(folder, name)
 
     def __contains__(self, key):
         return key in self._s

@@ -174,8 +174,9 @@ class Collective:
                     f"call {self.what} with the same arguments"
                 )
 
-    def agree(self, fn):
-        """Run ``fn`` on every rank; if it raises anywhere, raise on every rank."""
+    def agree(self, fn, undo=None):
+        """Run ``fn`` on every rank; if it raises anywhere, raise on every rank (where it
+        succeeded, after ``undo(result)`` when given)."""
         err = None
         try:
             result = fn()
@@ -186,6 +187,8 @@ class Collective:
             statuses = self.gather_objects(None if err is None else f"{type(err).__name__}: {err}")
             bad = [(r, s) for r, s in enumerate(statuses) if s is not None]
             if bad and err is None:
+                if undo is not None and result is not None:
+                    undo(result)
                 raise CollectiveError(f"{self.what}: rank {bad[0][0]} failed: {bad[0][1]}")
         if err is not None:
             raise err

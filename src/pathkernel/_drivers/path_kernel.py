@@ -10,7 +10,6 @@ block's features are ever in memory.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import warnings
@@ -29,9 +28,10 @@ from .._checks import as_inputs
 from .._progress import progress_bar
 from .._storage.diskio import fmt_bytes
 from .._storage.sources import Source
-from .._storage.spill import FeatureSpill
+from .._storage.spill import FeatureSpill, remove_stale, shared_name
 from .._storage.store import Writer, open_store
 from .collective import Collective
+from .sharing import RankWork, deal
 from .tiling import PathKernelPlan, make_plan
 
 
@@ -194,69 +194,23 @@ def _open(p: PathKernelPlan, coll: Collective, resume: bool):
     return first if coll.lead else later
 
 
-def _assign(p: PathKernelPlan, todo: List[Tuple[int, int]], coll: Collective) -> set:
-    """This rank's tiles. Whole row blocks (their features are then extracted once), the
-    heaviest first to the least loaded rank; then single tiles move from the most to the
-    least loaded rank while that evens the loads (a moved tile's row features are extracted
-    once more). Loads are estimated times under the measured costs, the same on every rank."""
-    if not coll.active:
-        return set(todo)
-    M, N = p.shape[:2]
-    T, c = p.checkpoints, p.costs
-
-    def extraction(n):
-        return T * (math.ceil(n / p.job.chunk) * c.call + n * c.per_example)
-
-    def weight(t):
-        i, j = t
-        h = min(M, (i + 1) * p.row_block) - i * p.row_block
-        w = min(N, (j + 1) * p.col_block) - j * p.col_block
-        diagonal = p.symmetric and i == j
-        pairs = h * (h + 1) / 2 if diagonal else float(h * w)
-        return (
-            pairs * T * p.pair_flops / c.gram_rate
-            + math.ceil(T / p.ckpt_group) * c.gram_call
-            + (0.0 if diagonal else extraction(w))
-        )
-
-    def row_cost(i):
-        return extraction(min(M, (i + 1) * p.row_block) - i * p.row_block)
-
-    rows: dict = {}
-    for t in todo:
-        rows.setdefault(t[0], []).append(t)
-    owner: dict = {}
-    load = [0.0] * coll.world
-    for i in sorted(rows, key=lambda r: (-sum(map(weight, rows[r])), r)):
-        r = min(range(coll.world), key=lambda q: (load[q], q))
-        for t in rows[i]:
-            owner[t] = r
-        load[r] += row_cost(i) + sum(map(weight, rows[i]))
-    while True:
-        hi = max(range(coll.world), key=lambda q: (load[q], -q))
-        lo = min(range(coll.world), key=lambda q: (load[q], q))
-        gap = load[hi] - load[lo]
-        movable = sorted(
-            (t for t in todo if owner[t] == hi and weight(t) + row_cost(t[0]) < gap),
-            key=lambda t: (-weight(t), t),
-        )
-        if not movable:
-            break
-        t = movable[0]
-        owner[t] = lo
-        load[hi] -= weight(t)
-        load[lo] += weight(t) + row_cost(t[0])
-    return {t for t in todo if owner[t] == coll.rank}
-
-
 def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
     coll = p.job.collective or Collective(False, "path_kernel")
     store = _open(p, coll, resume)
     try:
-        # the finished tiles, as rank 0 reads and checks them (the same set on every rank)
-        done = coll.broadcast(coll.agree(lambda: store.verified_done() if coll.lead else None))
-        mine = _assign(p, [t for t in p.tiles if t not in done], coll)
-        _compute(p, store, [t for t in p.tiles if t in mine], progress and coll.lead)
+        # the finished tiles, as rank 0 reads and checks them (the same set on every rank),
+        # and what a killed run's ranks left of their scratch files removed
+        done = coll.broadcast(coll.agree(lambda: _verified_done(p, store) if coll.lead else None))
+        todo = [t for t in p.tiles if t not in done]
+        spill = coll.agree(lambda: _open_spill(p), undo=FeatureSpill.close)
+        try:
+            # the ranks share their scratch files when every one could make one
+            share = coll.active and all(coll.gather_objects(spill is not None))
+            mine = deal(p, todo, coll.world, share)[coll.rank]
+            _compute(p, store, mine, spill, share, progress and coll.lead)
+        finally:
+            if spill is not None:
+                spill.close()
         if coll.active and p.job.out is not None:
             coll.barrier("written")  # rank 0 holds the output's lock until every rank is done
     except BaseException as e:
@@ -270,31 +224,51 @@ def run_plan(p: PathKernelPlan, *, resume: bool = True, progress: bool = True):
     return store.assemble(t for ts in gathered for t in ts) if coll.lead else None
 
 
-def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bool) -> None:
-    job = p.job
+def _verified_done(p: PathKernelPlan, store) -> set:
+    if p.job.out is not None:
+        remove_stale(p.job.out)
+    return store.verified_done()
+
+
+def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progress: bool):
+    """This rank's tiles (``mine``); ``spill``: the scratch file of features, or None;
+    ``share``: first extract ``mine.blocks`` for every rank (``_share_features``)."""
+    job, coll, todo = p.job, p.job.collective, mine.tiles
     mplan, spec, dtype, rows, cols = job.model_plan, job.spec, job.dtype, job.rows, job.cols
     states, weights = job.states, job.weights
     T, k = len(states), p.ckpt_group
-    threads = job.collective.native_threads() if job.collective is not None else 0
+    threads = coll.native_threads() if coll is not None else 0
     device = next((q.device for q in mplan.params.values()), torch.device("cpu"))
     M, N = p.shape[:2]
     R, Cb = p.row_block, p.col_block
     C = p.shape[2] if len(p.shape) == 4 else 1
-    bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
-
-    spill = _open_spill(p)
     keep_rows, keep_cols = p.spill_sides
+
+    def extracted(src: Source, lo: int, hi: int, t: int) -> Block:
+        x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
+        return features(mplan, spec, states[t], x, job.chunk, src.name)
 
     def feats(src: Source, lo: int, hi: int, t: int) -> Block:
         key = (src.name, lo, hi, t)
         if spill is not None and key in spill:
             return spill.get(key)
-        x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
-        b = features(mplan, spec, states[t], x, job.chunk, src.name)
+        b = extracted(src, lo, hi, t)
         if spill is not None and (keep_rows if src is rows else keep_cols):
             spill.put(key, b)
         return b
 
+    if share:
+        sources = {rows.name: rows, cols.name: cols}
+
+        def block(key):
+            return extracted(sources[key[0]], *key[1:])
+
+        bar = progress_bar(progress, total=len(mine.blocks), desc="features", unit="block")
+        try:
+            _share_features(coll, spill, mine.blocks, block, bar)
+        finally:
+            bar.close()
+    bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
     # bands: up to p.band consecutive tiles of one row block, accumulated together
     writer = Writer(store)
     bands: List[Tuple[int, List[int]]] = []
@@ -342,8 +316,21 @@ def _compute(p: PathKernelPlan, store, todo: List[Tuple[int, int]], progress: bo
     finally:
         bar.close()
         writer.close()  # the bands computed so far become durable, even after an error
-        if spill is not None:
-            spill.close()
+
+
+def _share_features(coll: Collective, spill, blocks, extract, bar) -> None:
+    """Extract this rank's ``blocks`` into its scratch file, then open every other rank's,
+    so each block is extracted once across the ranks. The names go once every rank holds
+    every file open (a job that dies later leaves none behind)."""
+    for key in blocks:
+        spill.put(key, extract(key))
+        bar.update(1)
+    coll.barrier("features extracted")  # a rank that failed stops the others here
+    for r, (path, index) in enumerate(coll.gather_objects(spill.shared())):
+        if r != coll.rank:
+            spill.attach(path, index)
+    coll.barrier("features opened")
+    spill.unlink()
 
 
 def _open_spill(p: PathKernelPlan):
@@ -353,12 +340,19 @@ def _open_spill(p: PathKernelPlan):
         return None
     folder = os.path.dirname(os.path.abspath(os.fspath(p.job.out)))
     free = shutil.disk_usage(folder).free
-    if free < p.spill_bytes + max(p.spill_bytes // 10, 1 << 28):
+    coll = p.job.collective
+    if coll is not None and coll.active:  # shared: every row and column block
+        M, N = p.shape[:2]
+        need = p.feature_bytes_per_example * p.checkpoints * (N if p.symmetric else M + N)
+    else:
+        need = p.spill_bytes
+    if free < need + max(need // 10, 1 << 28):
         warnings.warn(
             f"path_kernel: {fmt_bytes(free)} free in {folder!r}, too little to keep "
-            f"{fmt_bytes(p.spill_bytes)} of features there; they are recomputed instead "
+            f"{fmt_bytes(need)} of features there; they are recomputed instead "
             "(slower, same result)",
             stacklevel=3,
         )
         return None
-    return FeatureSpill(folder)
+    shared = coll is not None and coll.active  # named, for the other ranks to open
+    return FeatureSpill(folder, shared_name(p.job.out) if shared else None)

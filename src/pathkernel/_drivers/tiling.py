@@ -92,6 +92,7 @@ class Costs:
     gram_rate: float  # FLOP/s of the Gram work
     commit: float  # committing a band of tiles to the store (two fsyncs)
     per_byte: float  # writing a byte to the store
+    row_write: float = 0.0  # one write of a row of a band's strip (a system call)
     spill_write: float = 1e-9  # writing a byte of features to the scratch file
     spill_read: float = 5e-10  # reading one back
 
@@ -130,6 +131,16 @@ class PathKernelPlan:
     costs: Optional[Costs] = field(default=None, repr=False)  # measured (rank 0's on a group)
     pair_flops: float = field(default=0.0, repr=False)
 
+    def ranks(self, world: Optional[int] = None) -> list:
+        """What each of ``world`` ranks (default: this plan's group) would extract, compute
+        and write on a fresh run, with its estimated time (``sharing.RankWork``); features
+        kept in a scratch file are then extracted once across the ranks."""
+        from .sharing import deal
+
+        coll = None if self.job is None else self.job.collective
+        world = world or (coll.world if coll is not None else 1)
+        return deal(self, self.tiles, world, world > 1 and self.spill_bytes > 0)
+
     def __str__(self) -> str:
         M, N = self.shape[:2]
         kind = "train x train (symmetric halves)" if self.symmetric else "query x train"
@@ -167,7 +178,25 @@ class PathKernelPlan:
                 if self.job is None or self.job.model_plan.projection is None
                 else ["  " + self.job.model_plan.projection.summary(self.job.model_plan)]
             )
+            + self._rank_lines()
         )
+
+    def _rank_lines(self) -> List[str]:
+        coll = None if self.job is None else self.job.collective
+        if coll is None or not coll.active:
+            return []
+        work = self.ranks()
+        slowest = max(w.seconds for w in work)
+        head = f"  on {coll.world} ranks: the slowest estimated {slowest:,.1f} s" + (
+            "; features kept in the scratch file are extracted once across the ranks"
+            if self.spill_bytes
+            else ""
+        )
+        shown = work if len(work) <= 8 else work[:4] + work[-2:]
+        lines = [head] + ["    " + w.describe(self.feature_bytes_per_example) for w in shown]
+        if len(shown) < len(work):
+            lines.insert(5, f"    ... ({len(work) - len(shown)} more ranks)")
+        return lines
 
 
 def _block_bytes(b: Block) -> int:
@@ -303,6 +332,7 @@ def _nominal_costs(job: Job, sample_x: tuple, sample: Block, out) -> Costs:
         gram_rate=5e10,
         commit=2e-3 if out is not None else 0.0,
         per_byte=1e-9 if out is not None else 0.0,
+        row_write=ROW_WRITE if out is not None else 0.0,
     )
 
 
@@ -368,6 +398,7 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
 
                     small = best_time(lambda: sync(4096), 3)
                     large = best_time(lambda: sync(1 << 22), 2)
+                    costs.row_write = _measure_row_write(f.fileno())
                 costs.commit, costs.per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
                 costs.spill_write, costs.spill_read = _measure_spill(folder)
         except OSError:  # a full or read-only disk: the run itself says so, naming the file
@@ -448,12 +479,13 @@ def _cost(
     )
     # row features: once per row block when all checkpoints are held, else once per band;
     # column features: once per off-diagonal tile; both for every checkpoint
-    bands = nr if k == T else nr * math.ceil(cols_per_row / band)
-    row_uses, col_uses = T * bands, offdiag * T
+    bands = nr * math.ceil(cols_per_row / band)
+    row_passes = nr if k == T else bands  # all checkpoints' row features outlive a band
+    row_uses, col_uses = T * row_passes, offdiag * T
     spilled = read = 0.0  # examples' features written to / read from the scratch file
     # which sides a spilling run keeps: those needed again (rows by later bands of their row
     # block, columns by later row blocks; train x train: both, a block being both)
-    sides = (P.symmetric or bands > nr, P.symmetric or nr > 1) if spill else (False, False)
+    sides = (P.symmetric or row_passes > nr, P.symmetric or nr > 1) if spill else (False, False)
     if not spill:
         t_ex = row_uses * _extraction(R, chunk, costs) + col_uses * _extraction(Cb, chunk, costs)
         extractions = row_uses * R + col_uses * Cb
@@ -469,7 +501,11 @@ def _cost(
     t_ex += P.fb * (spilled * costs.spill_write + read * costs.spill_read)
     pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
     t_gram = pairs * T * P.pair_flops / costs.gram_rate + tiles * math.ceil(T / k) * costs.gram_call
-    t_store = bands * costs.commit + float(M) * N * P.out_item * costs.per_byte
+    t_store = (
+        bands * costs.commit
+        + store_writes(P.symmetric, R, Cb, band, N, bands, offdiag) * costs.row_write
+        + float(M) * N * P.out_item * costs.per_byte
+    )
     est = t_ex + t_gram + t_store
     return _Choice(
         R,
@@ -514,6 +550,24 @@ def _solve(
     return best
 
 
+ROW_WRITE = 5e-6  # nominal seconds of a write system call
+
+
+def store_writes(symmetric: bool, R: int, Cb: int, band: int, N: int, bands, offdiag) -> float:
+    """Write calls of the store: a band's strip is one per row, or one when it spans whole
+    rows; a symmetric tile's mirror image below the diagonal, one per column."""
+    per_band = 1 if (not symmetric and band * Cb >= N) else R
+    return bands * per_band + (offdiag * Cb if symmetric else 0)
+
+
+def _measure_row_write(fd: int, rows: int = 256, nbytes: int = 256) -> float:
+    """Seconds of one small ``pwrite`` at its own offset (a row of a narrow strip)."""
+    from .._storage.diskio import write_all
+
+    data = np.zeros(nbytes // 4, dtype=np.float32)
+    return best_time(lambda: [write_all(fd, data, r * 4096) for r in range(rows)], 2) / rows
+
+
 def _recost(P: _Problem, c: _Choice, costs: Costs) -> _Choice:
     """The same tiling under other costs."""
     return _cost(P, c.R, c.Cb, c.band, c.k, c.chunk, costs, c.spill > 0)
@@ -537,7 +591,7 @@ def _variants(T: int, nc: int, ks, most: int, tiling=None, least: int = 1):
     if tiling:
         ks, chunks = [tiling[2]], [tiling[3]]
     for k in ks:
-        bands = [1] if k == T else sorted({1, nc} | {2**p for p in range(1, 12) if 2**p < nc})
+        bands = sorted({1, nc} | {2**p for p in range(1, 12) if 2**p < nc})
         for band in bands:
             for chunk in chunks:
                 yield k, band, chunk

@@ -8,10 +8,17 @@ them back costs a copy. A ``FeatureSpill`` writes each block once to an unnamed 
 ``pread`` (no mapping: only the blocks in use count against the process's memory). The
 bytes read back are the bytes extracted, so a spilled run is bit-identical to one that
 recomputes.
+
+The ranks of a collective run share their spills: each writes a named file (``name``: a
+prefix, the output's), hands the others its ``shared()`` index, ``attach``es theirs, and once
+every rank has opened every file, ``unlink``s its own (the data stays readable until the
+files are closed). A job killed before that leaves named files; the next run on the same
+output removes them (``remove_stale``, under the output's lock).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 import warnings
@@ -23,22 +30,28 @@ from .._capture.blocks import Block, Factor
 from .diskio import SPACE_ERRNOS, fmt_bytes, store_error, write_all
 
 _Tensor = Tuple[int, Tuple[int, ...], torch.dtype]  # offset, shape, dtype
+PREFIX = ".pathkernel-features-"
 
 
 class FeatureSpill:
     """Blocks of features by key, in a scratch file in ``folder``."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, name: Optional[str] = None):
         self.folder = folder
         self.full = False  # the disk filled up: nothing more is kept, the rest is recomputed
+        self.path: Optional[str] = None  # a named file's, until it is unlinked
         try:
-            self._file = tempfile.TemporaryFile(dir=folder, prefix=".pathkernel-features-")
+            if name is not None:
+                fd, self.path = tempfile.mkstemp(dir=folder, prefix=name)
+                self._file = os.fdopen(fd, "w+b")
+            else:
+                self._file = tempfile.TemporaryFile(dir=folder, prefix=PREFIX)
         except OSError as e:
-            raise store_error(
-                e, os.path.join(folder, ".pathkernel-features-*"), "creating"
-            ) from None
+            raise store_error(e, os.path.join(folder, PREFIX + "*"), "creating") from None
         self._fd = self._file.fileno()
-        self._index: Dict[Hashable, Tuple[int, int, List[tuple]]] = {}
+        self._files = [self._file]  # this spill's own file, then the attached ones
+        # key -> (file, examples, outputs, per factor: key, beta, materialized, A, D)
+        self._index: Dict[Hashable, Tuple[int, int, int, List[tuple]]] = {}
         self._end = 0
         self.bytes_written = 0
         self.bytes_read = 0
@@ -73,21 +86,49 @@ class FeatureSpill:
                 stacklevel=2,
             )
             return
-        self._index[key] = (block.n, block.C, entries)
+        self._index[key] = (0, block.n, block.C, entries)
 
     def get(self, key: Hashable) -> Optional[Block]:
         entry = self._index.get(key)
         if entry is None:
             return None
-        n, C, entries = entry
+        slot, n, C, entries = entry
+        fd = self._files[slot].fileno()
         factors = {
-            k: Factor(None if a is None else self._read(a), self._read(d), beta, materialized)
+            k: Factor(
+                None if a is None else self._read(fd, a), self._read(fd, d), beta, materialized
+            )
             for k, beta, materialized, a, d in entries
         }
         return Block(n, C, factors)
 
+    def shared(self) -> Tuple[Optional[str], dict]:
+        """What another process needs to read the blocks of this spill's own file."""
+        return self.path, {k: e[1:] for k, e in self._index.items() if e[0] == 0}
+
+    def attach(self, path: str, index: dict) -> None:
+        """Read the blocks of another spill's file (``shared()``'s answer there) too."""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise store_error(e, path, "reading another rank's features from") from None
+        self._files.append(f)
+        for k, e in index.items():
+            self._index.setdefault(k, (len(self._files) - 1, *e))
+
+    def unlink(self) -> None:
+        """Remove the named file's name (its blocks stay readable while it is open)."""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = None
+
     def close(self) -> None:
-        self._file.close()
+        for f in self._files:
+            f.close()
+        self.unlink()
         self._index.clear()
 
     def _write(self, t: torch.Tensor) -> _Tensor:
@@ -98,18 +139,34 @@ class FeatureSpill:
         self.bytes_written += len(view)
         return offset, tuple(t.shape), t.dtype
 
-    def _read(self, spec: _Tensor) -> torch.Tensor:
+    def _read(self, fd: int, spec: _Tensor) -> torch.Tensor:
         offset, shape, dtype = spec
         t = torch.empty(shape, dtype=dtype)
         view = memoryview(_bytes(t).numpy())
         done = 0
         while done < len(view):
-            got = os.preadv(self._fd, [view[done:]], offset + done)
+            got = os.preadv(fd, [view[done:]], offset + done)
             if got == 0:
                 raise OSError("pathkernel: the feature scratch file ended early")
             done += got
         self.bytes_read += len(view)
         return t
+
+
+def shared_name(out: str) -> str:
+    """The prefix of the named scratch files of a collective run writing ``out``."""
+    return f".{os.path.basename(os.fspath(out))}.features-"
+
+
+def remove_stale(out: str) -> None:
+    """Remove the named scratch files a killed collective run on ``out`` left behind (call
+    with the output's lock held: no live run on ``out`` owns them)."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(out)))
+    for path in glob.glob(os.path.join(glob.escape(folder), glob.escape(shared_name(out)) + "*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ The file is a plain ``.npy`` (``np.load(path, mmap_mode="r")`` reads it). Rank 0
 process) takes the output's lock (``lock.py``), creates the file, claims its space and writes
 the run's header (the fingerprint of the problem) as the first line of ``<path>.journal``.
 Tiles are written with checked ``pwrite``s at their offsets (the file's pages never count
-against the process's memory), then fsync'ed; only then is the band appended to a journal,
+against the process's memory), then fsync'ed; only then are their bands appended to a journal,
 with the CRC-32 of every write: rank 0 to ``<path>.journal``, rank r > 0 to
 ``<path>.journal.<r>``. Resuming reads every journal and keeps the tiles whose bytes still
 match, so a run killed at any moment (on any rank) is finished by the same call with any
@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import threading
+import time
 import warnings
 import zlib
 from typing import Callable, Iterable, List, Optional, Set, Tuple
@@ -328,7 +329,11 @@ def parse_bytes(budget) -> int:
 class Writer:
     """Writes and commits bands of tiles behind the computation: on a background thread for a
     file store (its pwrites and fsyncs overlap the next band's work; one band waits at most),
-    inline for RAM. A failure of the writer is raised at the next ``submit`` or ``close``."""
+    inline for RAM. A writer that falls behind commits several bands at once (one pair of
+    fsyncs for all of them, at least every ``COMMIT_SECONDS``), so small tiles do not wait
+    on the disk. A failure of the writer is raised at the next ``submit`` or ``close``."""
+
+    COMMIT_SECONDS = 1.0
 
     def __init__(self, store):
         self.store = store
@@ -339,23 +344,34 @@ class Writer:
             self.thread = threading.Thread(target=self._run, name="pathkernel-writer", daemon=True)
             self.thread.start()
 
-    def _apply(self, writes, keys, ready) -> None:
+    def _write(self, writes, ready) -> None:
         if ready is not None:
             ready()
         for i0, j0, tile in writes:
             self.store.write(i0, j0, tile)
-        self.store.commit(keys)
 
     def _run(self) -> None:
+        keys: list = []
+        last = time.monotonic()
         while True:
             item = self.queue.get()
-            if item is None:
-                return
             if self.error is None:
                 try:
-                    self._apply(*item)
+                    if item is not None:
+                        self._write(item[0], item[2])
+                        keys += item[1]
+                    # commit when caught up (no band waiting), at the end, or after a while
+                    if keys and (
+                        item is None
+                        or self.queue.empty()
+                        or time.monotonic() - last > self.COMMIT_SECONDS
+                    ):
+                        self.store.commit(keys)
+                        keys, last = [], time.monotonic()
                 except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
                     self.error = e
+            if item is None:
+                return
 
     def _check(self) -> None:
         if self.error is not None:
@@ -366,7 +382,8 @@ class Writer:
         ``ready``: waits until the tiles hold their values (asynchronous device copies)."""
         self._check()
         if self.queue is None:
-            self._apply(writes, keys, ready)
+            self._write(writes, ready)
+            self.store.commit(keys)
         else:
             self.queue.put((writes, keys, ready))
 
