@@ -7,10 +7,10 @@ scratch file beside ``out`` (a filesystem every rank sees), and every rank then 
 blocks its tiles need from whichever file holds them. Adding ranks so splits the extraction
 as well as the Gram work.
 
-The tiles, in row-major order, are cut into one contiguous run per rank of about equal
+The shared blocks go first, the largest to the least loaded rank; then the tiles, in
+row-major order, are cut into one contiguous run per rank that brings it to the mean
 estimated time (a run enters few row blocks, so row features are fetched few times; when
-there are fewer row blocks than ranks, the runs split rows along the train side). The shared
-blocks then fill the ranks up, the largest first, each to the least loaded rank. Times are
+there are fewer row blocks than ranks, the runs split rows along the train side). Times are
 those of the plan's costs, the same on every rank, so the deal is the same everywhere.
 
 The per-rank times count the tiles actually dealt, band by band as ``path_kernel`` runs
@@ -123,29 +123,39 @@ def deal(p, todo: List[Tile], world: int, share: bool) -> List[RankWork]:
     """Each of ``world`` ranks' share of the tiles ``todo`` (in the plan's order; ``share``:
     the ranks share their scratch files, so each feature block is extracted once)."""
     m = _Model(p, share)
-    # the run of tiles of each rank: cut where the running time (a row's features counted
-    # where the row starts) passes a multiple of the mean
+    work = [RankWork(r) for r in range(world)]
+    # the shared blocks first, the largest to the least loaded rank; then the tiles (finer
+    # grained) make up the difference to the mean
+    base = [0.0] * world
+    if share:
+        blocks = shared_blocks(p, todo)
+        for key in sorted(blocks, key=lambda b: (-(b[2] - b[1]), b[3], b[0], b[1])):
+            r = min(range(world), key=lambda q: (base[q], q))
+            work[r].blocks.append(key)
+            base[r] += m.block(key[2] - key[1])
+    # the tiles' times, a row's features counted where the row starts
     costs, last = [], None
     for t in todo:
         costs.append(m.tile(t) + (m.row(t[0]) if t[0] != last else 0.0))
         last = t[0]
-    per = sum(costs) / world if costs else 1.0
-    work = [RankWork(r) for r in range(world)]
-    done = 0.0
-    for t, c in zip(todo, costs):
-        work[min(world - 1, int((done + c / 2) / per))].tiles.append(t)
+    mean = (sum(base) + sum(costs)) / world
+    wanted = [max(0.0, mean - b) for b in base]
+    scale = sum(costs) / max(sum(wanted), 1e-300)
+    bounds, acc = [], 0.0
+    for w in wanted:
+        acc += w * scale
+        bounds.append(acc)
+    r, done = 0, 0.0
+    for t, c in zip(todo, costs):  # a tile goes to the rank whose run holds its midpoint
+        while r < world - 1 and done + c / 2 > bounds[r]:
+            r += 1
+        work[r].tiles.append(t)
         done += c
     for w in work:
+        w.blocks.sort(key=lambda b: (b[3], b[0], b[1]))
+        w.extracted = sum(b[2] - b[1] for b in w.blocks)
+        w.seconds = sum(m.block(b[2] - b[1]) for b in w.blocks)
         _account(m, w)
-    if share:
-        blocks = shared_blocks(p, todo)
-        for key in sorted(blocks, key=lambda b: (-(b[2] - b[1]), b[3], b[0], b[1])):
-            w = min(work, key=lambda q: (q.seconds, q.rank))
-            w.blocks.append(key)
-            w.extracted += key[2] - key[1]
-            w.seconds += m.block(key[2] - key[1])
-        for w in work:
-            w.blocks.sort(key=lambda b: (b[3], b[0], b[1]))
     return work
 
 
