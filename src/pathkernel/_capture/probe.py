@@ -42,11 +42,9 @@ def _param_signature(plan: ModelPlan) -> tuple:
 def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
     """Find the groups (first call) and the layouts of inputs shaped like ``x``, and move to
     the dense path every parameter whose factors do not reproduce autograd per example."""
-    check_deterministic(plan, x)
-    if plan.implementation == "dense":
-        return
     sig = input_signature(x)
-    if sig in plan.traces:
+    if plan.implementation == "dense" or sig in plan.traces:
+        check_deterministic(plan, x)
         return
     psig = _param_signature(plan)
     hit = _PROBED.get(plan.model)
@@ -56,10 +54,12 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
         plan.traces.update(hit[3])
         fresh = False
         if sig in plan.traces:
+            check_deterministic(plan, x)
             return
     state = model_state(plan, torch.float64)
     x = cast_inputs(x, torch.float64)
-    trace, uses, touched, few = _discover(plan, state, x)
+    trace, uses, touched, few, seen = _discover(plan, state, x)
+    check_deterministic(plan, x, seen)  # before any check of factors on a random model
     if fresh:
         groups, why = _group(plan, uses, trace, touched)
         plan.set_groups(groups, why)
@@ -74,26 +74,37 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def check_deterministic(plan: ModelPlan, x: tuple) -> None:
+def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
     """Refuse a model whose forward pass is random (dropout in training mode called as a
     function, noise layers) or couples the examples of a batch (an example's output depends
     on the others: ``h - h.mean(0)``): its kernel would be random, or not the kernel of the
     function the model computes on a batch. Checked again whenever a module's training flag
-    or a parameter changes."""
+    or a parameter changes. ``seen``: the probe's float64 passes (``_discover``: the first
+    example alone, a batch of several, and that batch's inputs), so that only the batch is
+    run again."""
     key = (_param_signature(plan), tuple(m.training for m in plan.model.modules()))
     if _CHECKED.get(plan.model) == key:
         return
     state = model_state(plan, torch.float64)
-    xs = cast_inputs(tuple(t[:3] for t in x), torch.float64)
-    n = xs[0].shape[0]
     with torch.no_grad():
-        a = _batched(plan.forward(state, xs), n)
-        b = _batched(plan.forward(state, xs), n)
-        alone = (
-            [_batched(plan.forward(state, tuple(t[i : i + 1] for t in xs)), 1) for i in range(n)]
-            if n > 1
-            else None
-        )
+        if seen is not None:
+            first, a, xs = seen
+            n = xs[0].shape[0]
+            b = _batched(plan.forward(state, xs), n)
+            alone = [first]
+        else:
+            xs = cast_inputs(tuple(t[:3] for t in x), torch.float64)
+            n = xs[0].shape[0]
+            a = _batched(plan.forward(state, xs), n)
+            b = _batched(plan.forward(state, xs), n)
+            alone = (
+                [
+                    _batched(plan.forward(state, tuple(t[i : i + 1] for t in xs)), 1)
+                    for i in range(n)
+                ]
+                if n > 1
+                else None
+            )
     if _comparable(a, b):
         diff = _relative_gap(a, b)
         if diff is None or diff > 1e-9:
@@ -104,7 +115,7 @@ def check_deterministic(plan: ModelPlan, x: tuple) -> None:
                 "training mode?); call model.eval() or make the forward pass deterministic"
             )
         if alone is not None and all(_comparable(o, a[:1]) for o in alone):
-            diff = _relative_gap(a, torch.cat(alone))
+            diff = _relative_gap(a[: len(alone)], torch.cat(alone))
             if diff is None or diff > 1e-9:
                 raise ValueError(
                     f"model: an example's output depends on the other examples of its batch "
@@ -173,14 +184,14 @@ def _batched(out, n: int) -> torch.Tensor:
 
 def _discover(plan, state, x):
     """Layouts of every use, from a forward pass on one example and one on ``n``; also the
-    examples to check the factors on."""
+    examples to check the factors on, and those passes (for ``check_deterministic``)."""
     touched: Dict[str, set] = {}
     out1, uses1 = _record(plan, state, _take(x, [0]), touched)
     sizes = {s for u in uses1 for t in (u.x, u.y) if t is not None for s in t.shape}
     sizes |= set(out1.shape)
     n = next(k for k in range(3, 64) if k not in sizes)
     many = _take(x, [i % x[0].shape[0] for i in range(n)])
-    _, usesn = _record(plan, state, many)
+    outn, usesn = _record(plan, state, many)
     sigs = [u.signature() for u in uses1]
     if [u.signature() for u in usesn] != sigs:
         layouts: List[Optional[Layout]] = [None] * len(uses1)
@@ -188,7 +199,8 @@ def _discover(plan, state, x):
         layouts = [_layout(u1, un, n, plan) for u1, un in zip(uses1, usesn)]
     # the check needs as few examples as tell them apart: 2 unless a size of the model is 2
     m = next(k for k in range(2, n + 1) if k not in sizes)
-    return Trace(sigs, layouts), usesn, touched, _take(many, list(range(m)))
+    seen = (out1.detach(), outn.detach(), many)
+    return Trace(sigs, layouts), usesn, touched, _take(many, list(range(m))), seen
 
 
 def _layout(u1: Use, un: Use, n: int, plan: ModelPlan) -> Optional[Layout]:
