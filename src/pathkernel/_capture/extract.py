@@ -89,6 +89,13 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
     ]
 
 
+def _add_weight_grads(G: Optional[torch.Tensor], A, D, args) -> torch.Tensor:
+    """``G [n, C, P]`` plus one use's per-example weight gradients (in place when given)."""
+    n, C = D.shape[0], D.shape[2]
+    into = None if G is None else G.view(n, C, *args[0])
+    return weight_grads(A, D, *args, into=into).reshape(n, C, -1)
+
+
 def group_factors(
     plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int, stacked: bool = False
 ) -> Dict[int, Factor]:
@@ -108,6 +115,10 @@ def group_factors(
         return p.shape[1] if use.weight.transposed else p.shape[0]
 
     parts: Dict[int, list] = {}
+    # a sum group's weight gradient over its matrix uses, added up in place: the uses with
+    # token inputs last, so that they add their rows into the others' sum
+    summed: Dict[int, torch.Tensor] = {}
+    tokens: list = []
     for i, (use, lay, g) in enumerate(uses):
         for role, ref in (("weight", use.weight), ("bias", use.bias)):
             k = None if ref is None else plan.group_of.get(ref.name)
@@ -131,11 +142,22 @@ def group_factors(
                         proj.use_part(k, A, D, ref.transposed, p.shape[0])
                     )
                     continue
+                elif not projected:
+                    args = (p.shape, ref.transposed, p.shape[0], use.ctx.get("groups", 1))
+                    if A.dtype == torch.long:
+                        tokens.append((k, A, D, args))
+                    else:
+                        summed[k] = _add_weight_grads(summed.get(k), A, D, args)
+                    continue
                 else:
                     G = weight_grads(
                         A, D, p.shape, ref.transposed, p.shape[0], use.ctx.get("groups", 1)
                     ).reshape(n, D.shape[2], -1)
             parts.setdefault(k, []).append(proj.param_part(k, G, p.shape) if projected else G)
+    for k, A, D, args in tokens:
+        summed[k] = _add_weight_grads(summed.get(k), A, D, args)
+    for k, G in summed.items():
+        parts.setdefault(k, []).insert(0, G)
     factors: Dict[int, Factor] = {}
     for k, ps in parts.items():
         grp = plan.groups[k]

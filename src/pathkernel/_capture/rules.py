@@ -123,10 +123,40 @@ def from_matrix(m: torch.Tensor, shape, transposed: bool) -> torch.Tensor:
     return m.reshape(*m.shape[:-2], *shape)
 
 
-def weight_grads(A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1) -> torch.Tensor:
-    """``[n, C, *shape]``: per-example, per-channel weight gradients."""
-    if A.dtype == torch.long:
-        A = one_hot(A, vocab, D.dtype)
+def live_positions(A: torch.Tensor, D: torch.Tensor):
+    """``A, D`` without the positions whose output gradient is zero in every example and
+    channel (a head applied to every token of which one is read): they add nothing to a
+    weight gradient, and cost as much as the others."""
+    S = D.shape[1]
+    if S < 2:
+        return A, D
+    live = D.ne(0).flatten(2).any(2).any(0)  # [S]
+    if bool(live.all()):
+        return A, D
+    idx = live.nonzero().flatten()
+    return A.index_select(1, idx), D.index_select(1, idx)
+
+
+def weight_grads(
+    A, D, shape, transposed: bool, vocab: int = 0, groups: int = 1, into=None
+) -> torch.Tensor:
+    """``[n, C, *shape]``: per-example, per-channel weight gradients; ``into``: such a
+    tensor (contiguous) to add them to in place, and return."""
+    A, D = live_positions(A, D)
+    n, S, C, dd = D.shape
+    if A.dtype == torch.long:  # rows of the vocabulary, added up where tokens repeat
+        out = torch.zeros(n, C, *shape, dtype=D.dtype, device=D.device) if into is None else into
+        rows = out.view(n, C, vocab, dd) if transposed else out.view(n, C, dd, vocab)
+        valid = (A >= 0).to(D.dtype)[:, :, None, None]
+        src = (D * valid).transpose(1, 2)  # [n, C, S, dd]
+        index = A.clamp(min=0)[:, None, :, None].expand(n, C, S, dd)
+        if transposed:
+            rows.scatter_add_(2, index, src)
+        else:
+            rows.scatter_add_(3, index.transpose(2, 3), src.transpose(2, 3))
+        return out
+    if into is not None:
+        return into.add_(weight_grads(A, D, shape, transposed, vocab, groups))
     if groups > 1:  # grouped convolution: block-diagonal, group by group
         n, S, C = D.shape[:3]
         m = torch.einsum(

@@ -356,6 +356,7 @@ class Writer:
         while True:
             item = self.queue.get()
             if self.error is None:
+                written = len(self.store.pending)
                 try:
                     if item is not None:
                         self._write(item[0], item[2])
@@ -370,6 +371,13 @@ class Writer:
                         keys, last = [], time.monotonic()
                 except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread
                     self.error = e
+                    # the bands written before the failure stay done (not the failed one)
+                    del self.store.pending[written:]
+                    if keys:
+                        try:
+                            self.store.commit(keys)
+                        except BaseException:  # noqa: BLE001 -- the first error is raised
+                            pass
             if item is None:
                 return
 
