@@ -51,3 +51,40 @@ def test_positions_with_a_zero_gradient_everywhere_are_dropped():
     assert torch.equal(
         weight_grads(A, nothing, (dd, da), False), torch.zeros(n, C, dd, da).double()
     )
+
+
+@pytest.mark.parametrize("outputs", ["trace", "full", 0])
+@pytest.mark.parametrize("conv", [dict(padding=1), dict(stride=2, padding=2, dilation=2)])
+def test_convolutions_materialized_directly_are_exact(monkeypatch, outputs, conv):
+    """Wide convolutions at 16 x 16 and more: their per-example gradients come from one
+    convolution with the examples as groups (no patches), bias included; the kernel equals
+    the float64 reference, and the direct path was taken."""
+    from torch import nn
+
+    import pathkernel as pk
+    from pathkernel._capture import extract
+    from reference import assert_close, reference_ntk
+
+    taken = []
+    real = extract.direct_conv_grads
+
+    def counted(*a, **k):
+        z = real(*a, **k)
+        taken.append(z is not None)
+        return z
+
+    monkeypatch.setattr(extract, "direct_conv_grads", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 32, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(32, 6, 3, **conv),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(24, 3),
+    ).double()
+    x = torch.randn(5, 2, 32, 32, dtype=torch.float64)
+    K = pk.tangent_kernel(model, x, outputs=outputs)
+    assert any(taken)
+    assert_close(K, reference_ntk(model, x, outputs=outputs), torch.float64)

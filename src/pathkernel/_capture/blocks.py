@@ -79,10 +79,16 @@ def choose_form(group, f: Factor, stacked: bool) -> Factor:
     if f.A.dtype == torch.long:  # tokens: decided per pair of blocks, by the tokens they hold
         return f
     S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
-    da = group.vocab if f.A.dtype == torch.long else f.A.shape[2] // group.conv_groups
+    da = f.A.shape[2] // group.conv_groups
+    return materialize(group, f) if materializes(group, S, da, dd, C, stacked) else f
+
+
+def materializes(group, S: int, da: int, dd: int, C: int, stacked: bool) -> bool:
+    """Whether a matrix group's factors (``S`` positions, ``da`` inputs, ``dd`` outputs) are
+    better materialized: materializing costs a copy per example too, so only by a clear
+    margin."""
     fac, mat = pair_cost(S, da, dd, C, stacked, group.conv_groups)
-    # materializing costs a copy per example too: only worth it by a clear margin
-    return materialize(group, f) if mat < 0.8 * fac else f
+    return mat < 0.8 * fac
 
 
 def _stack(D: torch.Tensor, stacked: bool) -> torch.Tensor:

@@ -9,19 +9,27 @@ factors at once. Parameters without a rule get per-example Jacobians from the de
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from .._checks import check_finite_block
-from .blocks import Block, Factor, choose_form, concat_blocks, to_terms
+from .blocks import Block, Factor, choose_form, concat_blocks, materializes, to_terms
 from .dense import dense_jacobian, math_attention
 from .layout import Layout
 from .ops import MATRIX_OPS, OpCapture, Use
 from .outputs import OutputSpec
 from .plan import DENSE, ModelPlan, Trace, cast_inputs, model_state
 from .projection import SAMPLE, fit
-from .rules import bias_grads, elementwise_grads, matrix_factors, one_hot, weight_grads
+from .rules import (
+    bias_grads,
+    direct_conv_grads,
+    elementwise_grads,
+    matrix_factors,
+    one_hot,
+    weight_grads,
+)
 
 CHUNK = 2048  # examples per forward/backward pass unless the caller bounds memory tighter
 
@@ -89,6 +97,23 @@ def _output_grads(f: torch.Tensor, ys: List[torch.Tensor]) -> List[torch.Tensor]
     ]
 
 
+def _direct(plan: ModelPlan, k: int, use: Use, lay: Layout, g, n: int, stacked: bool):
+    """A convolution group's materialized factor straight from its input and output
+    gradient (``rules.direct_conv_grads``), where the group would be materialized anyway;
+    else None."""
+    grp = plan.groups[k]
+    if grp.uses != 1 or grp.conv_groups != 1 or (plan.projection and k in plan.projection.dims):
+        return None
+    if use.op != "conv" or use.x is None or not use.x.is_floating_point():
+        return None
+    S = g[0, 0, 0].numel() if g.dim() >= 4 else 0
+    da = use.x.shape[1] * math.prod(use.ctx["kernel"])
+    if not S or not materializes(grp, S, da, g.shape[2], g.shape[0], stacked):
+        return None
+    Z = direct_conv_grads(use, lay, n, g, grp.bias is not None)
+    return None if Z is None else Factor(None, Z.reshape(n, 1, g.shape[0], -1), 0.0, True)
+
+
 def _add_weight_grads(G: Optional[torch.Tensor], A, D, args) -> torch.Tensor:
     """``G [n, C, P]`` plus one use's per-example weight gradients (in place when given)."""
     n, C = D.shape[0], D.shape[2]
@@ -119,6 +144,7 @@ def group_factors(
     # token inputs last, so that they add their rows into the others' sum
     summed: Dict[int, torch.Tensor] = {}
     tokens: list = []
+    materialized: Dict[int, Factor] = {}  # convolutions' gradients computed directly
     for i, (use, lay, g) in enumerate(uses):
         for role, ref in (("weight", use.weight), ("bias", use.bias)):
             k = None if ref is None else plan.group_of.get(ref.name)
@@ -127,7 +153,11 @@ def group_factors(
             grp = plan.groups[k]
             if grp.kind == "matrix":
                 if role == "weight":
-                    parts.setdefault(k, []).append(ad(i, use, lay, g, rows_of(use)))
+                    direct = _direct(plan, k, use, lay, g, n, stacked)
+                    if direct is not None:
+                        materialized[k] = direct
+                    else:
+                        parts.setdefault(k, []).append(ad(i, use, lay, g, rows_of(use)))
                 continue
             p = plan.params[ref.name]
             projected = proj is not None and k in proj.dims
@@ -158,7 +188,7 @@ def group_factors(
         summed[k] = _add_weight_grads(summed.get(k), A, D, args)
     for k, G in summed.items():
         parts.setdefault(k, []).insert(0, G)
-    factors: Dict[int, Factor] = {}
+    factors: Dict[int, Factor] = dict(materialized)
     for k, ps in parts.items():
         grp = plan.groups[k]
         if grp.kind == "sum":
