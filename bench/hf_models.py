@@ -1,6 +1,7 @@
 """Library models as users hold them: a Hugging Face BERT (keyword x with a padding
-mask, a ModelOutput) and torchvision's MobileNetV3-small (in-place Hardswish), passed as the
-libraries build them, against the torch.func recipe in the same process.
+mask, a ModelOutput) and torchvision's MobileNetV3-small (in-place Hardswish; where torchvision
+does not load, the same layers built by ``bench.architectures.mobilenet_v3_small``), passed as
+the libraries build them, against the torch.func recipe in the same process.
 
     python bench/hf_models.py [--n 64]
 
@@ -48,15 +49,22 @@ def bert(n):
 
 
 def mobilenet(n):
-    import torchvision
-
     torch.manual_seed(0)
-    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    try:
+        import torchvision
+
+        model = torchvision.models.mobilenet_v3_small(num_classes=10)
+        name = "MobileNetV3-small (torchvision, 64x64)"
+    except (ImportError, RuntimeError):  # torchvision missing, or built for another torch
+        from pathkernel.bench.architectures import mobilenet_v3_small
+
+        model = mobilenet_v3_small(10)
+        name = "MobileNetV3-small (torchvision's layers, built here; 64x64)"
     model.train()
     with torch.no_grad():  # set the BatchNorm statistics (default ones give a flat model)
         model(torch.randn(64, 3, 64, 64))
     model.eval()
-    return "MobileNetV3-small (64x64)", model, torch.randn(n, 3, 64, 64)
+    return name, model, torch.randn(n, 3, 64, 64)
 
 
 def pick(o):

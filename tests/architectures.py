@@ -5,7 +5,8 @@ in-projection and its out-projection (functional calls inside ``multi_head_atten
 sequence-first), GPT-2's ``Conv1D`` (``addmm`` on a flattened batch), position ids broadcast
 over the batch, a tied output head, norms' affine parameters, grouped, depthwise and 3-d
 convolutions, LoRA matrices applied with ``matmul``, a layer applied to a constant buffer,
-and recurrent layers that only the dense path covers.
+recurrent layers that only the dense path covers, and torchvision's MobileNetV3-small layers
+(in-place activations and residual sums).
 """
 
 import torch
@@ -18,6 +19,7 @@ from pathkernel.bench.architectures import (
     ResNet,
     SeparableCNN,
     ViT,
+    mobilenet_v3_small,
     randomize_norm_stats,
 )
 
@@ -176,6 +178,8 @@ def cases():
             {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"},
         ),
         "norms": (RMSScale(), _float(0, 4), set()),
+        # in-place Hardswish, ReLU and residual sums, squeeze-excitation, depthwise convs
+        "mobilenet-v3-small": (mobilenet_v3_small(3), _float(0, 3, 32, 32), set()),
     }
     out = {}
     for name, (m, make, dense) in cs.items():

@@ -113,3 +113,17 @@ def test_a_killed_groups_scratch_files_are_removed_by_the_next_run(tmp_path):
     ck = [(model.state_dict(), 0.1)]
     pk.path_kernel(model, ck, torch.randn(10, 3), out=str(tmp_path / "k.npy"), progress=False)
     assert not stale.exists() and other.exists()
+
+
+def test_a_scratch_file_larger_than_the_page_cache_is_read_at_the_disks_rate(tmp_path):
+    """The plan's costs of a spill: the page cache's rates while the file fits in it, the
+    disk's (measured past the cache where the filesystem allows) when it does not."""
+    from pathkernel._drivers import tiling
+
+    write, read, disk = tiling._measure_spill(str(tmp_path))
+    assert 0 < read <= disk and write > 0
+    c = tiling.Costs(1e-3, 1e-3, 1e-4, 1e10, 1e-3, 1e-9, spill_write=1e-10, spill_read=5e-11)
+    c.disk_read, c.cache_bytes = 1e-9, 1e9
+    assert c.spill_rates(1e8) == (1e-10, 5e-11)
+    assert c.spill_rates(2e9) == (1e-9, 1e-9)
+    assert os.listdir(tmp_path) == []

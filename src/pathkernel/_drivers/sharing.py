@@ -59,6 +59,7 @@ class _Model:
         self.M, self.N = p.shape[:2]
         self.T, self.c = p.checkpoints, p.costs
         self.fb = p.feature_bytes_per_example
+        self.write_rate, self.read_rate = p.costs.spill_rates(p.spill_bytes)
         self.out_item = (p.shape[2] ** 2 if len(p.shape) == 4 else 1) * p.job.dtype.itemsize
 
     def rows(self, i: int) -> Tuple[int, int]:
@@ -74,10 +75,10 @@ class _Model:
         return math.ceil(n / self.p.job.chunk) * self.c.call + n * self.c.per_example
 
     def block(self, n: int) -> float:  # extracting a shared block and writing it
-        return self.extraction(n) + n * self.fb * self.c.spill_write
+        return self.extraction(n) + n * self.fb * self.write_rate
 
     def fetch(self, n: int) -> float:  # a block for one use: read back, or extracted
-        return n * self.fb * self.c.spill_read if self.shared else self.extraction(n)
+        return n * self.fb * self.read_rate if self.shared else self.extraction(n)
 
     def row(self, i: int) -> float:  # a row block's features at every checkpoint
         r0, r1 = self.rows(i)

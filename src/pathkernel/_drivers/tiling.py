@@ -94,7 +94,17 @@ class Costs:
     per_byte: float  # writing a byte to the store
     row_write: float = 0.0  # one write of a row of a band's strip (a system call)
     spill_write: float = 1e-9  # writing a byte of features to the scratch file
-    spill_read: float = 5e-10  # reading one back
+    spill_read: float = 5e-10  # reading one back (from the page cache)
+    disk_read: float = 1e-9  # reading a byte the page cache cannot hold (from the disk)
+    cache_bytes: float = float("inf")  # memory the page cache may use (MemAvailable)
+
+    def spill_rates(self, spilled: float) -> Tuple[float, float]:
+        """Seconds per byte written to and read from a scratch file of ``spilled`` bytes: a
+        file larger than the page cache goes to the disk, and the tiles' cyclic reads of it
+        then miss the cache."""
+        if spilled <= self.cache_bytes:
+            return self.spill_write, self.spill_read
+        return max(self.spill_write, self.disk_read), max(self.spill_read, self.disk_read)
 
 
 @dataclass
@@ -400,15 +410,49 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
                     large = best_time(lambda: sync(1 << 22), 2)
                     costs.row_write = _measure_row_write(f.fileno())
                 costs.commit, costs.per_byte = 2 * small, max(large - small, 0.0) / (1 << 22)
-                costs.spill_write, costs.spill_read = _measure_spill(folder)
+                costs.spill_write, costs.spill_read, costs.disk_read = _measure_spill(folder)
+                costs.cache_bytes = _available_memory()
         except OSError:  # a full or read-only disk: the run itself says so, naming the file
             pass
     return costs
 
 
-def _measure_spill(folder: str, nbytes: int = 1 << 23) -> Tuple[float, float]:
-    """Seconds per byte of writing features to a scratch file in ``folder`` and reading them
-    back (``FeatureSpill``: a block of 8 MiB)."""
+def _available_memory() -> float:
+    """Bytes the page cache may hold besides the run (Linux's MemAvailable; else no limit)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _disk_read(fd: int, nbytes: int) -> Optional[float]:
+    """Seconds per byte of reading ``nbytes`` of a synced file past the page cache
+    (``O_DIRECT``); None where the filesystem does not allow it."""
+    import mmap
+
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        os.fsync(fd)
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+    try:
+        buf = mmap.mmap(-1, nbytes)  # page-aligned, as O_DIRECT needs
+        return best_time(lambda: os.preadv(direct, [buf], 0), 2) / nbytes
+    except OSError:
+        return None
+    finally:
+        os.close(direct)
+
+
+def _measure_spill(folder: str, nbytes: int = 1 << 23) -> Tuple[float, float, float]:
+    """Seconds per byte of writing features to a scratch file in ``folder``, reading them
+    back from the page cache, and from the disk (``FeatureSpill``: a block of 8 MiB)."""
     block = Block(1, 1, {0: Factor(None, torch.ones(1, 1, 1, nbytes // 4), 0.0, True)})
     spill = FeatureSpill(folder)
     try:
@@ -419,9 +463,10 @@ def _measure_spill(folder: str, nbytes: int = 1 << 23) -> Tuple[float, float]:
         if spill.full:
             raise OSError(errno.ENOSPC, "no space for the scratch file")
         read = best_time(lambda: spill.get(0), 3)
+        disk = _disk_read(spill._fd, nbytes)
     finally:
         spill.close()
-    return write / nbytes, read / nbytes
+    return write / nbytes, read / nbytes, max(read / nbytes, disk or Costs.disk_read)
 
 
 @dataclass
@@ -498,7 +543,8 @@ def _cost(
         extractions = nr * T * R + nc * T * Cb
         spilled = (M * T if sides[0] else 0) + (N * T if sides[1] else 0)
         read = max(0, (row_uses - nr * T) * R) + max(0, (col_uses - nc * T) * Cb)
-    t_ex += P.fb * (spilled * costs.spill_write + read * costs.spill_read)
+    write_rate, read_rate = costs.spill_rates(spilled * P.fb)
+    t_ex += P.fb * (spilled * write_rate + read * read_rate)
     pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
     t_gram = pairs * T * P.pair_flops / costs.gram_rate + tiles * math.ceil(T / k) * costs.gram_call
     t_store = (

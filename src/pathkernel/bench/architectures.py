@@ -206,6 +206,73 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class _SqueezeExcite(nn.Module):
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s), inplace=True)), inplace=True)
+
+
+def _conv_bn(cin, cout, k, stride=1, groups=1, act=None):
+    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False)]
+    layers.append(nn.BatchNorm2d(cout, eps=0.001, momentum=0.01))
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class _InvertedResidual(nn.Module):
+    def __init__(self, cin, k, exp, cout, se, act, stride):
+        super().__init__()
+        layers = [] if exp == cin else [_conv_bn(cin, exp, 1, act=act)]
+        layers.append(_conv_bn(exp, exp, k, stride, groups=exp, act=act))
+        if se:
+            layers.append(_SqueezeExcite(exp, max(8, int(exp / 4 + 4) // 8 * 8)))
+        layers.append(_conv_bn(exp, cout, 1))
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = self.block(x)
+        if self.residual:
+            h += x  # in place, as torchvision writes it
+        return h
+
+
+def mobilenet_v3_small(classes: int = 10) -> nn.Module:
+    """torchvision's ``mobilenet_v3_small`` layer for layer (its configuration, in-place
+    Hardswish/ReLU/Hardsigmoid, in-place residual sums, squeeze-excitation), for machines
+    where torchvision does not load."""
+    RE, HS = nn.ReLU, nn.Hardswish
+    conf = [  # input, kernel, expanded, output, squeeze-excite, activation, stride
+        (16, 3, 16, 16, True, RE, 2),
+        (16, 3, 72, 24, False, RE, 2),
+        (24, 3, 88, 24, False, RE, 1),
+        (24, 5, 96, 40, True, HS, 2),
+        (40, 5, 240, 40, True, HS, 1),
+        (40, 5, 240, 40, True, HS, 1),
+        (40, 5, 120, 48, True, HS, 1),
+        (48, 5, 144, 48, True, HS, 1),
+        (48, 5, 288, 96, True, HS, 2),
+        (96, 5, 576, 96, True, HS, 1),
+        (96, 5, 576, 96, True, HS, 1),
+    ]
+    features = [_conv_bn(3, 16, 3, 2, act=HS)] + [_InvertedResidual(*c) for c in conf]
+    features.append(_conv_bn(96, 576, 1, act=HS))
+    return nn.Sequential(
+        nn.Sequential(*features),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(576, 1024),
+        nn.Hardswish(inplace=True),
+        nn.Dropout(0.2, inplace=True),
+        nn.Linear(1024, classes),
+    )
+
+
 def randomize_norm_stats(model: nn.Module, seed: int = 11) -> nn.Module:
     """Non-trivial running statistics and affine parameters (as after training)."""
     g = torch.Generator().manual_seed(seed)

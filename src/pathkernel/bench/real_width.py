@@ -102,8 +102,9 @@ def _resnet_path_kernel(quick: bool, rate: float, per_pair_64, row):
     model = randomize_norm_stats(resnet18_cifar(10)).eval()
     x = _images(n, 3, 32)
     ckpts = perturbed_checkpoints(model, T)
-    p = plan(model, ckpts, x, outputs=margin, memory_budget="2GB")
     with tempfile.TemporaryDirectory() as d:
+        # the plan of the run itself (with out=, features may be kept in a scratch file)
+        p = plan(model, ckpts, x, outputs=margin, out=f"{d}/k.npy", memory_budget="2GB")
         t = time.perf_counter()
         path_kernel(
             model, ckpts, x, outputs=margin, out=f"{d}/k.npy", memory_budget="2GB", progress=False
