@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from .._storage.sources import Source
 from .._storage.spill import FeatureSpill, remove_stale, shared_name
 from .._storage.store import Writer, open_store
 from .collective import Collective
-from .sharing import RankWork, deal
+from .sharing import RankWork, bands_of, deal
 from .tiling import PathKernelPlan, make_plan
 
 
@@ -269,17 +269,10 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
         finally:
             bar.close()
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
-    # bands: up to p.band consecutive tiles of one row block, accumulated together
     writer = Writer(store)
-    bands: List[Tuple[int, List[int]]] = []
-    for i, j in todo:
-        if bands and bands[-1][0] == i and len(bands[-1][1]) < p.band:
-            bands[-1][1].append(j)
-        else:
-            bands.append((i, [j]))
     try:
         cached = None  # all checkpoints' row features, when the plan holds them all
-        for i, js in bands:
+        for i, js in bands_of(todo, p.band):
             r0, r1 = i * R, min(M, (i + 1) * R)
             # float64 accumulators on the features' device (the GPU's float64 output path
             # accumulates TF32/bf16 Grams exactly as the CPU does float32 ones)

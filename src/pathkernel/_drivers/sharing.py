@@ -107,6 +107,18 @@ class _Model:
         )
 
 
+def bands_of(tiles: List[Tile], band: int) -> List[Tuple[int, List[int]]]:
+    """The bands ``path_kernel`` runs a rank's tiles in: up to ``band`` consecutive tiles of
+    one row block, accumulated together (as (row block, column blocks))."""
+    bands: List[Tuple[int, List[int]]] = []
+    for i, j in tiles:
+        if bands and bands[-1][0] == i and len(bands[-1][1]) < band:
+            bands[-1][1].append(j)
+        else:
+            bands.append((i, [j]))
+    return bands
+
+
 def shared_blocks(p, todo: List[Tile]) -> List[Key]:
     """Every row and column block (at every checkpoint) the tiles ``todo`` read."""
     m = _Model(p, True)
@@ -164,14 +176,8 @@ def _account(m: _Model, w: RankWork) -> None:
     """``w``'s passes, pairs, bytes and time for its tiles, band by band as
     ``path_kernel._compute`` runs them."""
     p, T = m.p, m.T
-    bands: List[Tuple[int, List[int]]] = []
-    for i, j in w.tiles:
-        if bands and bands[-1][0] == i and len(bands[-1][1]) < p.band:
-            bands[-1][1].append(j)
-        else:
-            bands.append((i, [j]))
     last = None
-    for i, js in bands:
+    for i, js in bands_of(w.tiles, p.band):
         if p.ckpt_group < T or i != last:  # all checkpoints' row features outlive a band
             r0, r1 = m.rows(i)
             w.seconds += m.row(i)

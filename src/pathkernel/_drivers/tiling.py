@@ -463,7 +463,7 @@ def _measure_spill(folder: str, nbytes: int = 1 << 23) -> Tuple[float, float, fl
         if spill.full:
             raise OSError(errno.ENOSPC, "no space for the scratch file")
         read = best_time(lambda: spill.get(0), 3)
-        disk = _disk_read(spill._fd, nbytes)
+        disk = _disk_read(spill.fileno(), nbytes)
     finally:
         spill.close()
     return write / nbytes, read / nbytes, max(read / nbytes, disk or Costs.disk_read)

@@ -56,6 +56,10 @@ class FeatureSpill:
         self.bytes_written = 0
         self.bytes_read = 0
 
+    def fileno(self) -> int:
+        """This spill's own file."""
+        return self._fd
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._index
 
