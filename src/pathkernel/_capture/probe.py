@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from .blocks import Factor, materialize
+from .blocks import Block, Factor, summed_grads
 from .extract import _output_grads, group_factors, param_ids, run_captured
 from .layout import Layout, discover
 from .ops import MATRIX_OPS, OpCapture, Use
@@ -80,17 +80,17 @@ def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
     on the others: ``h - h.mean(0)``): its kernel would be random, or not the kernel of the
     function the model computes on a batch. Checked again whenever a module's training flag
     or a parameter changes. ``seen``: the probe's float64 passes (``_discover``: the first
-    example alone, a batch of several, and that batch's inputs), so that only the batch is
-    run again."""
+    example alone, a batch of several, and that batch's inputs), so that only the first
+    example is run again."""
     key = (_param_signature(plan), tuple(m.training for m in plan.model.modules()))
     if _CHECKED.get(plan.model) == key:
         return
     state = model_state(plan, torch.float64)
     with torch.no_grad():
-        if seen is not None:
-            first, a, xs = seen
+        if seen is not None:  # the first example again, against its pass alone
+            first, batch, xs = seen
             n = xs[0].shape[0]
-            b = _batched(plan.forward(state, xs), n)
+            a, b = first, _batched(plan.forward(state, tuple(t[:1] for t in xs)), 1)
             alone = [first]
         else:
             xs = cast_inputs(tuple(t[:3] for t in x), torch.float64)
@@ -114,8 +114,10 @@ def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
                 "kernel would be too (dropout called as F.dropout(x, p, self.training) in "
                 "training mode?); call model.eval() or make the forward pass deterministic"
             )
-        if alone is not None and all(_comparable(o, a[:1]) for o in alone):
-            diff = _relative_gap(a[: len(alone)], torch.cat(alone))
+        if seen is None:
+            batch = a
+        if alone is not None and all(_comparable(o, batch[:1]) for o in alone):
+            diff = _relative_gap(batch[: len(alone)], torch.cat(alone))
             if diff is None or diff > 1e-9:
                 raise ValueError(
                     f"model: an example's output depends on the other examples of its batch "
@@ -350,12 +352,13 @@ def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     ]
     grads = _output_grads(f, [u.y for u, _ in keep])
     factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n)
-    mine: Dict[str, torch.Tensor] = {}
-    for k, fac in factors.items():
-        fac = Factor(fac.A, fac.D * w.view(n, *[1] * (fac.D.dim() - 1)), fac.beta, fac.materialized)
-        if not fac.materialized:
-            fac = materialize(plan.groups[k], fac)
-        mine.update(plan.unflatten_group(k, fac.D[:, 0, 0].sum(0, keepdim=True)))
+    # each example's part weighted by its w_i, then summed straight from the factors (one
+    # contraction over examples and positions: no per-example gradient is built)
+    weighted = {
+        k: Factor(f.A, f.D * w.view(n, *[1] * (f.D.dim() - 1)), f.beta, f.materialized)
+        for k, f in factors.items()
+    }
+    mine = summed_grads(plan, Block(n, 1, weighted))
     names = [nm for g in plan.groups for nm in g.names]
     gs = torch.autograd.grad(
         (w * f[:, 0]).sum(), [state[nm] for nm in names], retain_graph=True, allow_unused=True
