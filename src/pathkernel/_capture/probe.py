@@ -353,7 +353,9 @@ def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     grads = _output_grads(f, [u.y for u, _ in keep])
     factors = group_factors(plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n)
     # each example's part weighted by its w_i, then summed straight from the factors (one
-    # contraction over examples and positions: no per-example gradient is built)
+    # contraction over examples and positions: no per-example gradient is built). Weighted
+    # after the factors are assembled: a weighted cotangent would hide factors that hand
+    # every example's part, A and D alike, to another example
     weighted = {
         k: Factor(f.A, f.D * w.view(n, *[1] * (f.D.dim() - 1)), f.beta, f.materialized)
         for k, f in factors.items()
