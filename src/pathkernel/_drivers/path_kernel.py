@@ -263,11 +263,7 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
         def block(key):
             return extracted(sources[key[0]], *key[1:])
 
-        bar = progress_bar(progress, total=len(mine.blocks), desc="features", unit="block")
-        try:
-            _share_features(coll, spill, mine.blocks, block, bar)
-        finally:
-            bar.close()
+        _share_features(coll, spill, mine.blocks, block, progress)
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
     writer = Writer(store)
     try:
@@ -311,13 +307,17 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
         writer.close()  # the bands computed so far become durable, even after an error
 
 
-def _share_features(coll: Collective, spill, blocks, extract, bar) -> None:
+def _share_features(coll: Collective, spill, blocks, extract, progress: bool) -> None:
     """Extract this rank's ``blocks`` into its scratch file, then open every other rank's,
     so each block is extracted once across the ranks. The names go once every rank holds
     every file open (a job that dies later leaves none behind)."""
-    for key in blocks:
-        spill.put(key, extract(key))
-        bar.update(1)
+    bar = progress_bar(progress, total=len(blocks), desc="features", unit="block")
+    try:
+        for key in blocks:
+            spill.put(key, extract(key))
+            bar.update(1)
+    finally:
+        bar.close()
     coll.barrier("features extracted")  # a rank that failed stops the others here
     for r, (path, index) in enumerate(coll.gather_objects(spill.shared())):
         if r != coll.rank:

@@ -164,10 +164,9 @@ def deal(p, todo: List[Tile], world: int, share: bool) -> List[RankWork]:
             r += 1
         work[r].tiles.append(t)
         done += c
-    for w in work:
-        w.blocks.sort(key=lambda b: (b[3], b[0], b[1]))
-        w.extracted = sum(b[2] - b[1] for b in w.blocks)
-        w.seconds = sum(m.block(b[2] - b[1]) for b in w.blocks)
+    for w, b in zip(work, base):
+        w.blocks.sort(key=lambda k: (k[3], k[0], k[1]))
+        w.extracted, w.seconds = sum(k[2] - k[1] for k in w.blocks), b
         _account(m, w)
     return work
 

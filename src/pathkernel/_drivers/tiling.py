@@ -44,6 +44,7 @@ from .._storage.spill import FeatureSpill
 from .._storage.store import parse_bytes, resumed_tiling
 from .._timing import best_time
 from .collective import Collective
+from .sharing import deal
 
 
 @dataclass
@@ -145,8 +146,6 @@ class PathKernelPlan:
         """What each of ``world`` ranks (default: this plan's group) would extract, compute
         and write on a fresh run, with its estimated time (``sharing.RankWork``); features
         kept in a scratch file are then extracted once across the ranks."""
-        from .sharing import deal
-
         coll = None if self.job is None else self.job.collective
         world = world or (coll.world if coll is not None else 1)
         return deal(self, self.tiles, world, world > 1 and self.spill_bytes > 0)
@@ -442,8 +441,8 @@ def _disk_read(fd: int, nbytes: int) -> Optional[float]:
     except OSError:
         return None
     try:
-        buf = mmap.mmap(-1, nbytes)  # page-aligned, as O_DIRECT needs
-        return best_time(lambda: os.preadv(direct, [buf], 0), 2) / nbytes
+        with mmap.mmap(-1, nbytes) as buf:  # page-aligned, as O_DIRECT needs
+            return best_time(lambda: os.preadv(direct, [buf], 0), 2) / nbytes
     except OSError:
         return None
     finally:
