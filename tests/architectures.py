@@ -5,8 +5,9 @@ in-projection and its out-projection (functional calls inside ``multi_head_atten
 sequence-first), GPT-2's ``Conv1D`` (``addmm`` on a flattened batch), position ids broadcast
 over the batch, a tied output head, norms' affine parameters, grouped, depthwise and 3-d
 convolutions, LoRA matrices applied with ``matmul``, a layer applied to a constant buffer,
-recurrent layers that only the dense path covers, and torchvision's MobileNetV3-small layers
-(in-place activations and residual sums).
+recurrent layers (fused LSTM / GRU / RNN ops, deep, bidirectional, sequence-first, projected,
+and the cell modules in a loop), and torchvision's MobileNetV3-small layers (in-place
+activations and residual sums).
 """
 
 import torch
@@ -123,6 +124,37 @@ class RMSScale(nn.Module):
         return self.head(torch.cat([h, c], 1))
 
 
+class DeepRecurrent(nn.Module):
+    """A recurrent layer with every option on, sequence-first, its outputs pooled."""
+
+    def __init__(self, rnn, width):
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):  # x [n, T, d]
+        out = self.rnn(x.transpose(0, 1))[0].transpose(0, 1)
+        return self.head(torch.tanh(out).mean(1))
+
+
+class Cells(nn.Module):
+    """LSTMCell, GRUCell and RNNCell stepped over the sequence by the model itself."""
+
+    def __init__(self, d=3, h=4):
+        super().__init__()
+        self.lstm, self.gru = nn.LSTMCell(d, h), nn.GRUCell(h, h)
+        self.rnn = nn.RNNCell(h, h, nonlinearity="relu", bias=False)
+        self.head = nn.Linear(h, 2)
+
+    def forward(self, x):
+        h = c = g = r = x.new_zeros(x.shape[0], self.head.in_features)
+        for t in range(x.shape[1]):
+            h, c = self.lstm(x[:, t], (h, c))
+            g = self.gru(h, g)
+            r = self.rnn(g, r)
+        return self.head(r)
+
+
 def _float(n, *shape):
     return lambda k: torch.randn(k, *shape, dtype=torch.float64)
 
@@ -167,16 +199,24 @@ def cases():
         "conv3d": (Conv3dNet(), _float(0, 2, 3, 5, 6), set()),
         "lora": (LoRA(), _float(0, 6), set()),
         "buffer-linear": (BufferLinear(), _float(0, 4), {"table_proj.weight", "table_proj.bias"}),
-        "lstm": (
-            Recurrent(nn.LSTM),
-            _float(0, 5, 3),
-            {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"},
+        "lstm": (Recurrent(nn.LSTM), _float(0, 5, 3), set()),
+        "gru": (Recurrent(nn.GRU), _float(0, 5, 3), set()),
+        "lstm-deep": (
+            DeepRecurrent(nn.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2), 4),
+            _float(0, 4, 3),
+            set(),
         ),
-        "gru": (
-            Recurrent(nn.GRU),
-            _float(0, 5, 3),
-            {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.bias_hh_l0"},
+        "gru-deep": (
+            DeepRecurrent(nn.GRU(3, 4, num_layers=2, bidirectional=True), 8),
+            _float(0, 4, 3),
+            set(),
         ),
+        "rnn-relu": (
+            DeepRecurrent(nn.RNN(3, 4, num_layers=2, nonlinearity="relu", bias=False), 4),
+            _float(0, 4, 3),
+            set(),
+        ),
+        "cells": (Cells(), _float(0, 4, 3), set()),
         "norms": (RMSScale(), _float(0, 4), set()),
         # in-place Hardswish, ReLU and residual sums, squeeze-excitation, depthwise convs
         "mobilenet-v3-small": (mobilenet_v3_small(3), _float(0, 3, 32, 32), set()),

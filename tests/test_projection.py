@@ -18,18 +18,20 @@ from reference import assert_close, jacobians, rows_for
 
 
 class Recurrent(nn.Module):
-    """An LSTM (the dense path) and a grouped convolution ahead of a linear head."""
+    """A grouped convolution, an LSTM (one weight applied at every step) and a learned
+    log-scale that no rule covers (the dense path) ahead of a linear head."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv1d(4, 8, 3, padding=1, groups=2)
         self.lstm = nn.LSTM(8, 6, batch_first=True)
+        self.log_scale = nn.Parameter(0.1 * torch.randn(6))
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):  # x [n, 4, T]
         h = torch.tanh(self.conv(x)).transpose(1, 2)
         out, _ = self.lstm(h)
-        return self.head(out[:, -1])
+        return self.head(out[:, -1] * self.log_scale.exp())
 
 
 class SmallCNN(nn.Module):

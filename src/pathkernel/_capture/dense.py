@@ -1,7 +1,7 @@
 """The dense path: per-example Jacobians of the parameters no rule covers.
 
 ``torch.func``'s ``vmap(jacrev)`` computes them for a whole block at once. Modules it cannot
-vmap (RNN / GRU, LSTM in float64: their fused kernels have no batching rule, custom autograd
+vmap (a packed-sequence RNN: its fused kernel has no batching rule, custom autograd
 functions without a vmap rule) fall back to ``jacrev`` one example at a time, and where that
 fails too, to plain autograd, one backward pass per example and output. The verdict is
 remembered per model so the failing attempt is made once.

@@ -10,7 +10,8 @@ settings), whether the call comes from the parameter's own module or not: ``line
 added to, multiplied with or expanded over activations. Transposes, reshapes and row
 slices (``split`` / ``chunk`` / ``[a:b]``) of a parameter are followed. Python-level torch
 functions that hide such calls behind their own ``__torch_function__`` check
-(``multi_head_attention_forward``) are entered, so their in- and out-projections are seen.
+(``multi_head_attention_forward``) are entered, so their in- and out-projections are seen;
+fused recurrent ops are run through their cell operations (``recurrent.py``).
 
 Every other call passes through untouched; a parameter whose gradient the recorded uses do not
 explain goes to the dense path (the probe checks this per example in float64).
@@ -25,6 +26,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from . import recurrent
 
 MATRIX_OPS = ("linear", "matmul", "addmm", "conv", "embedding")
 NORM_OPS = ("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm")
@@ -472,6 +475,24 @@ def _expand(mode, func, args, kwargs):
     return mode._record("expand", r, None, None, y)
 
 
+# ---- recurrent layers: their fused ops run through their cell operations -------------------
+
+
+def _recurrent(kind: str, fused: bool):
+    def handler(mode, func, args, kwargs):
+        if fused:
+            ws = args[2] if len(args) > 2 and isinstance(args[2], (list, tuple)) else ()
+        else:
+            ws = list(args[2:]) + [kwargs.get(k) for k in ("w_ih", "w_hh", "b_ih", "b_hh")]
+        if not any(mode.ref(w) is not None for w in ws):
+            return NotImplemented
+        with mode:  # the cell's linear calls are seen (and recorded) like any other
+            out = (recurrent.unrolled if fused else recurrent.cell)(kind, args, kwargs)
+        return NotImplemented if out is None else out
+
+    return handler
+
+
 _HANDLERS: Dict[object, Callable] = {
     torch._C._nn.linear: _linear,
     torch.matmul: _matmul,
@@ -537,5 +558,9 @@ _HANDLERS: Dict[object, Callable] = {
     torch.Tensor.flatten: _reshape,
     torch.flatten: _reshape,
 }
+for _f, _kind in recurrent.FUSED:
+    _HANDLERS[_f] = _recurrent(_kind, True)
+for _f, _kind in recurrent.CELLS:
+    _HANDLERS[_f] = _recurrent(_kind, False)
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     _HANDLERS[F.rms_norm] = _norm("rms_norm", ("input", "normalized_shape", "weight", "eps"), None)
