@@ -62,6 +62,8 @@ def same_bytes(a, b):
         "ram-query",
         "file-spill",
         "file-query-spill",
+        "file-spill-passes",
+        "file-query-spill-passes",
         "file-project",
     ],
 )
@@ -99,7 +101,9 @@ def test_killed_rank_restarted_by_torchrun_resumes(tmp_path):
     assert same_bytes(tmp_path / "one" / "k.npy", tmp_path / "two" / "k.npy")
 
 
-@pytest.mark.parametrize("world,kind", [(None, "file"), (3, "file"), (3, "file-spill")])
+@pytest.mark.parametrize(
+    "world,kind", [(None, "file"), (3, "file"), (3, "file-spill"), (3, "file-spill-passes")]
+)
 def test_crash_finished_with_another_world_size(world, kind, tmp_path):
     run(kind, tmp_path / "one")
     crashed = run(kind + "-crash", tmp_path / "two", ranks=2, check=False)

@@ -1,11 +1,13 @@
 """path_kernel: tiled, out-of-core, resumable; against float64 references."""
 
 import copy
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -243,11 +245,13 @@ def test_out_in_a_new_directory_is_created(tmp_path):
     assert np.load(out).shape == (5, 5)
 
 
+@pytest.mark.parametrize("col_pass", [0, 2])
 @pytest.mark.parametrize("group,band", [(3, 1), (1, 1), (1, 3), (2, 2)])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("outputs", ["trace", "full"])
-def test_checkpoints_streamed_through_bands(group, band, symmetric, outputs):
-    """Every way of splitting the checkpoints and grouping tiles gives the same kernel."""
+def test_checkpoints_streamed_through_bands(group, band, symmetric, outputs, col_pass):
+    """Every way of splitting the checkpoints, grouping tiles and consuming column blocks in
+    passes gives the same kernel."""
     from pathkernel._drivers.path_kernel import run_plan
 
     model = mlp(d_in=4, hidden=(6,), d_out=3)
@@ -256,6 +260,8 @@ def test_checkpoints_streamed_through_bands(group, band, symmetric, outputs):
     Xq = None if symmetric else torch.randn(17, 4, dtype=torch.float64)
     p = pk.plan(model, ck, X, Xq, outputs=outputs, dtype=torch.float64)
     p.row_block, p.col_block, p.ckpt_group, p.band = 5, (5 if symmetric else 4), group, band
+    p.col_pass = col_pass
+    assert p.passes == bool(col_pass)
     nr, nc = -(-p.shape[0] // 5), -(-23 // p.col_block)
     p.tiles = [(i, j) for i in range(nr) for j in range(i if symmetric else 0, nc)]
     K = run_plan(p, progress=False)
@@ -292,9 +298,36 @@ def test_tight_budget_refused_with_the_smallest_sensible_budget(monkeypatch):
     # them, more when it recomputes
     assert "(1.00 per example and checkpoint)" in str(spilled)
     T = len(ck)
-    again = pk.plan(model.float(), ck, X, out="k.npy", memory_budget=4_000_000, spill=False)
+    again = pk.plan(model.float(), ck, X, out="k.npy", memory_budget=16_000_000, spill=False)
     per = again.extractions / (3000 * T)
     assert per > 1 and f"({per:.2f} per example and checkpoint)" in str(again)
+
+
+def test_features_larger_than_the_budget_allows_are_held_one_pass_at_a_time():
+    """ResNet-18-sized features (12.8 MB per example) under 2 GB: held whole, a column block
+    beside its row block forces slivers of 16 x 16 tiles whose column features are read
+    again for every row block; held one extraction pass at a time (the next read ahead from
+    the scratch file behind the Grams), the row blocks grow and the reads fall."""
+    from pathkernel._drivers import tiling
+
+    P = tiling._Problem(
+        M=1024, N=1024, T=2, symmetric=True, fb=12_810_536, cc=8, fixed=50 << 20,
+        pair_flops=15.1e6, out_item=4, spill=True, scratch=51_242_144,
+    )  # fmt: skip
+    c = tiling.Costs(
+        call=0.05, per_example=0.03, gram_call=1e-3, gram_rate=1.2e11, commit=1e-3,
+        per_byte=1e-9, spill_write=1e-9, spill_read=5.3e-10, disk_read=5.3e-10,
+    )  # fmt: skip
+    best = tiling._solve(P, c, 2 << 30)
+    whole = min(
+        (tiling._cost(P, R, R, band, k, chunk, c, True)
+         for R in (16, 32, 64) for k in (1, 2) for band in (1, 4, 64) for chunk in (16, 64)
+         if chunk >= R),
+        key=lambda x: x.est if x.memory <= 2 << 30 else float("inf"),
+    )  # fmt: skip
+    assert whole.R == 16 and not whole.passes
+    assert best.passes and best.R >= 64 and best.memory <= 2 << 30
+    assert best.est < 0.5 * whole.est, (best, whole)
 
 
 def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
@@ -393,6 +426,7 @@ class _CountingSpill:
     """FeatureSpill that counts the blocks it serves."""
 
     reads = 0
+    threads: set = set()  # whether each read ran on the main thread
 
     def __init__(self, folder, name=None):
         from pathkernel._storage.spill import FeatureSpill
@@ -407,6 +441,7 @@ class _CountingSpill:
 
     def get(self, key):
         _CountingSpill.reads += 1
+        _CountingSpill.threads.add(threading.current_thread() is threading.main_thread())
         return self._s.get(key)
 
     def close(self):
@@ -451,6 +486,61 @@ def test_spilled_features_give_the_same_bits(tmp_path, monkeypatch, symmetric, o
     K = torch.from_numpy(np.load(str(tmp_path / "kTrue.npy")))
     assert_close(K, reference(model, ck, X if symmetric else Xq, X, outputs), torch.float64)
     assert not [f for f in os.listdir(tmp_path) if "features" in f]  # the scratch file is gone
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_column_passes_read_ahead_give_the_same_bits(tmp_path, monkeypatch, symmetric):
+    """Column blocks consumed one extraction pass at a time, the passes kept in the scratch
+    file read ahead in a thread while the Grams run: the file equals the same tiling run
+    recomputing every pass, and the float64 reference."""
+    from pathkernel._drivers import path_kernel as driver
+    from pathkernel._drivers import tiling
+
+    _dear_passes(monkeypatch)
+    monkeypatch.setattr(driver, "FeatureSpill", _CountingSpill)
+    cost = tiling._cost
+
+    def passes_only(*a, **k):  # so that small problems take passes too
+        c = cost(*a, **k)
+        c.est += 0.0 if c.passes else 1e9
+        return c
+
+    monkeypatch.setattr(tiling, "_cost", passes_only)
+    torch.manual_seed(0)
+    model = CNN().double()
+    ck = checkpoints(model, T=2)
+    X = torch.randn(150, 1, 6, 6, dtype=torch.float64)
+    Xq = None if symmetric else torch.randn(37, 1, 6, 6, dtype=torch.float64)
+    kw = dict(outputs="trace", dtype=torch.float64)
+
+    def plan(out, b):
+        return pk.plan(model, ck, X, Xq, out=str(tmp_path / out), memory_budget=b, **kw)
+
+    def fits(b):
+        try:
+            p = plan("p.npy", b)
+        except ValueError:  # too small
+            return False
+        return p.spill_bytes > 0 and p.col_block >= 2 * p.col_pass and len(p.tiles) > 2
+
+    budget = next(b for b in range(100_000, 4_000_000, 20_000) if fits(b))
+    runs = {}
+    for keep in (True, False):
+        p = plan(f"k{keep}.npy", budget)
+        assert p.passes and f"held {p.col_pass} examples at a time" in str(p)
+        if not keep:  # the same tiling, every pass recomputed
+            p.spill_bytes, p.spill_sides = 0, (False, False)
+        _CountingSpill.reads, _CountingSpill.threads = 0, set()
+        driver.run_plan(p, progress=False)
+        assert (_CountingSpill.reads > 0) == keep
+        if keep:  # some passes came from the thread that reads ahead
+            assert False in _CountingSpill.threads
+        runs[keep] = open(tmp_path / f"k{keep}.npy", "rb").read()
+    assert runs[True] == runs[False]
+    K = torch.from_numpy(np.load(str(tmp_path / "kTrue.npy")))
+    assert_close(K, reference(model, ck, X if symmetric else Xq, X, "trace"), torch.float64)
+    journal = json.loads(open(tmp_path / "kTrue.npy.journal").readline())
+    assert journal["tiles"] == [p.row_block, p.col_block, p.ckpt_group, p.job.chunk, p.col_pass]
 
 
 def test_too_little_disk_for_the_spill_recomputes_with_a_warning(tmp_path, monkeypatch):

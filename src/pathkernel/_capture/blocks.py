@@ -222,6 +222,33 @@ def concat_blocks(blocks: List[Block]) -> Block:
     return out
 
 
+def gather_blocks(n: int, parts) -> Block:
+    """One block of ``n`` examples from consecutive ``parts`` made one at a time (an
+    iterable), each copied into place as it comes: only one part is held besides the
+    result, where ``concat_blocks`` holds them all."""
+    out: Optional[Block] = None
+    i = 0
+    for b in parts:
+        if out is None:
+            if b.n == n:
+                return b
+            out = Block(n, b.C)
+            for k, f in b.factors.items():
+                A = None if f.A is None else f.A.new_empty((n, *f.A.shape[1:]))
+                out.factors[k] = Factor(
+                    A, f.D.new_empty((n, *f.D.shape[1:])), f.beta, f.materialized
+                )
+        for k, f in b.factors.items():
+            g = out.factors[k]
+            if g.A is not None:
+                g.A[i : i + b.n].copy_(f.A)
+            g.D[i : i + b.n].copy_(f.D)
+        i += b.n
+    if out is None or i != n:
+        raise ValueError(f"parts: expected {n} examples in all, got {i}")
+    return out
+
+
 def summed_grads(plan, block: Block) -> Dict[str, torch.Tensor]:
     """Gradients summed over the block's examples (channel 0), by parameter name, computed
     from the factors without materializing per-example gradients."""

@@ -4,8 +4,10 @@
 rows x train columns, or train x train) is cut into tiles (``tiling.py``); each tile is
 accumulated in float64 over all checkpoints, then written once to its store (RAM or a
 resumable ``.npy``). The row block's per-layer features are cached for every checkpoint and
-the column block's recomputed, so only a tile, one row block's features and one column
-block's features are ever in memory.
+the column block's recomputed (or read back from a scratch file), whole or one extraction
+pass at a time, so only a band of tiles, one row block's features and one column block's (or
+pass's) features are ever in memory. Passes kept in the scratch file are read one ahead, in a
+thread, while the native Grams of the current one run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 import torch
@@ -20,7 +23,7 @@ from torch import nn
 
 from .. import _backend
 from .._autograd import with_autograd
-from .._capture.blocks import Block, to_terms
+from .._capture.blocks import Block, gather_blocks, to_terms
 from .._capture.extract import features
 from .._capture.outputs import OutputsArg
 from .._capture.plan import cast_inputs
@@ -31,7 +34,7 @@ from .._storage.sources import Source
 from .._storage.spill import FeatureSpill, remove_stale, shared_name
 from .._storage.store import Writer, open_store
 from .collective import Collective
-from .sharing import RankWork, bands_of, deal
+from .sharing import RankWork, bands_of, column_passes, deal
 from .tiling import PathKernelPlan, make_plan
 
 
@@ -173,8 +176,8 @@ def _open(p: PathKernelPlan, coll: Collective, resume: bool):
     fingerprint = {
         **job.header(p.symmetric),
         # a tile's bytes depend on its examples, on how its sum over checkpoints is
-        # split and on the passes its features are extracted in
-        "tiles": [p.row_block, p.col_block, p.ckpt_group, job.chunk],
+        # split and on the passes its features are extracted and consumed in
+        "tiles": p.tiling,
     }
 
     def opener(create):
@@ -243,6 +246,7 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
     R, Cb = p.row_block, p.col_block
     C = p.shape[2] if len(p.shape) == 4 else 1
     keep_rows, keep_cols = p.spill_sides
+    pieces, span = column_passes(p), lambda j: (j * Cb, min(N, (j + 1) * Cb))
 
     def extracted(src: Source, lo: int, hi: int, t: int) -> Block:
         x = cast_inputs(as_inputs(src.get(lo, hi), src.name), dtype)
@@ -257,6 +261,15 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
             spill.put(key, b)
         return b
 
+    def row_feats(r0: int, r1: int, t: int) -> Block:
+        # train x train in passes: a row block is its column passes (kept once, as such)
+        if not (p.symmetric and p.passes):
+            return feats(rows, r0, r1, t)
+        return gather_blocks(r1 - r0, (feats(rows, a, b, t) for a, b in pieces(r0, r1)))
+
+    def in_spill(key) -> bool:
+        return spill is not None and all((cols.name, *key[1:], t) in spill for t in key[0])
+
     if share:
         sources = {rows.name: rows, cols.name: cols}
 
@@ -266,45 +279,79 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
         _share_features(coll, spill, mine.blocks, block, progress)
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
     writer = Writer(store)
+    ahead = ThreadPoolExecutor(1) if spill is not None and p.passes else None
     try:
         cached = None  # all checkpoints' row features, when the plan holds them all
         for i, js in bands_of(todo, p.band):
             r0, r1 = i * R, min(M, (i + 1) * R)
             # float64 accumulators on the features' device (the GPU's float64 output path
-            # accumulates TF32/bf16 Grams exactly as the CPU does float32 ones)
+            # accumulates TF32/bf16 Grams exactly as the CPU does float32 ones), one per pass
             accs = {
-                j: torch.zeros(
-                    r1 - r0, min(N, (j + 1) * Cb) - j * Cb, C, C, dtype=torch.float64, device=device
-                )
+                j: {
+                    a: torch.zeros(r1 - r0, b - a, C, C, dtype=torch.float64, device=device)
+                    for a, b in ([span(j)] if p.symmetric and i == j else pieces(*span(j)))
+                }
                 for j in js
             }
             for g0 in range(0, T, k):
                 group = range(g0, min(T, g0 + k))
                 if k == T:
                     if cached is None or cached[0] != i:
-                        cached = (i, [feats(rows, r0, r1, t) for t in group])
+                        cached = None  # the previous row block's features go first
+                        cached = (i, [row_feats(r0, r1, t) for t in group])
                     row = cached[1]
                 else:
-                    row = [feats(rows, r0, r1, t) for t in group]
+                    row = [row_feats(r0, r1, t) for t in group]
+                # (tile, first, end) of every pass of the band's column features
+                work = []
                 for j in js:
-                    diagonal = p.symmetric and i == j
-                    c0, c1 = j * Cb, min(N, (j + 1) * Cb)
-                    side1, side2 = [], []
-                    for rb, t in zip(row, group):
-                        cb = None if diagonal else feats(cols, c0, c1, t)
-                        a, b = to_terms(mplan, rb, cb, scale=weights[t], stacked=spec.stacked)
-                        side1 += a
-                        side2 += b or []
-                        bar.update(1)
-                    _backend.accumulate(
-                        accs[j], side1, None if diagonal else side2, threads=threads
+                    if p.symmetric and i == j:  # the row block against itself
+                        side1 = []
+                        for rb, t in zip(row, group):
+                            side1 += to_terms(
+                                mplan, rb, None, scale=weights[t], stacked=spec.stacked
+                            )[0]
+                        _backend.accumulate(accs[j][r0], side1, None, threads=threads)
+                        bar.update(len(group))
+                    else:
+                        work += [(j, a, b) for a, b in pieces(*span(j))]
+                pending = None
+                for n, (j, a, b) in enumerate(work):
+                    cbs = (
+                        pending.result()
+                        if pending is not None
+                        else [feats(cols, a, b, t) for t in group]
                     )
-            writes, ready = _band_writes(spec, dtype, p.symmetric, i, r0, Cb, accs)
+                    pending = None
+                    if ahead is not None and n + 1 < len(work):  # read the next pass meanwhile
+                        nxt = (group, *work[n + 1][1:])
+                        if in_spill(nxt):
+                            pending = ahead.submit(
+                                lambda q=nxt: [spill.get((cols.name, q[1], q[2], t)) for t in q[0]]
+                            )
+                    side1, side2 = [], []
+                    for rb, cb, t in zip(row, cbs, group):
+                        s1, s2 = to_terms(mplan, rb, cb, scale=weights[t], stacked=spec.stacked)
+                        side1 += s1
+                        side2 += s2
+                    cbs = None
+                    _backend.accumulate(accs[j][a], side1, side2, threads=threads)
+                    if b == span(j)[1]:
+                        bar.update(len(group))
+            tiles = {j: _joined(list(parts.values())) for j, parts in accs.items()}
+            writes, ready = _band_writes(spec, dtype, p.symmetric, i, r0, Cb, tiles)
             writer.submit(writes, [(i, j) for j in js], ready)
-            accs = None
+            accs = tiles = None
     finally:
         bar.close()
+        if ahead is not None:
+            ahead.shutdown(wait=True)
         writer.close()  # the bands computed so far become durable, even after an error
+
+
+def _joined(parts: List[torch.Tensor]) -> torch.Tensor:
+    """A tile from its passes' accumulators (side by side along the columns)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def _share_features(coll: Collective, spill, blocks, extract, progress: bool) -> None:

@@ -98,13 +98,28 @@ class _Model:
         (r0, r1), (c0, c1) = self.rows(t[0]), self.cols(t[1])
         p = self.p
         writes = (r1 - r0) / p.band + (0 if not p.symmetric or self.diagonal(t) else c1 - c0)
-        return (
+        calls = 1 if self.diagonal(t) else len(column_passes(p)(c0, c1))
+        gram = (
             self.pairs(t) * self.T * p.pair_flops / self.c.gram_rate
-            + math.ceil(self.T / p.ckpt_group) * self.c.gram_call
-            + (0.0 if self.diagonal(t) else self.T * self.fetch(c1 - c0))
-            + self.written(t) * self.c.per_byte
-            + writes * self.c.row_write
+            + calls * math.ceil(self.T / p.ckpt_group) * self.c.gram_call
         )
+        fetch = 0.0 if self.diagonal(t) else self.T * self.fetch(c1 - c0)
+        # passes read back from the scratch files are read ahead, behind the Grams
+        both = max(gram, fetch) if self.shared and p.passes else gram + fetch
+        return both + self.written(t) * self.c.per_byte + writes * self.c.row_write
+
+
+def column_passes(p):
+    """``pieces(lo, hi)``: the passes ``(first, end)`` in which the plan ``p`` consumes a
+    column block's features (one, the whole block, unless it holds them in passes)."""
+    step = p.col_pass if p.passes else 0
+
+    def pieces(lo: int, hi: int) -> List[Tuple[int, int]]:
+        if not step:
+            return [(lo, hi)]
+        return [(a, min(hi, a + step)) for a in range(lo, hi, step)]
+
+    return pieces
 
 
 def bands_of(tiles: List[Tile], band: int) -> List[Tuple[int, List[int]]]:
@@ -123,12 +138,14 @@ def shared_blocks(p, todo: List[Tile]) -> List[Key]:
     """Every row and column block (at every checkpoint) the tiles ``todo`` read."""
     m = _Model(p, True)
     rows, cols = p.job.rows.name, p.job.cols.name
+    pieces = column_passes(p)  # train x train: a row block is read as its column passes
+    row_pieces = pieces if p.symmetric else lambda lo, hi: [(lo, hi)]
     keys = set()
     for t in todo:
         for s in range(p.checkpoints):
-            keys.add((rows, *m.rows(t[0]), s))
+            keys.update((rows, a, b, s) for a, b in row_pieces(*m.rows(t[0])))
             if not m.diagonal(t):
-                keys.add((cols, *m.cols(t[1]), s))
+                keys.update((cols, a, b, s) for a, b in pieces(*m.cols(t[1])))
     return sorted(keys, key=lambda k: (k[3], k[0], k[1]))
 
 

@@ -116,8 +116,11 @@ class PathKernelPlan:
     checkpoints are handled at once: all of them (the row block's features are then cached
     for every checkpoint and each tile is accumulated over the whole path in one native call),
     or fewer, streamed through ``band`` tiles of a row block that are accumulated together
-    (their row features then recomputed once per band). The choice minimizes the estimated
-    time (from costs measured on the model) under the memory budget.
+    (their row features then recomputed once per band). A column block's features are held
+    ``col_pass`` examples at a time (one extraction pass; the whole block when it equals
+    ``col_block``), so a large row block fits beside them; passes kept in a scratch file are
+    read one ahead, behind the Grams. The choice minimizes the estimated time (from costs
+    measured on the model) under the memory budget.
     """
 
     shape: Tuple[int, ...]
@@ -138,6 +141,7 @@ class PathKernelPlan:
     store: str
     spill_bytes: int = 0  # features written once to a scratch file beside ``out`` and reread
     spill_sides: Tuple[bool, bool] = (False, False)  # whether row / column features are spilled
+    col_pass: int = 0  # column examples whose features are held at once (0: col_block)
     job: Optional[Job] = field(default=None, repr=False)
     costs: Optional[Costs] = field(default=None, repr=False)  # measured (rank 0's on a group)
     pair_flops: float = field(default=0.0, repr=False)
@@ -150,16 +154,36 @@ class PathKernelPlan:
         world = world or (coll.world if coll is not None else 1)
         return deal(self, self.tiles, world, world > 1 and self.spill_bytes > 0)
 
+    @property
+    def passes(self) -> bool:
+        """Whether column blocks are consumed in several passes (``col_pass`` examples)."""
+        return 0 < self.col_pass < self.col_block
+
+    @property
+    def tiling(self) -> list:
+        """What fixes a tile's bytes (the journal's ``tiles``): the blocks, the checkpoints
+        at once, the examples per extraction pass and, where it is not the whole column
+        block, the column pass (absent in files of runs that had none)."""
+        job = self.job
+        return [self.row_block, self.col_block, self.ckpt_group, job.chunk] + (
+            [self.col_pass] if self.passes else []
+        )
+
     def __str__(self) -> str:
         M, N = self.shape[:2]
         kind = "train x train (symmetric halves)" if self.symmetric else "query x train"
         T, k = self.checkpoints, self.ckpt_group
+        per = "pass of column examples" if self.passes else "tile"
         how = (
-            "row-block features cached for every checkpoint; one native call per tile"
+            f"row-block features cached for every checkpoint; one native call per {per}"
             if k == T
             else f"{k} checkpoint(s) at a time through {self.band} tile(s) of a "
             "row block accumulated together"
         )
+        if self.passes:
+            how += f"; column features held {self.col_pass} examples at a time" + (
+                " (the next pass read ahead of the Grams)" if self.spill_bytes else ""
+            )
         ex, gram, store = self.est_parts
         spill = (
             f"; {fmt_bytes(self.spill_bytes)} of them kept in a scratch file beside the output "
@@ -482,6 +506,11 @@ class _Choice:
     extractions: int
     spill: int = 0  # bytes of features kept in a scratch file (0: none, all recomputed)
     spill_sides: Tuple[bool, bool] = (False, False)  # rows, columns kept there
+    passes: bool = False  # column blocks consumed one extraction pass (chunk) at a time
+
+    @property
+    def col_pass(self) -> int:
+        return min(self.chunk, self.Cb) if self.passes else self.Cb
 
 
 @dataclass
@@ -503,49 +532,68 @@ SPILL_MAX = 64 << 30  # the most feature bytes a plan writes to its scratch file
 
 
 def _cost(
-    P: _Problem, R: int, Cb: int, band: int, k: int, chunk: int, costs: Costs, spill: bool = False
+    P: _Problem,
+    R: int,
+    Cb: int,
+    band: int,
+    k: int,
+    chunk: int,
+    costs: Costs,
+    spill: bool = False,
+    passes: bool = False,
 ) -> _Choice:
     """Memory and estimated time of one tiling (``spill``: features that are needed again
-    are written to a scratch file once and read back, not recomputed)."""
+    are written to a scratch file once and read back, not recomputed; ``passes``: a column
+    block's features are held one extraction pass at a time, the next read ahead from the
+    scratch file while the Grams of the current one run)."""
     M, N, T = P.M, P.N, P.T
     nr, nc = math.ceil(M / R), math.ceil(N / Cb)
     tiles = nr * (nc + 1) // 2 if P.symmetric else nr * nc
     offdiag = tiles - (nr if P.symmetric else 0)
     cols_per_row = (nc + 1) / 2 if P.symmetric else nc
+    ahead = passes and spill
     # a chunk's autograd scratch while extracting: a few times its features
     # ... and the band's float64 accumulators, plus the previous band's finished tiles while
-    # they are being written
+    # they are being written; the row block's features and a column block's (or, in
+    # passes, one pass's and the one read ahead)
+    cols = (2 if ahead else 1) * min(chunk, Cb) if passes else Cb
     mem = (
         P.fixed
         + chunk * (P.scratch or SCRATCH * P.fb)
         + R * band * Cb * (P.cc + P.out_item)
-        + (R + Cb) * k * P.fb
+        + (R + cols) * k * P.fb
     )
     # row features: once per row block when all checkpoints are held, else once per band;
     # column features: once per off-diagonal tile; both for every checkpoint
     bands = nr * math.ceil(cols_per_row / band)
     row_passes = nr if k == T else bands  # all checkpoints' row features outlive a band
     row_uses, col_uses = T * row_passes, offdiag * T
-    spilled = read = 0.0  # examples' features written to / read from the scratch file
+    spilled = read = col_read = 0.0  # examples' features written to / read from the scratch file
     # which sides a spilling run keeps: those needed again (rows by later bands of their row
     # block, columns by later row blocks; train x train: both, a block being both)
     sides = (P.symmetric or row_passes > nr, P.symmetric or nr > 1) if spill else (False, False)
     if not spill:
         t_ex = row_uses * _extraction(R, chunk, costs) + col_uses * _extraction(Cb, chunk, costs)
         extractions = row_uses * R + col_uses * Cb
-    elif P.symmetric:  # every block extracted once, as a row or as a column
+    elif P.symmetric:  # every block extracted once: the first as a row, the others as columns
         t_ex = nr * T * _extraction(R, chunk, costs)
         extractions = spilled = N * T
         read = max(0, row_uses * R + col_uses * Cb - N * T)
+        col_read = max(0, col_uses * Cb - max(0, N - R) * T)
     else:
         t_ex = nr * T * _extraction(R, chunk, costs) + nc * T * _extraction(Cb, chunk, costs)
         extractions = nr * T * R + nc * T * Cb
         spilled = (M * T if sides[0] else 0) + (N * T if sides[1] else 0)
-        read = max(0, (row_uses - nr * T) * R) + max(0, (col_uses - nc * T) * Cb)
+        col_read = max(0, (col_uses - nc * T) * Cb)
+        read = max(0, (row_uses - nr * T) * R) + col_read
     write_rate, read_rate = costs.spill_rates(spilled * P.fb)
-    t_ex += P.fb * (spilled * write_rate + read * read_rate)
+    t_ex += P.fb * (spilled * write_rate + (read - col_read) * read_rate)
+    t_cols = P.fb * col_read * read_rate
     pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
-    t_gram = pairs * T * P.pair_flops / costs.gram_rate + tiles * math.ceil(T / k) * costs.gram_call
+    calls = (tiles - offdiag) + offdiag * (math.ceil(Cb / chunk) if passes else 1)
+    t_gram = pairs * T * P.pair_flops / costs.gram_rate + calls * math.ceil(T / k) * costs.gram_call
+    # column passes read ahead are read while the Grams run: only the excess shows
+    t_ex += max(0.0, t_cols - t_gram) if ahead else t_cols
     t_store = (
         bands * costs.commit
         + store_writes(P.symmetric, R, Cb, band, N, bands, offdiag) * costs.row_write
@@ -565,14 +613,16 @@ def _cost(
         int(extractions),
         int(spilled * P.fb),
         sides,
+        passes,
     )
 
 
 def _solve(
-    P: _Problem, costs: Costs, budget: int, tiling: Optional[Tuple[int, int, int, int]] = None
+    P: _Problem, costs: Costs, budget: int, tiling: Optional[Tuple[int, ...]] = None
 ) -> Optional[_Choice]:
     """The tiling with the least estimated time whose memory fits ``budget`` (``tiling``:
-    only that (row block, column block, checkpoints at once, chunk), e.g. a resumed run's)."""
+    only that (row block, column block, checkpoints at once, chunk[, column pass]), e.g. a
+    resumed run's)."""
 
     def sizes(n, most=1 << 30):  # tiles narrower than 16 run the GEMMs badly
         return sorted(s for s in {n} | {2**p for p in range(4, 30) if 2**p < n} if s <= most) or [
@@ -582,12 +632,13 @@ def _solve(
     ks = sorted({math.ceil(P.T / m) for m in range(1, P.T + 1)}, reverse=True)
     best = None
     for R in [tiling[0]] if tiling else sizes(P.M):
-        # a column block is extracted in one pass (at most CHUNK examples)
+        # a column block is extracted in one pass (at most CHUNK examples), or consumed in
+        # several
         for Cb in [tiling[1]] if tiling else [R] if P.symmetric else sizes(P.N, CHUNK):
             nc = math.ceil(P.N / Cb)
-            for k, band, chunk in _variants(P.T, nc, ks, max(R, Cb), tiling, Cb):
+            for k, band, chunk, passes in _variants(P.T, nc, ks, max(R, Cb), tiling, Cb):
                 for spill in (False, True) if P.spill else (False,):
-                    c = _cost(P, R, Cb, band, k, chunk, costs, spill)
+                    c = _cost(P, R, Cb, band, k, chunk, costs, spill, passes)
                     if spill and not 0 < c.spill <= SPILL_MAX:
                         continue
                     if c.memory <= budget and (best is None or c.est < best.est):
@@ -615,7 +666,7 @@ def _measure_row_write(fd: int, rows: int = 256, nbytes: int = 256) -> float:
 
 def _recost(P: _Problem, c: _Choice, costs: Costs) -> _Choice:
     """The same tiling under other costs."""
-    return _cost(P, c.R, c.Cb, c.band, c.k, c.chunk, costs, c.spill > 0)
+    return _cost(P, c.R, c.Cb, c.band, c.k, c.chunk, costs, c.spill > 0, c.passes)
 
 
 def _extraction(size: int, chunk: int, costs: Costs) -> float:
@@ -626,20 +677,25 @@ SCRATCH = 4
 
 
 def _variants(T: int, nc: int, ks, most: int, tiling=None, least: int = 1):
-    """(checkpoints at once, tiles per band, examples per extraction pass) to consider; a
-    pass covers at least ``least`` examples (a column block: no concatenation)."""
-    chunks = sorted(
+    """(checkpoints at once, tiles per band, examples per extraction pass, column passes) to
+    consider: a pass covers a whole column block (at least ``least`` examples: no
+    concatenation), or the column block is consumed in passes of fewer."""
+    whole = sorted(
         c
         for c in {min(most, CHUNK)} | {c for c in (16, 64, 256, 1024) if c < min(most, CHUNK)}
         if c >= least
     )
-    if tiling:
-        ks, chunks = [tiling[2]], [tiling[3]]
+    chunks = [(c, False) for c in whole] + [
+        (c, True) for c in (16, 32, 64, 256, 1024) if c < min(least, CHUNK)
+    ]
+    if tiling:  # a resumed run's: passes where its column pass is not the whole block
+        ks = [tiling[2]]
+        chunks = [(tiling[3], len(tiling) > 4 and tiling[4] < tiling[1])]
     for k in ks:
         bands = sorted({1, nc} | {2**p for p in range(1, 12) if 2**p < nc})
         for band in bands:
-            for chunk in chunks:
-                yield k, band, chunk
+            for chunk, passes in chunks:
+                yield k, band, chunk, passes
 
 
 @with_autograd
@@ -863,6 +919,7 @@ def _make_plan(
         store="RAM" if out is None else str(out),
         spill_bytes=choice.spill,
         spill_sides=choice.spill_sides,
+        col_pass=choice.col_pass,
         job=job,
         costs=costs,
         pair_flops=pair,
