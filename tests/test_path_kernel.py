@@ -563,6 +563,34 @@ def test_too_little_disk_for_the_spill_recomputes_with_a_warning(tmp_path, monke
     assert open(full, "rb").read() == open(tmp_path / "roomy.npy", "rb").read()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux descriptors")
+def test_feature_spill_falls_back_to_buffered_writes(tmp_path, monkeypatch):
+    """A filesystem that opens the scratch file for direct writes but refuses them: the
+    block is written through the page cache instead, and so is every later one."""
+    from pathkernel._capture.blocks import Block, Factor
+    from pathkernel._storage import spill as spill_mod
+
+    monkeypatch.setattr(  # a descriptor that refuses writes (EBADF)
+        spill_mod,
+        "_direct_writer",
+        lambda fd: (
+            os.open(f"/proc/self/fd/{fd}", os.O_RDONLY),
+            spill_mod.mmap.mmap(-1, spill_mod._STAGE),
+        ),
+    )
+    s = spill_mod.FeatureSpill(str(tmp_path))
+    assert s._direct is not None
+    blocks = [
+        Block(2, 1, {0: Factor(None, torch.randn(2, 1, 1, 5000 + i), 0.0, True)}) for i in range(2)
+    ]
+    for i, b in enumerate(blocks):
+        s.put(i, b)
+    assert s._direct is None
+    for i, b in enumerate(blocks):
+        assert torch.equal(s.get(i).factors[0].D, b.factors[0].D)
+    s.close()
+
+
 def test_feature_spill_round_trip(tmp_path):
     """Every kind of factor (float A, token A, none, materialized, empty) comes back equal,
     in fresh tensors."""

@@ -139,7 +139,7 @@ def test_tiled_path_kernel_of_losses_equals_the_reference(symmetric, tmp_path):
     p = pk.plan(
         model, ck, X, Xq, memory_budget="300KB", **{k: kw[k] for k in kw if k != "progress"}
     )
-    assert len(p.tiles) > 1
+    assert len(p.tiles) > 1 or p.passes  # the examples (and targets) come block by block
     K = pk.path_kernel(model, ck, X, Xq, memory_budget="300KB", **kw)
     out = pk.path_kernel(model, ck, X, Xq, memory_budget="300KB", out=tmp_path / "k.npy", **kw)
     ref = path_reference(

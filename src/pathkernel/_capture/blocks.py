@@ -32,6 +32,17 @@ class Block:
     C: int
     factors: Dict[int, Factor] = field(default_factory=dict)
 
+    def part(self, lo: int, hi: int) -> "Block":
+        """Examples ``lo:hi`` (views)."""
+        return Block(
+            hi - lo,
+            self.C,
+            {
+                k: Factor(None if f.A is None else f.A[lo:hi], f.D[lo:hi], f.beta, f.materialized)
+                for k, f in self.factors.items()
+            },
+        )
+
 
 def pair_cost(
     S: int, da: int, dd: int, C: int, stacked: bool, groups: int = 1

@@ -382,8 +382,12 @@ def use_flops(u) -> float:
     return float(u.y.numel()) / n
 
 
-def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int) -> Costs:
-    """Time one-example and sample-sized extractions and accumulations on this model."""
+def _measure(
+    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, shape=None
+) -> Costs:
+    """Time one-example and sample-sized extractions and accumulations on this model
+    (``shape``: the (rows, columns) of the plan's native calls, where they are narrower than
+    the sample: the Grams of narrow passes run slower)."""
     spec, mplan = job.spec, job.model_plan
     x = cast_inputs(sample_x, job.dtype)
     one = tuple(t[:1] for t in x)
@@ -398,24 +402,38 @@ def _measure(job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int
     per_example = max((tn - t1) / max(n - 1, 1), 1e-9)
     b1 = extract(mplan, spec, job.states[0], one)
     C = 1 if spec.stacked else sample.C
-    # the Gram rate on a tile of up to 256 x 256 (the sample's features repeated)
+    # the Gram rate on a tile of up to 256 x 256 (the sample's features repeated), in the
+    # plan's narrower calls where it has them
     big = concat_blocks([sample] * max(1, min(256 // n, budget // (8 * max(1, fb * n)))))
     m = big.n
     terms1 = to_terms(mplan, b1, b1, stacked=spec.stacked)
-    termsm = to_terms(mplan, big, big, stacked=spec.stacked)
     dev = terms1[0][0].D.device
 
-    def timed(n, terms):
+    def timed(calls):  # (rows, columns, terms) of each native call
         def run():
-            _backend.accumulate(torch.zeros(n, n, C, C, dtype=torch.float64, device=dev), *terms)
+            for r, c, terms in calls:
+                out = torch.zeros(r, c, C, C, dtype=torch.float64, device=dev)
+                _backend.accumulate(out, *terms)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
         return best_time(run, 2)
 
-    g1, gn = timed(1, terms1), timed(m, termsm)
-    flops = _pair_flops(sample, spec.stacked) * m * m
-    rate = flops / max(gn - g1, 1e-9) if m > 1 else 50e9
+    g1 = timed([(1, 1, terms1)])
+    rows, cols = (m, m) if shape is None else (min(m, shape[0]), min(m, shape[1]))
+    head = big.part(0, rows)
+    gn = timed(
+        [
+            (
+                rows,
+                min(m, a + cols) - a,
+                to_terms(mplan, head, big.part(a, a + cols), stacked=spec.stacked),
+            )
+            for a in range(0, m, cols)
+        ]
+    )
+    flops = _pair_flops(sample, spec.stacked) * rows * m
+    rate = flops / max(gn - math.ceil(m / cols) * g1, 1e-9) if m > 1 else 50e9
     costs = Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), 2e-5, 1e-10)
     if out is not None:  # fsyncs in the output's folder, after a small and a large write
         folder = os.path.dirname(os.path.abspath(os.fspath(out)))
@@ -852,7 +870,11 @@ def make_plan(
                 f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over"
             )
         costs = (
-            coll.broadcast(_measure(job, sample_x, sample, out, fb, budget) if coll.lead else None)
+            coll.broadcast(
+                _measure(job, sample_x, sample, out, fb, budget, _calls(choice))
+                if coll.lead
+                else None
+            )
             if measure
             else nominal
         )
@@ -871,7 +893,9 @@ def make_plan(
     roomy_nominal = solve(max(budget, 2 << 30))
     if not measure and not (choice.est > 3 * roomy_nominal.est and choice.est > 10):
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, nominal)
-    costs = coll.broadcast(_measure(job, sample_x, sample, out, fb, budget) if coll.lead else None)
+    costs = coll.broadcast(
+        _measure(job, sample_x, sample, out, fb, budget, _calls(choice)) if coll.lead else None
+    )
 
     def timed(c: _Choice) -> _Choice:
         return _recost(problem, c, costs)
@@ -887,6 +911,11 @@ def make_plan(
             f"budget within 3x of that is about {fmt_bytes(need)}"
         )
     return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out, costs)
+
+
+def _calls(c: _Choice) -> Optional[Tuple[int, int]]:
+    """The shape of the native calls of a plan in passes (None: whole tiles)."""
+    return (c.R, c.col_pass) if c.passes else None
 
 
 def _make_plan(
