@@ -42,9 +42,51 @@ namespace {
 
 template <typename Tin, typename Tout>
 struct Workspace {
-  std::vector<Tin> ag, dg;
+  std::vector<Tin> ag, dg, part;
   std::vector<Tout> acc;
 };
+
+constexpr int64_t kMinSlice = 1024;  // inner-dimension slices shorter than this are not cut
+
+// C[m, n] = A B^T (``upper``: the upper triangle of A A^T, m == n), the inner dimension cut
+// into ``parts`` slices whose products OpenMP threads compute, then summed in slice order
+// (deterministic for a given number of threads). One part: a single GEMM.
+template <typename Tin>
+void product(bool upper, int64_t m, int64_t n, int64_t k, const Tin* A, const Tin* B, Tin* C,
+             int parts, std::vector<Tin>& scratch) {
+  parts = static_cast<int>(std::min<int64_t>(parts, k / kMinSlice));
+  if (parts <= 1) {
+    if (upper)
+      gram_upper<Tin>(m, k, A, C);
+    else
+      gemm_nt<Tin>(m, n, k, A, B, C);
+    return;
+  }
+  const int64_t slice = (k + parts - 1) / parts, mn = m * n;
+  scratch.resize(static_cast<size_t>((parts - 1) * mn));
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+#endif
+  for (int p = 0; p < parts; ++p) {
+    const int64_t k0 = p * slice, kk = std::min(k, k0 + slice) - k0;
+    Tin* dst = p == 0 ? C : scratch.data() + (p - 1) * mn;
+    if (upper)
+      gram_upper<Tin>(m, kk, A + k0, dst, k);
+    else
+      gemm_nt<Tin>(m, n, kk, A + k0, B + k0, dst, k, k);
+  }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(parts) schedule(static)
+#endif
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t j0 = upper ? i : 0;  // gram_upper leaves the rest of each slice unset
+    for (int p = 1; p < parts; ++p) {
+      const Tin* src = scratch.data() + (p - 1) * mn + i * n;
+      Tin* dst = C + i * n;
+      for (int64_t j = j0; j < n; ++j) dst[j] += src[j];
+    }
+  }
+}
 
 // acc[i, j, c1, c2] += scale sum_{s1,s2} (AG[(i,s1),(j,s2)] + beta) DG[(i,s1,c1),(j,s2,c2)]
 // for one term on an m x n tile. AG == nullptr means the A factor is 1.
@@ -123,8 +165,77 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
   const Tout a_out = static_cast<Tout>(alpha);
 
+  // One task per thread at least: OpenMP over tiles, each GEMM single-threaded. Fewer tasks
+  // than threads (a small kernel: one diagonal tile): the tasks in turn, each GEMM's inner
+  // dimension cut over the threads, so no core idles.
 #ifdef _OPENMP
   const int nthreads = threads > 0 ? threads : omp_get_max_threads();
+#else
+  const int nthreads = 1;
+#endif
+  // tasks in turn with their GEMMs' inner dimension cut over the threads, or tasks in parallel
+  const int split = ntasks < nthreads ? nthreads : 1;
+  auto run_task = [&](int64_t t, Workspace<Tin, Tout>& ws) {
+    const int64_t i0 = tasks[t].i0, j0 = tasks[t].j0, m = tasks[t].m, n = tasks[t].n;
+    const bool tri = triangular && i0 == j0;  // a diagonal tile: upper triangle only
+    ws.acc.assign(static_cast<size_t>(m * n * CC), Tout(0));
+    for (size_t l = 0; l < side1.terms.size(); ++l) {
+      const Term<Tin>& t1 = side1.terms[l];
+      const Term<Tin>& t2 = side2.terms[l];
+      const int64_t rows_a = m * t1.S, cols_a = n * t2.S;
+      const Tin* agp = nullptr;
+      if (t1.A) {
+        ws.ag.resize(static_cast<size_t>(rows_a * cols_a));
+        product<Tin>(tri, rows_a, cols_a, t1.da, t1.A + i0 * t1.S * t1.da,
+                     t2.A + j0 * t2.S * t2.da, ws.ag.data(), split, ws.part);
+        agp = ws.ag.data();
+      }
+      const Tin* d1 = t1.D + i0 * t1.S * C1 * t1.dd;
+      const Tin* d2 = t2.D + j0 * t2.S * C2 * t2.dd;
+      if (t1.dd == 1 && t1.S == 1 && t2.S == 1 && C1 * C2 == 1) {
+        // A scalar output factor (a network with one output): D D'^T is rank one, so it is
+        // applied in the epilogue instead of being formed by a GEMM.
+        rank_one_epilogue<Tin, Tout>(ws.acc.data(), agp, d1, d2, static_cast<Tout>(t1.beta),
+                                     static_cast<Tout>(t1.scale), m, n, tri);
+        continue;
+      }
+      const int64_t rows_d = rows_a * C1, cols_d = cols_a * C2;
+      ws.dg.resize(static_cast<size_t>(rows_d * cols_d));
+      product<Tin>(tri, rows_d, cols_d, t1.dd, d1, d2, ws.dg.data(), split, ws.part);
+      epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta),
+                          static_cast<Tout>(t1.scale), m, n, t1.S, t2.S, C1, C2, tri);
+    }
+    // One pass over the output tile, then its mirror image (symmetric mode), each walking
+    // the output contiguously.
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t jstart = symmetric ? std::max<int64_t>(0, i0 + i - j0) : 0;
+      for (int64_t j = jstart; j < n; ++j) {
+        const Tout* a = ws.acc.data() + (i * n + j) * CC;
+        const Tout s = a_out * (col_weights ? col_weights[j0 + j] : Tout(1));
+        Tout* o = out + ((i0 + i) * N + (j0 + j)) * CC;
+        for (int64_t c = 0; c < CC; ++c) o[c] += s * a[c];
+      }
+    }
+    if (symmetric) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t iend = std::min<int64_t>(m, j0 + j - i0);  // rows strictly above j
+        Tout* p = out + (j0 + j) * N * CC;
+        for (int64_t i = 0; i < iend; ++i) {
+          const Tout* a = ws.acc.data() + (i * n + j) * CC;
+          const Tout s = a_out * (col_weights ? col_weights[i0 + i] : Tout(1));
+          Tout* q = p + (i0 + i) * CC;
+          for (int64_t c1 = 0; c1 < C1; ++c1)
+            for (int64_t c2 = 0; c2 < C2; ++c2) q[c2 * C1 + c1] += s * a[c1 * C2 + c2];
+        }
+      }
+    }
+  };
+  if (split > 1) {
+    Workspace<Tin, Tout> ws;
+    for (int64_t t = 0; t < ntasks; ++t) run_task(t, ws);
+    return;
+  }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(nthreads)
 #endif
   {
@@ -132,67 +243,7 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t t = 0; t < ntasks; ++t) {
-      const int64_t i0 = tasks[t].i0, j0 = tasks[t].j0, m = tasks[t].m, n = tasks[t].n;
-      const bool tri = triangular && i0 == j0;  // a diagonal tile: upper triangle only
-      ws.acc.assign(static_cast<size_t>(m * n * CC), Tout(0));
-      for (size_t l = 0; l < side1.terms.size(); ++l) {
-        const Term<Tin>& t1 = side1.terms[l];
-        const Term<Tin>& t2 = side2.terms[l];
-        const int64_t rows_a = m * t1.S, cols_a = n * t2.S;
-        const Tin* agp = nullptr;
-        if (t1.A) {
-          ws.ag.resize(static_cast<size_t>(rows_a * cols_a));
-          if (tri)
-            gram_upper<Tin>(m, t1.da, t1.A + i0 * t1.da, ws.ag.data());
-          else
-            gemm_nt<Tin>(rows_a, cols_a, t1.da, t1.A + i0 * t1.S * t1.da, t2.A + j0 * t2.S * t2.da,
-                         ws.ag.data());
-          agp = ws.ag.data();
-        }
-        const Tin* d1 = t1.D + i0 * t1.S * C1 * t1.dd;
-        const Tin* d2 = t2.D + j0 * t2.S * C2 * t2.dd;
-        if (t1.dd == 1 && t1.S == 1 && t2.S == 1 && C1 * C2 == 1) {
-          // A scalar output factor (a network with one output): D D'^T is rank one, so it is
-          // applied in the epilogue instead of being formed by a GEMM.
-          rank_one_epilogue<Tin, Tout>(ws.acc.data(), agp, d1, d2, static_cast<Tout>(t1.beta),
-                                       static_cast<Tout>(t1.scale), m, n, tri);
-          continue;
-        }
-        const int64_t rows_d = rows_a * C1, cols_d = cols_a * C2;
-        ws.dg.resize(static_cast<size_t>(rows_d * cols_d));
-        if (tri)
-          gram_upper<Tin>(m, t1.dd, d1, ws.dg.data());
-        else
-          gemm_nt<Tin>(rows_d, cols_d, t1.dd, d1, d2, ws.dg.data());
-        epilogue<Tin, Tout>(ws.acc.data(), agp, ws.dg.data(), static_cast<Tout>(t1.beta),
-                            static_cast<Tout>(t1.scale), m, n, t1.S, t2.S, C1, C2, tri);
-      }
-      // One pass over the output tile, then its mirror image (symmetric mode), each walking
-      // the output contiguously.
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t jstart = symmetric ? std::max<int64_t>(0, i0 + i - j0) : 0;
-        for (int64_t j = jstart; j < n; ++j) {
-          const Tout* a = ws.acc.data() + (i * n + j) * CC;
-          const Tout s = a_out * (col_weights ? col_weights[j0 + j] : Tout(1));
-          Tout* o = out + ((i0 + i) * N + (j0 + j)) * CC;
-          for (int64_t c = 0; c < CC; ++c) o[c] += s * a[c];
-        }
-      }
-      if (symmetric) {
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t iend = std::min<int64_t>(m, j0 + j - i0);  // rows strictly above j
-          Tout* p = out + (j0 + j) * N * CC;
-          for (int64_t i = 0; i < iend; ++i) {
-            const Tout* a = ws.acc.data() + (i * n + j) * CC;
-            const Tout s = a_out * (col_weights ? col_weights[i0 + i] : Tout(1));
-            Tout* q = p + (i0 + i) * CC;
-            for (int64_t c1 = 0; c1 < C1; ++c1)
-              for (int64_t c2 = 0; c2 < C2; ++c2) q[c2 * C1 + c1] += s * a[c1 * C2 + c2];
-          }
-        }
-      }
-    }
+    for (int64_t t = 0; t < ntasks; ++t) run_task(t, ws);
   }
 }
 

@@ -359,3 +359,24 @@ def test_symmetric_triangular_diagonal_tiles(n, tile, dtype):
     ref = init.double().numpy() + reference(side, None, 0.5, w)
     tol = TOL["gram", dtype]
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("positions", [1, 2])  # S = 1 everywhere: triangles (gemmt)
+def test_few_tiles_cut_the_inner_dimension_over_the_threads(dtype, threads, symmetric, positions):
+    """Fewer tiles than threads: each GEMM's inner dimension is cut into slices computed by
+    the threads and summed (triangles, rectangles, S > 1, an uneven last slice)."""
+    rng = np.random.default_rng(threads)
+    specs = [(1, 3100, 5, 1.0), (positions, 2049, 3, 0.0), (1, None, 4000, 0.0), (1, 7, 2100, 1.0)]
+    s1 = make_side(rng, 21, 1, specs, dtype)
+    s2 = None if symmetric else make_side(rng, 9, 1, specs, dtype)
+    n2 = 21 if symmetric else 9
+    init = torch.from_numpy(rng.standard_normal((21, n2, 1, 1))).to(dtype)
+    got = _backend.accumulate(init.clone(), s1, s2, alpha=0.5, threads=threads)
+    ref = init.double().numpy() + reference(s1, s2, 0.5, None)
+    tol = TOL["gram", dtype]
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=tol, atol=tol * np.abs(ref).max())
+    again = _backend.accumulate(init.clone(), s1, s2, alpha=0.5, threads=threads)
+    assert torch.equal(got, again)  # the slices are summed in a fixed order
