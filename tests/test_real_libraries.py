@@ -36,6 +36,8 @@ def test_huggingface_gpt2(attn):
         )
     d = pk.describe(model, x1)
     assert d.dense_share == 0.0, str(d)
+    # the tied wte / lm_head weight keeps its embedding and head factors
+    assert {r.name: r.form for r in d.rows}["lm.transformer.wte.weight"] == "tied", str(d)
 
 
 def test_torchvision_resnet_and_vit():

@@ -197,7 +197,5 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 def check_finite_block(block, name: str) -> None:
     for f in block.factors.values():
-        if not _all_finite(f.D) or (
-            f.A is not None and f.A.is_floating_point() and not _all_finite(f.A)
-        ):
+        if not all(_all_finite(t) for t in f.tensors() if t.is_floating_point()):
             raise ValueError(f"{name}: the model's gradients contain NaN or Inf on these inputs")

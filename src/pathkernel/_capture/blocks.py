@@ -5,14 +5,21 @@ form (``A [n, S, da]`` or int tokens ``[n, S]``, ``D [n, S, C, dd]``) or the mat
 per-example gradient (``A = None``, ``D [n, 1, C, P_group]``). Which form is kept is decided
 per group by the cost of a pair of examples (docs/design.md, section 2). In the
 "trace" mode the C channels are stacked into the feature dim only when the blocks are paired.
+
+A weight ``[V, d]`` shared by an embedding and an output head (a tied GPT-2 head) keeps both
+uses' factors (``Factor.tied``): per pair of blocks its gradient is the ``u`` rows of the
+tokens the two hold, materialized (the embedding's rows and the head's part of them), plus
+the head's factored part over the other ``V - u`` rows (``_tied_pair``): never the
+``V x d`` gradient of every example.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .._backend import Term
 from .rules import apply_weight, one_hot, weight_grad_sum, weight_grads
@@ -24,6 +31,25 @@ class Factor:
     D: torch.Tensor  # [n, S, C, dd]
     beta: float  # 1.0 when the group's bias is trainable (folded into A . A')
     materialized: bool = False  # D holds flattened per-example gradients, A is None
+    # a tied weight [V, d]: this factor holds its embedding uses (tokens A, D over d), and
+    # ``tied`` its head uses (A [n, S_h, d], D [n, S_h, C, V]), positions with no gradient
+    # in any example of the block dropped
+    tied: Optional["Factor"] = None
+
+    def tensors(self) -> List[torch.Tensor]:
+        """Every tensor it holds (the tied part's too)."""
+        own = [t for t in (self.A, self.D) if t is not None]
+        return own + ([] if self.tied is None else self.tied.tensors())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Factor":
+        """The same factor with ``fn`` applied to each of its tensors (a view, a slice)."""
+        return Factor(
+            None if self.A is None else fn(self.A),
+            fn(self.D),
+            self.beta,
+            self.materialized,
+            None if self.tied is None else self.tied.map(fn),
+        )
 
 
 @dataclass
@@ -35,12 +61,7 @@ class Block:
     def part(self, lo: int, hi: int) -> "Block":
         """Examples ``lo:hi`` (views)."""
         return Block(
-            hi - lo,
-            self.C,
-            {
-                k: Factor(None if f.A is None else f.A[lo:hi], f.D[lo:hi], f.beta, f.materialized)
-                for k, f in self.factors.items()
-            },
+            hi - lo, self.C, {k: f.map(lambda t: t[lo:hi]) for k, f in self.factors.items()}
         )
 
 
@@ -70,6 +91,11 @@ def materialize(group, f: Factor) -> Factor:
     """The per-example gradient of a matrix group, flattened in the plan's layout of the
     group (``ModelPlan.flatten_group``): ``D [n, 1, C, P_group]``."""
     n, C = f.D.shape[0], f.D.shape[2]
+    if f.tied is not None:  # the head's part, then the embedding's rows added in place
+        h = f.tied
+        G = weight_grads(h.A, h.D, group.shape, False)
+        G = weight_grads(f.A, f.D, group.shape, True, group.shape[0], into=G)
+        return Factor(None, G.reshape(n, 1, C, -1), 0.0, True)
     if group.conv_groups > 1:
         parts = [weight_grads(f.A, f.D, **_grad_args(group)).reshape(n, C, -1)]
         if f.beta:
@@ -121,16 +147,21 @@ def to_terms(
         if f1.materialized != f2.materialized:  # blocks of different shapes chose differently
             f1 = f1 if f1.materialized else materialize(plan.group(k), f1)
             f2 = f2 if f2.materialized else materialize(plan.group(k), f2)
-        if f1.A is not None and f1.A.dtype == torch.long:
-            f1, f2 = _token_pair(f1, None if b2 is None else f2, stacked)
-        A1, A2 = f1.A, f2.A
-        g = 1 if f1.materialized else plan.group(k).conv_groups
-        # a grouped convolution: one term per group (no pairs across groups)
-        for A1j, D1j, A2j, D2j in zip(
-            _split(A1, g), _split(f1.D, g), _split(A2, g), _split(f2.D, g)
-        ):
-            s1.append(Term(A1j, _stack(D1j, stacked), f1.beta, scale))
-            s2.append(Term(A2j, _stack(D2j, stacked), f2.beta, scale))
+        if f1.tied is not None:
+            pairs = _tied_pair(plan.group(k), f1, None if b2 is None else f2, stacked)
+        elif f1.A is not None and f1.A.dtype == torch.long:
+            pairs = [_token_pair(f1, None if b2 is None else f2, stacked)]
+        else:
+            pairs = [(f1, f2)]
+        for f1, f2 in pairs:
+            A1, A2 = f1.A, f2.A
+            g = 1 if f1.materialized else plan.group(k).conv_groups
+            # a grouped convolution: one term per group (no pairs across groups)
+            for A1j, D1j, A2j, D2j in zip(
+                _split(A1, g), _split(f1.D, g), _split(A2, g), _split(f2.D, g)
+            ):
+                s1.append(Term(A1j, _stack(D1j, stacked), f1.beta, scale))
+                s2.append(Term(A2j, _stack(D2j, stacked), f2.beta, scale))
     if not s1:
         raise ValueError("model: no trainable parameter reaches the output; the kernel is empty")
     return s1, (None if b2 is None else s2)
@@ -143,23 +174,29 @@ def _split(t: Optional[torch.Tensor], g: int) -> list:
     return [t[..., j * w : (j + 1) * w] for j in range(g)]
 
 
+def _codes(t1: torch.Tensor, t2: Optional[torch.Tensor]):
+    """The distinct tokens ``[u]`` of one or two token tensors, and each tensor's tokens as
+    codes ``0..u-1`` (-1 stays "no token")."""
+    both = t1.reshape(-1) if t2 is None else torch.cat([t1.reshape(-1), t2.reshape(-1)])
+    vocab, inverse = torch.unique(both, return_inverse=True)
+    has_pad = bool(vocab.numel()) and int(vocab[0]) < 0
+    idx = inverse - 1 if has_pad else inverse
+    codes = [idx[: t1.numel()].reshape(t1.shape)]
+    if t2 is not None:
+        codes.append(idx[t1.numel() :].reshape(t2.shape))
+    return (vocab[1:] if has_pad else vocab), codes
+
+
 def _token_pair(f1: Factor, f2: Optional[Factor], stacked: bool) -> Tuple[Factor, Factor]:
     """An embedding's factors for one pair of blocks (``f2 = None``: the block against
     itself), over the ``u`` distinct tokens the two hold: one-hot ``A`` (the Gram over
     positions, ``S^2 (u + C dd)`` a pair) or the gradient's ``u`` rows that can be nonzero
     (``u dd`` a pair: its other rows are zero in every example of both blocks), whichever
     costs less. Never the whole vocabulary."""
-    t1, t2 = f1.A, None if f2 is None else f2.A
-    both = t1.reshape(-1) if t2 is None else torch.cat([t1.reshape(-1), t2.reshape(-1)])
-    vocab, inverse = torch.unique(both, return_inverse=True)
-    has_pad = bool(vocab.numel()) and int(vocab[0]) < 0
-    idx = inverse - 1 if has_pad else inverse  # -1 stays "no token"
-    u = max(1, vocab.numel() - int(has_pad))
+    vocab, codes = _codes(f1.A, None if f2 is None else f2.A)
+    u = max(1, vocab.numel())
     S, C, dd = f1.D.shape[1], f1.D.shape[2], f1.D.shape[3]
     fac, mat = pair_cost(S, u, dd, C, stacked)
-    codes = [idx[: t1.numel()].reshape(t1.shape)]
-    if t2 is not None:
-        codes.append(idx[t1.numel() :].reshape(t2.shape))
     fs = [f1] if f2 is None else [f1, f2]
     if mat < fac:
         out = [_token_rows(c, f.D, u, f.beta) for c, f in zip(codes, fs)]
@@ -173,13 +210,71 @@ def _token_rows(codes: torch.Tensor, D: torch.Tensor, u: int, beta: float) -> Fa
     output gradients at the positions holding token ``v`` (a scatter-add, no one-hot
     product); a folded bias adds their sum over all positions as one more row."""
     n, S, C, dd = D.shape
-    flat = D.reshape(n, S, C * dd) * (codes >= 0).unsqueeze(-1).to(D.dtype)
-    Z = torch.zeros(n, u, C * dd, dtype=D.dtype, device=D.device)
-    Z.scatter_add_(1, codes.clamp(min=0).unsqueeze(-1).expand(n, S, C * dd), flat)
+    Z = _scatter_rows(torch.zeros(n, C, u, dd, dtype=D.dtype, device=D.device), codes, D)
     if beta:
-        Z = torch.cat([Z, flat.sum(1, keepdim=True)], 1)
-    Z = Z.reshape(n, -1, C, dd).transpose(1, 2)  # [n, C, rows, dd]
+        Z = torch.cat([Z, (D * (codes >= 0)[:, :, None, None]).sum(1).unsqueeze(2)], 2)
     return Factor(None, Z.reshape(n, 1, C, -1), 0.0, True)
+
+
+def _scatter_rows(Z: torch.Tensor, codes: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """``Z [n, C, u, dd]`` plus, in place, each position's output gradient in the row of its
+    token (positions without one add nothing)."""
+    n, S, C, dd = D.shape
+    src = (D * (codes >= 0)[:, :, None, None].to(D.dtype)).permute(0, 2, 1, 3)
+    return Z.scatter_add_(2, codes.clamp(min=0)[:, None, :, None].expand(n, C, S, dd), src)
+
+
+def tied_cost(V: int, d: int, u: int, S_h: int, C: int, stacked: bool) -> Tuple[float, float]:
+    """(rows + factored head, materialized) multiply-adds for a pair of examples of a tied
+    weight ``[V, d]`` whose blocks hold ``u`` distinct tokens and ``S_h`` head positions."""
+    CC = C if stacked else C * C
+    return CC * u * d + S_h * S_h * (d + CC * (V - u)), CC * V * d
+
+
+def _tied_pair(
+    group, f1: Factor, f2: Optional[Factor], stacked: bool
+) -> List[Tuple[Factor, Factor]]:
+    """A tied weight's factor pairs for one pair of blocks (``f2 = None``: the block against
+    itself). Its gradient ``[V, d]`` is nonzero off the ``u`` token rows the two blocks hold
+    only through the head: the ``u`` rows, materialized (the embedding's scatter-add and the
+    head's part of them), pair with each other; the other ``V - u`` rows are the head's
+    factors restricted to them, paired as factors. The two sums are the kernel of the whole
+    gradient; where materializing it is cheaper (many head positions), it is materialized."""
+    fs = [f1] if f2 is None else [f1, f2]
+    fs = _padded_heads(fs)
+    V, d = group.shape
+    vocab, codes = _codes(fs[0].A, None if f2 is None else fs[1].A)
+    u, (S_h, C) = vocab.numel(), fs[0].tied.D.shape[1:3]
+    tied, full = tied_cost(V, d, u, S_h, C, stacked)
+    if full <= tied:
+        out = [materialize(group, f) for f in fs]
+        return [(out[0], out[-1])]
+    rest = torch.ones(V, dtype=torch.bool, device=vocab.device)
+    rest[vocab] = False
+    rest = rest.nonzero().flatten()
+    rows, others = [], []
+    for f, c in zip(fs, codes):
+        h = f.tied
+        n, C = f.D.shape[0], f.D.shape[2]
+        # the head's part of the u rows (one batched GEMM), then the embedding's added in place
+        Z = torch.matmul(h.D.index_select(3, vocab).permute(0, 2, 3, 1), h.A.unsqueeze(1))
+        Z = _scatter_rows(Z, c, f.D)  # [n, C, u, d]
+        rows.append(Factor(None, Z.reshape(n, 1, C, -1), 0.0, True))
+        others.append(Factor(h.A, h.D.index_select(3, rest), 0.0))
+    return [(rows[0], rows[-1]), (others[0], others[-1])]
+
+
+def _padded_heads(fs: List[Factor]) -> List[Factor]:
+    """Tied factors whose head parts have as many positions (zero ones added: each block
+    kept the positions live in it)."""
+    S = max(f.tied.D.shape[1] for f in fs)
+    out = []
+    for f in fs:
+        h, s = f.tied, f.tied.D.shape[1]
+        if s < S:
+            h = Factor(F.pad(h.A, (0, 0, 0, S - s)), F.pad(h.D, (0, 0, 0, 0, 0, S - s)), 0.0)
+        out.append(Factor(f.A, f.D, f.beta, f.materialized, h))
+    return out
 
 
 def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,7 +289,11 @@ def dot_params(plan, block: Block, vec: Dict[str, torch.Tensor]) -> torch.Tensor
             continue
         g = plan.group(k)
         w = vec.get(g.weight)
-        if w is not None:
+        if w is not None and f.tied is not None:  # the embedding's rows, the head's products
+            total += torch.einsum("nscd,nsd->nc", f.D, apply_weight(f.A, w.to(f.D.dtype), True))
+            h = f.tied
+            total += torch.einsum("nscv,nsv->nc", h.D, apply_weight(h.A, w.to(h.D.dtype), False))
+        elif w is not None:
             wa = apply_weight(f.A, w.to(f.D.dtype), g.transposed, g.conv_groups)
             total += torch.einsum("nscd,nsd->nc", f.D, wa)
         if f.beta and vec.get(g.bias) is not None:
@@ -226,11 +325,18 @@ def concat_blocks(blocks: List[Block]) -> Block:
     if len(blocks) == 1:
         return blocks[0]
     out = Block(sum(b.n for b in blocks), blocks[0].C)
-    for k, f in blocks[0].factors.items():
-        fs = [b.factors[k] for b in blocks]
-        A = None if f.A is None else torch.cat([g.A for g in fs])
-        out.factors[k] = Factor(A, torch.cat([g.D for g in fs]), f.beta, f.materialized)
+    for k in blocks[0].factors:
+        out.factors[k] = _concat([b.factors[k] for b in blocks])
     return out
+
+
+def _concat(fs: List[Factor]) -> Factor:
+    f = fs[0]
+    if f.tied is not None:
+        fs = _padded_heads(fs)
+    A = None if f.A is None else torch.cat([g.A for g in fs])
+    tied = None if f.tied is None else _concat([g.tied for g in fs])
+    return Factor(A, torch.cat([g.D for g in fs]), f.beta, f.materialized, tied)
 
 
 def gather_blocks(n: int, parts) -> Block:
@@ -239,10 +345,13 @@ def gather_blocks(n: int, parts) -> Block:
     result, where ``concat_blocks`` holds them all."""
     out: Optional[Block] = None
     i = 0
+    parts = iter(parts)
     for b in parts:
         if out is None:
             if b.n == n:
                 return b
+            if any(f.tied is not None for f in b.factors.values()):  # heads' positions vary
+                return concat_blocks([b, *parts])
             out = Block(n, b.C)
             for k, f in b.factors.items():
                 A = None if f.A is None else f.A.new_empty((n, *f.A.shape[1:]))
@@ -270,6 +379,12 @@ def summed_grads(plan, block: Block) -> Dict[str, torch.Tensor]:
             continue
         g = plan.group(k)
         D = f.D[:, :, 0]
+        if f.tied is not None:
+            h = f.tied
+            out[g.weight] = weight_grad_sum(f.A, D, g.shape, True, g.shape[0]) + weight_grad_sum(
+                h.A, h.D[:, :, 0], g.shape, False
+            )
+            continue
         out[g.weight] = weight_grad_sum(f.A, D, **_grad_args(g))
         if f.beta:
             out[g.bias] = D.sum((0, 1))

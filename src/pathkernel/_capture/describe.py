@@ -19,6 +19,8 @@ FORMS = {
     "factored": "factor Grams: (A.A')(D.D') over positions, never the gradient itself",
     "materialized": "per-example gradient built from the factors (cheaper than the Grams here)",
     "elementwise": "per-example gradient read off the op directly (norms, added parameters)",
+    "tied": "embedding and head factors of one weight: the rows of the tokens held, plus the "
+    "head's factors over the other rows (never the whole vocabulary)",
     "dense": "per-example Jacobian by torch.func (or autograd where it cannot vmap)",
 }
 
@@ -27,7 +29,7 @@ FORMS = {
 class ParameterRow:
     name: str
     shape: tuple
-    form: str  # "factored" | "materialized" | "elementwise" | "dense"
+    form: str  # "factored" | "materialized" | "elementwise" | "tied" | "dense"
     why: str
     dims: Optional[int] = None  # with project=: the random dims of its group (None: exact)
 
@@ -138,8 +140,11 @@ def describe(
         if k is None:
             form = "dense"
         elif plan.groups[k].kind == "sum":
+            f = block.factors.get(k)
             form = (
-                "elementwise"
+                "tied"
+                if f is not None and f.tied is not None
+                else "elementwise"
                 if not set(plan.groups[k].ops) & {"linear", "matmul", "addmm", "conv", "embedding"}
                 else "materialized"
             )

@@ -26,6 +26,7 @@ from .rules import (
     bias_grads,
     direct_conv_grads,
     elementwise_grads,
+    live_positions,
     matrix_factors,
     one_hot,
     weight_grads,
@@ -121,12 +122,44 @@ def _add_weight_grads(G: Optional[torch.Tensor], A, D, args) -> torch.Tensor:
     return weight_grads(A, D, *args, into=into).reshape(n, C, -1)
 
 
+def _tied_groups(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]]) -> set:
+    """The sum groups that are a weight ``[V, d]`` used by embeddings and by output heads
+    ``h W^T`` only (a tied GPT-2 head): they keep both uses' factors (``Factor.tied``)."""
+    roles: Dict[int, set] = {}
+    for use, _, _ in uses:
+        for role, ref in (("weight", use.weight), ("bias", use.bias)):
+            k = None if ref is None else plan.group_of.get(ref.name)
+            if k is None or plan.groups[k].kind != "sum":
+                continue
+            if role == "weight" and use.op == "embedding":
+                kind = "embedding"
+            elif (
+                role == "weight"
+                and use.op in ("linear", "matmul", "addmm")
+                and not ref.transposed
+                and ref.rows is None
+                and len(plan.groups[k].shape) == 2
+            ):
+                kind = "head"
+            else:
+                kind = "other"
+            roles.setdefault(k, set()).add(kind)
+    proj = plan.projection
+    return {
+        k
+        for k, r in roles.items()
+        if r == {"embedding", "head"} and not (proj is not None and k in proj.dims)
+    }
+
+
 def group_factors(
     plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int, stacked: bool = False
 ) -> Dict[int, Factor]:
     """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``)."""
     cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
     proj = plan.projection
+    tied = _tied_groups(plan, uses)
+    ties: Dict[int, Tuple[list, list]] = {}  # a tied weight's embedding and head factors
 
     def ad(i: int, use: Use, lay: Layout, g: torch.Tensor, rows: int):
         if i not in cache:
@@ -167,6 +200,9 @@ def group_factors(
                 A, D = ad(i, use, lay, g, rows_of(use))
                 if role == "bias":
                     G = bias_grads(use, D, p.numel())
+                elif k in tied:
+                    ties.setdefault(k, ([], []))[0 if use.op == "embedding" else 1].append((A, D))
+                    continue
                 elif projected and use.ctx.get("groups", 1) == 1:  # a tied weight's use
                     parts.setdefault(k, []).append(
                         proj.use_part(k, A, D, ref.transposed, p.shape[0])
@@ -189,6 +225,17 @@ def group_factors(
     for k, G in summed.items():
         parts.setdefault(k, []).insert(0, G)
     factors: Dict[int, Factor] = dict(materialized)
+    for k, (emb, head) in ties.items():
+        A, D = live_positions(
+            torch.cat([a for a, _ in head], 1), torch.cat([d for _, d in head], 1)
+        )
+        factors[k] = Factor(
+            torch.cat([a for a, _ in emb], 1),
+            torch.cat([d for _, d in emb], 1),
+            0.0,
+            False,
+            Factor(A, D, 0.0),
+        )
     for k, ps in parts.items():
         grp = plan.groups[k]
         if grp.kind == "sum":

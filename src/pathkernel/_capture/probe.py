@@ -327,6 +327,13 @@ def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int) -> None:
         raise RuntimeError("pathkernel: the probe did not settle; please report this model")
 
 
+def _weighted(f: Factor, w: torch.Tensor) -> Factor:
+    """``f`` with each example's output gradients (its tied head's too) scaled by ``w``."""
+    D = f.D * w.view(-1, *[1] * (f.D.dim() - 1))
+    tied = None if f.tied is None else _weighted(f.tied, w)
+    return Factor(f.A, D, f.beta, f.materialized, tied)
+
+
 def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     """The grouped parameters whose factors do not give autograd's per-example gradients.
 
@@ -356,10 +363,7 @@ def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     # contraction over examples and positions: no per-example gradient is built). Weighted
     # after the factors are assembled: a weighted cotangent would hide factors that hand
     # every example's part, A and D alike, to another example
-    weighted = {
-        k: Factor(f.A, f.D * w.view(n, *[1] * (f.D.dim() - 1)), f.beta, f.materialized)
-        for k, f in factors.items()
-    }
+    weighted = {k: _weighted(f, w) for k, f in factors.items()}
     mine = summed_grads(plan, Block(n, 1, weighted))
     names = [nm for g in plan.groups for nm in g.names]
     gs = torch.autograd.grad(

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import _backend
 from .._autograd import with_autograd
-from .._capture.blocks import Block, Factor, concat_blocks, pair_cost, to_terms
+from .._capture.blocks import Block, Factor, concat_blocks, pair_cost, tied_cost, to_terms
 from .._capture.extract import CHUNK, extract, fit_projection
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, cast_inputs, check_model
@@ -233,12 +233,7 @@ class PathKernelPlan:
 
 
 def _block_bytes(b: Block) -> int:
-    total = 0
-    for f in b.factors.values():
-        total += f.D.numel() * f.D.element_size()
-        if f.A is not None:
-            total += f.A.numel() * f.A.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for f in b.factors.values() for t in f.tensors())
 
 
 def _pair_flops(b: Block, stacked: bool) -> float:
@@ -247,6 +242,10 @@ def _pair_flops(b: Block, stacked: bool) -> float:
     for f in b.factors.values():
         S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
         CC = C if stacked else C * C
+        if f.tied is not None:  # as blocks._tied_pair does
+            V, u = f.tied.D.shape[3], int(torch.unique(f.A[f.A >= 0]).numel())
+            fl += min(tied_cost(V, dd, u, f.tied.D.shape[1], C, stacked))
+            continue
         if f.A is not None and f.A.dtype == torch.long:  # tokens: as blocks._token_pair does
             fl += min(pair_cost(S, max(1, int(torch.unique(f.A).numel())), dd, C, stacked))
             continue

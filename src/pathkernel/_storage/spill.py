@@ -59,7 +59,7 @@ class FeatureSpill:
             raise store_error(e, os.path.join(folder, PREFIX + "*"), "creating") from None
         self._fd = self._file.fileno()
         self._files = [self._file]  # this spill's own file, then the attached ones
-        # key -> (file, examples, outputs, per factor: key, beta, materialized, A, D)
+        # key -> (file, examples, outputs, per factor: key, beta, materialized, A, D, tied)
         self._index: Dict[Hashable, Tuple[int, int, int, List[tuple]]] = {}
         self._end = 0
         self.bytes_written = 0
@@ -79,16 +79,7 @@ class FeatureSpill:
         if self.full:
             return
         try:
-            entries = [
-                (
-                    k,
-                    f.beta,
-                    f.materialized,
-                    None if f.A is None else self._write(f.A),
-                    self._write(f.D),
-                )
-                for k, f in block.factors.items()
-            ]
+            entries = [(k, *self._write_factor(f)) for k, f in block.factors.items()]
         except OSError as e:
             if e.errno not in SPACE_ERRNOS:
                 raise store_error(e, self.folder, "keeping features in a scratch file in") from None
@@ -108,13 +99,22 @@ class FeatureSpill:
             return None
         slot, n, C, entries = entry
         fd = self._files[slot].fileno()
-        factors = {
-            k: Factor(
-                None if a is None else self._read(fd, a), self._read(fd, d), beta, materialized
-            )
-            for k, beta, materialized, a, d in entries
-        }
-        return Block(n, C, factors)
+        return Block(n, C, {k: self._read_factor(fd, e) for k, *e in entries})
+
+    def _write_factor(self, f: Factor) -> tuple:
+        tied = None if f.tied is None else self._write_factor(f.tied)
+        a = None if f.A is None else self._write(f.A)
+        return f.beta, f.materialized, a, self._write(f.D), tied
+
+    def _read_factor(self, fd: int, entry: tuple) -> Factor:
+        beta, materialized, a, d, tied = entry
+        return Factor(
+            None if a is None else self._read(fd, a),
+            self._read(fd, d),
+            beta,
+            materialized,
+            None if tied is None else self._read_factor(fd, tied),
+        )
 
     def shared(self) -> Tuple[Optional[str], dict]:
         """What another process needs to read the blocks of this spill's own file."""
