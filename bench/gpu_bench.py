@@ -60,7 +60,7 @@ def main():
     n = args.n
     model, x = wide_mlp(n)
     model, x = model.to(dev), x.to(dev)
-    plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
+    plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None, None)
     s32, _, _ = tangent_terms(plan, spec, dtype, x1, None, 4096)
     sides = {
         "float32": s32,

@@ -61,7 +61,7 @@ def _wide_mlp(quick: bool) -> List[Row]:
         lambda: tangent_kernel(model, x), lambda: torch_factored_ntk(model, x), reps + 2
     )
     # the Gram accumulation alone, against the symmetric-GEMM roofline
-    plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None)
+    plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None, None)
     side1, side2, _ = tangent_terms(plan, spec, dtype, x1, None, 512)
     terms = (side1, side2)
     out = torch.zeros(n, n, 1, 1)
