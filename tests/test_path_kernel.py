@@ -413,6 +413,29 @@ def test_background_writer_commits_in_order_and_raises_its_failure(tmp_path):
     reopened.close()
 
 
+def test_writer_releases_each_band_once_written(tmp_path):
+    """A written band's tiles are let go at once (the commit may follow), so the caller holds
+    one band's finished tiles at most: what the plan's memory counts."""
+    import gc
+    import weakref
+
+    from pathkernel._storage.store import FileStore, Writer
+
+    store = FileStore(tmp_path / "k.npy", (4, 6), torch.float32, {"run": 2}, resume=False)
+    w = Writer(store)
+    strip = torch.ones(2, 6)
+    gone = weakref.ref(strip)
+    w.submit([(0, 0, strip)], [(0, 0)])
+    del strip
+    w.wait_written()
+    gc.collect()
+    assert gone() is None
+    w.submit([(2, 0, torch.full((2, 6), 2.0))], [(1, 0)])
+    w.close()
+    store.close()
+    assert np.array_equal(np.load(tmp_path / "k.npy"), np.array([[1.0] * 6] * 2 + [[2.0] * 6] * 2))
+
+
 def _dear_passes(monkeypatch):
     """Costs under which recomputing features is dear: small budgets spill them."""
     from pathkernel._drivers import tiling

@@ -146,8 +146,15 @@ def _band_writes(spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: d
     device = accs[js[0]].device
     writes = []
     for run in runs:
-        tiles = [spec.finish(accs[j]).to(dtype) for j in run]
-        strip = tiles[0] if len(tiles) == 1 else torch.cat(tiles, 1)
+        # the run's tiles copied straight into one strip in the stored dtype (no per-tile
+        # copies besides: the plan counts the accumulators and one strip)
+        widths = [accs[j].shape[1] for j in run]
+        rows, rest = accs[run[0]].shape[0], spec.finish(accs[run[0]]).shape[2:]
+        strip = torch.empty((rows, sum(widths), *rest), dtype=dtype, device=device)
+        c0 = 0
+        for j, w in zip(run, widths):
+            strip[:, c0 : c0 + w].copy_(spec.finish(accs[j]))
+            c0 += w
         if device.type == "cuda":
             host = torch.empty(strip.shape, dtype=strip.dtype, pin_memory=True)
             host.copy_(strip, non_blocking=True)
@@ -156,9 +163,9 @@ def _band_writes(spec, dtype, symmetric: bool, i: int, r0: int, Cb: int, accs: d
         writes.append((r0, run[0] * Cb, host))
         if symmetric:
             c0 = 0
-            for j, tile in zip(run, tiles):
-                part = host[:, c0 : c0 + tile.shape[1]]
-                c0 += tile.shape[1]
+            for j, w in zip(run, widths):
+                part = host[:, c0 : c0 + w]
+                c0 += w
                 if j != i:
                     mirror = part.transpose(0, 1).transpose(2, 3) if part.dim() == 4 else part.t()
                     writes.append((j * Cb, r0, mirror))
@@ -280,6 +287,16 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
     bar = progress_bar(progress, total=len(todo) * T, desc="path kernel", unit="tile-ckpt")
     writer = Writer(store)
     ahead = ThreadPoolExecutor(1) if spill is not None and p.passes else None
+    # a band's accumulators are reused by the next (zeroed), not freed and allocated again:
+    # the allocator would keep the freed ones resident, and the process grow band by band
+    pool: dict = {}
+
+    def zeros(rows: int, cols: int) -> torch.Tensor:
+        free = pool.get((rows, cols))
+        if free:
+            return free.pop().zero_()
+        return torch.zeros(rows, cols, C, C, dtype=torch.float64, device=device)
+
     try:
         cached = None  # all checkpoints' row features, when the plan holds them all
         for i, js in bands_of(todo, p.band):
@@ -288,7 +305,7 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
             # accumulates TF32/bf16 Grams exactly as the CPU does float32 ones), one per pass
             accs = {
                 j: {
-                    a: torch.zeros(r1 - r0, b - a, C, C, dtype=torch.float64, device=device)
+                    a: zeros(r1 - r0, b - a)
                     for a, b in ([span(j)] if p.symmetric and i == j else pieces(*span(j)))
                 }
                 for j in js
@@ -339,9 +356,13 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
                     if b == span(j)[1]:
                         bar.update(len(group))
             tiles = {j: _joined(list(parts.values())) for j, parts in accs.items()}
+            writer.wait_written()  # the previous band's strips are gone before this one's
             writes, ready = _band_writes(spec, dtype, p.symmetric, i, r0, Cb, tiles)
             writer.submit(writes, [(i, j) for j in js], ready)
-            accs = tiles = None
+            for parts in accs.values():  # copied into the strips: free for the next band
+                for t in parts.values():
+                    pool.setdefault(tuple(t.shape[:2]), []).append(t)
+            accs = tiles = writes = ready = None  # the writer holds the strips until written
     finally:
         bar.close()
         if ahead is not None:

@@ -331,7 +331,9 @@ class Writer:
     file store (its pwrites and fsyncs overlap the next band's work; one band waits at most),
     inline for RAM. A writer that falls behind commits several bands at once (one pair of
     fsyncs for all of them, at least every ``COMMIT_SECONDS``), so small tiles do not wait
-    on the disk. A failure of the writer is raised at the next ``submit`` or ``close``."""
+    on the disk. Each band's tiles are released once written (``wait_written`` lets the
+    caller hold at most one band's finished tiles: what the plan counts). A failure of the
+    writer is raised at the next ``submit`` or ``close``."""
 
     COMMIT_SECONDS = 1.0
 
@@ -339,6 +341,8 @@ class Writer:
         self.store = store
         self.error: Optional[BaseException] = None
         self.queue: Optional["queue.Queue"] = None
+        self.submitted = self.written = 0
+        self.cond = threading.Condition()
         if isinstance(store, FileStore):
             self.queue = queue.Queue(maxsize=1)
             self.thread = threading.Thread(target=self._run, name="pathkernel-writer", daemon=True)
@@ -355,17 +359,22 @@ class Writer:
         last = time.monotonic()
         while True:
             item = self.queue.get()
+            end = item is None
             if self.error is None:
                 written = len(self.store.pending)
                 try:
                     if item is not None:
-                        self._write(item[0], item[2])
-                        keys += item[1]
+                        writes, band, ready = item
+                        item = None
+                        self._write(writes, ready)
+                        writes = ready = None  # the band's tiles go as soon as they are written
+                        with self.cond:
+                            self.written += 1
+                            self.cond.notify_all()
+                        keys += band
                     # commit when caught up (no band waiting), at the end, or after a while
                     if keys and (
-                        item is None
-                        or self.queue.empty()
-                        or time.monotonic() - last > self.COMMIT_SECONDS
+                        end or self.queue.empty() or time.monotonic() - last > self.COMMIT_SECONDS
                     ):
                         self.store.commit(keys)
                         keys, last = [], time.monotonic()
@@ -378,7 +387,9 @@ class Writer:
                             self.store.commit(keys)
                         except BaseException:  # noqa: BLE001 -- the first error is raised
                             pass
-            if item is None:
+                    with self.cond:
+                        self.cond.notify_all()
+            if end:
                 return
 
     def _check(self) -> None:
@@ -393,7 +404,16 @@ class Writer:
             self._write(writes, ready)
             self.store.commit(keys)
         else:
+            self.submitted += 1
             self.queue.put((writes, keys, ready))
+
+    def wait_written(self) -> None:
+        """Wait until every submitted band is written (its tiles released; the commit may
+        still follow), or the writer has failed."""
+        with self.cond:
+            while self.queue is not None and self.written < self.submitted and self.error is None:
+                self.cond.wait()
+        self._check()
 
     def close(self) -> None:
         """Wait for every submitted band to be durable."""
