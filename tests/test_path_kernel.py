@@ -328,6 +328,13 @@ def test_features_larger_than_the_budget_allows_are_held_one_pass_at_a_time():
     assert whole.R == 16 and not whole.passes
     assert best.passes and best.R >= 64 and best.memory <= 2 << 30
     assert best.est < 0.5 * whole.est, (best, whole)
+    # read ahead from the disk, the column reads hide behind the Grams; from the page cache
+    # a read is a copy on the same cores, and counts in full
+    args = (P, best.R, best.Cb, best.band, best.k, best.chunk)
+    cached = tiling._cost(*args, c, True, True)
+    c.cache_bytes = 0.0
+    disk = tiling._cost(*args, c, True, True)
+    assert disk.est < cached.est and disk.parts[1] == cached.parts[1]
 
 
 def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):

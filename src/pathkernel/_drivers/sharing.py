@@ -60,6 +60,7 @@ class _Model:
         self.T, self.c = p.checkpoints, p.costs
         self.fb = p.feature_bytes_per_example
         self.write_rate, self.read_rate = p.costs.spill_rates(p.spill_bytes)
+        self.disk = p.spill_bytes > p.costs.cache_bytes  # reads wait on the disk, not the cores
         self.out_item = (p.shape[2] ** 2 if len(p.shape) == 4 else 1) * p.job.dtype.itemsize
 
     def rows(self, i: int) -> Tuple[int, int]:
@@ -104,8 +105,8 @@ class _Model:
             + calls * math.ceil(self.T / p.ckpt_group) * self.c.gram_call
         )
         fetch = 0.0 if self.diagonal(t) else self.T * self.fetch(c1 - c0)
-        # passes read back from the scratch files are read ahead, behind the Grams
-        both = max(gram, fetch) if self.shared and p.passes else gram + fetch
+        # passes read back from the scratch files on the disk are read ahead, behind the Grams
+        both = max(gram, fetch) if self.shared and p.passes and self.disk else gram + fetch
         return both + self.written(t) * self.c.per_byte + writes * self.c.row_write
 
 

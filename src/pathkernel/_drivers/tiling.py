@@ -609,8 +609,10 @@ def _cost(
     pairs = N * (N + 1) / 2 if P.symmetric else float(M) * N
     calls = (tiles - offdiag) + offdiag * (math.ceil(Cb / chunk) if passes else 1)
     t_gram = pairs * T * P.pair_flops / costs.gram_rate + calls * math.ceil(T / k) * costs.gram_call
-    # column passes read ahead are read while the Grams run: only the excess shows
-    t_ex += max(0.0, t_cols - t_gram) if ahead else t_cols
+    # column passes read ahead from the disk are read while the Grams run: only the excess
+    # shows (from the page cache, a read is a copy that competes with the Grams for the cores)
+    hidden = ahead and spilled * P.fb > costs.cache_bytes
+    t_ex += max(0.0, t_cols - t_gram) if hidden else t_cols
     t_store = (
         bands * costs.commit
         + store_writes(P.symmetric, R, Cb, band, N, bands, offdiag) * costs.row_write
