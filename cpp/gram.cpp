@@ -173,7 +173,6 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
 #else
   const int nthreads = 1;
 #endif
-  // tasks in turn with their GEMMs' inner dimension cut over the threads, or tasks in parallel
   const int split = ntasks < nthreads ? nthreads : 1;
   auto run_task = [&](int64_t t, Workspace<Tin, Tout>& ws) {
     const int64_t i0 = tasks[t].i0, j0 = tasks[t].j0, m = tasks[t].m, n = tasks[t].n;

@@ -443,6 +443,20 @@ def test_writer_releases_each_band_once_written(tmp_path):
     assert np.array_equal(np.load(tmp_path / "k.npy"), np.array([[1.0] * 6] * 2 + [[2.0] * 6] * 2))
 
 
+def _passes_only(monkeypatch):
+    """Plans in column passes whatever they cost, so that small problems take them too."""
+    from pathkernel._drivers import tiling
+
+    cost = tiling._cost
+
+    def passes_only(*a, **k):
+        c = cost(*a, **k)
+        c.est += 0.0 if c.passes else 1e9
+        return c
+
+    monkeypatch.setattr(tiling, "_cost", passes_only)
+
+
 def _dear_passes(monkeypatch):
     """Costs under which recomputing features is dear: small budgets spill them."""
     from pathkernel._drivers import tiling
@@ -524,18 +538,10 @@ def test_column_passes_read_ahead_give_the_same_bits(tmp_path, monkeypatch, symm
     file read ahead in a thread while the Grams run: the file equals the same tiling run
     recomputing every pass, and the float64 reference."""
     from pathkernel._drivers import path_kernel as driver
-    from pathkernel._drivers import tiling
 
     _dear_passes(monkeypatch)
+    _passes_only(monkeypatch)
     monkeypatch.setattr(driver, "FeatureSpill", _CountingSpill)
-    cost = tiling._cost
-
-    def passes_only(*a, **k):  # so that small problems take passes too
-        c = cost(*a, **k)
-        c.est += 0.0 if c.passes else 1e9
-        return c
-
-    monkeypatch.setattr(tiling, "_cost", passes_only)
     torch.manual_seed(0)
     model = CNN().double()
     ck = checkpoints(model, T=2)

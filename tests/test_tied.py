@@ -12,6 +12,7 @@ from torch import nn
 import pathkernel as pk
 from pathkernel._capture import blocks
 from reference import assert_close, reference_ntk
+from test_path_kernel import _dear_passes, _passes_only
 
 VOCAB = 40
 
@@ -86,8 +87,6 @@ def test_path_kernel_through_tiles_scratch_file_and_passes(tmp_path, monkeypatch
     """Tied factors written to and read back from the scratch file, row blocks gathered from
     passes whose head positions differ, tiles pairing blocks of other tokens: the reference
     kernel, kept or recomputed."""
-    from pathkernel._drivers import tiling
-
     costs = (0.0, 1.0) if form == "tied" else (1.0, 0.0)
     monkeypatch.setattr(blocks, "tied_cost", lambda *a: costs)
     model = _model()
@@ -98,17 +97,8 @@ def test_path_kernel_through_tiles_scratch_file_and_passes(tmp_path, monkeypatch
               model.state_dict().items()}  # fmt: skip
         ckpts.append((sd, 0.1 * (t + 1)))
     X = _tokens(70, 4, hi=VOCAB)
-    slow = tiling.Costs(1e-3, 1e-2, 1e-4, 1e11, 1e-3, 1e-9)
-    monkeypatch.setattr(tiling, "_nominal_costs", lambda *a, **k: slow)
-    monkeypatch.setattr(tiling, "_measure", lambda *a, **k: slow)
-    cost = tiling._cost
-
-    def passes_only(*a, **k):
-        c = cost(*a, **k)
-        c.est += 0.0 if c.passes else 1e9
-        return c
-
-    monkeypatch.setattr(tiling, "_cost", passes_only)
+    _dear_passes(monkeypatch)
+    _passes_only(monkeypatch)
     kw = dict(outputs=1, dtype=torch.float64)
 
     def fits(b):

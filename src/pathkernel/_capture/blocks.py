@@ -254,12 +254,11 @@ def _tied_pair(
     rest = rest.nonzero().flatten()
     rows, others = [], []
     for f, c in zip(fs, codes):
-        h = f.tied
-        n, C = f.D.shape[0], f.D.shape[2]
+        h, (n, _, C_f, _) = f.tied, f.D.shape  # the two sides' channels may differ
         # the head's part of the u rows (one batched GEMM), then the embedding's added in place
         Z = torch.matmul(h.D.index_select(3, vocab).permute(0, 2, 3, 1), h.A.unsqueeze(1))
-        Z = _scatter_rows(Z, c, f.D)  # [n, C, u, d]
-        rows.append(Factor(None, Z.reshape(n, 1, C, -1), 0.0, True))
+        Z = _scatter_rows(Z, c, f.D)  # [n, C_f, u, d]
+        rows.append(Factor(None, Z.reshape(n, 1, C_f, -1), 0.0, True))
         others.append(Factor(h.A, h.D.index_select(3, rest), 0.0))
     return [(rows[0], rows[-1]), (others[0], others[-1])]
 
@@ -354,15 +353,10 @@ def gather_blocks(n: int, parts) -> Block:
                 return concat_blocks([b, *parts])
             out = Block(n, b.C)
             for k, f in b.factors.items():
-                A = None if f.A is None else f.A.new_empty((n, *f.A.shape[1:]))
-                out.factors[k] = Factor(
-                    A, f.D.new_empty((n, *f.D.shape[1:])), f.beta, f.materialized
-                )
+                out.factors[k] = f.map(lambda t: t.new_empty((n, *t.shape[1:])))
         for k, f in b.factors.items():
-            g = out.factors[k]
-            if g.A is not None:
-                g.A[i : i + b.n].copy_(f.A)
-            g.D[i : i + b.n].copy_(f.D)
+            for dst, src in zip(out.factors[k].tensors(), f.tensors()):
+                dst[i : i + b.n].copy_(src)
         i += b.n
     if out is None or i != n:
         raise ValueError(f"parts: expected {n} examples in all, got {i}")

@@ -274,9 +274,6 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
             return feats(rows, r0, r1, t)
         return gather_blocks(r1 - r0, (feats(rows, a, b, t) for a, b in pieces(r0, r1)))
 
-    def in_spill(key) -> bool:
-        return spill is not None and all((cols.name, *key[1:], t) in spill for t in key[0])
-
     if share:
         sources = {rows.name: rows, cols.name: cols}
 
@@ -341,11 +338,9 @@ def _compute(p: PathKernelPlan, store, mine: RankWork, spill, share: bool, progr
                     )
                     pending = None
                     if ahead is not None and n + 1 < len(work):  # read the next pass meanwhile
-                        nxt = (group, *work[n + 1][1:])
-                        if in_spill(nxt):
-                            pending = ahead.submit(
-                                lambda q=nxt: [spill.get((cols.name, q[1], q[2], t)) for t in q[0]]
-                            )
+                        keys = [(cols.name, *work[n + 1][1:], t) for t in group]
+                        if all(key in spill for key in keys):
+                            pending = ahead.submit(lambda ks=keys: [spill.get(k) for k in ks])
                     side1, side2 = [], []
                     for rb, cb, t in zip(row, cbs, group):
                         s1, s2 = to_terms(mplan, rb, cb, scale=weights[t], stacked=spec.stacked)
