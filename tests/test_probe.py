@@ -14,7 +14,7 @@ from pathkernel._capture.plan import ModelPlan
 from reference import assert_close, reference_ntk
 
 
-def _corrupt(how):
+def _corrupt(how, by=1e-3):
     real = probe_mod.group_factors
 
     def group_factors(plan, uses, n, *a, **k):
@@ -28,7 +28,7 @@ def _corrupt(how):
             f = dataclasses.replace(f, A=None if f.A is None else f.A[i], D=f.D[i])
         else:  # a wrong gradient for the last example only
             D = f.D.clone()
-            D[-1] *= 1.001
+            D[-1] *= 1 + by
             f = dataclasses.replace(f, D=D)
         out[g] = f
         return out
@@ -36,18 +36,24 @@ def _corrupt(how):
     return group_factors
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("how", ["swap", "scale"])
-def test_wrong_factors_are_caught_and_sent_dense(monkeypatch, how):
+def test_wrong_factors_are_caught_and_sent_dense(monkeypatch, how, dtype):
+    # in float32 too, to its precision: the check's 1e-4 is on the combination of the
+    # examples, where the last of the 5 checked here weighs 1/16: an error of 1e-2 in that
+    # example's gradient alone moves it by 6e-4 (float32 rounding: 1e-7 to 1e-5)
     model = CNN().double()
     x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    probe_mod._PROBED.clear()
     clean = ModelPlan(model)
-    probe_mod.probe(clean, (x,))
+    probe_mod.probe(clean, (x,), dtype=dtype)
     first = {"c1.weight", "c1.bias"}
     assert first <= set(clean.group_of)
     probe_mod._PROBED.clear()
-    monkeypatch.setattr(probe_mod, "group_factors", _corrupt(how))
+    by = 1e-3 if dtype == torch.float64 else 1e-2
+    monkeypatch.setattr(probe_mod, "group_factors", _corrupt(how, by))
     plan = ModelPlan(model)
-    probe_mod.probe(plan, (x,))
+    probe_mod.probe(plan, (x,), dtype=dtype)
     assert first <= set(plan.dense), (first, plan.dense)
     assert plan.why[next(iter(first))].startswith("its factors do not reproduce")
     assert len(plan.dense) == len(first)  # the other groups stand
@@ -83,3 +89,25 @@ def test_model_that_rounds_inside_stays_factored():
     x = torch.randn(6, 5, dtype=torch.float64)
     probe_mod._PROBED.clear()
     assert pk.describe(model, x).dense_share == 0.0
+
+
+def test_a_float32_probe_does_not_serve_a_float64_kernel(monkeypatch):
+    """The verdict of a float32 probe (checked to 1e-4) is kept for float32 calls only: a
+    float64 call probes again, to 1e-9; a float64 verdict serves both."""
+    model = CNN().double()
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    probe_mod._PROBED.clear()
+    runs = []
+    real = probe_mod._verify
+    monkeypatch.setattr(
+        probe_mod,
+        "_verify",
+        lambda plan, state, *a: runs.append(state["c1.weight"].dtype) or real(plan, state, *a),
+    )
+    for dtype in (torch.float32, torch.float32, torch.float64, torch.float32, torch.float64):
+        probe_mod.probe(ModelPlan(model), (x,), dtype=dtype)
+    assert runs == [torch.float32, torch.float64]
+    probe_mod._PROBED.clear()
+    k32 = pk.tangent_kernel(model, x, dtype=torch.float32)
+    assert k32.dtype == torch.float32
+    assert_close(k32.double(), reference_ntk(model, x), torch.float32)

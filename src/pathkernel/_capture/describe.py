@@ -125,8 +125,8 @@ def describe(
     check_inputs_match(model, x, "x")
     run_model_once(model, x, "x", keys)
     plan = ModelPlan(model, implementation, keys)
-    probe(plan, x)
     dtype = resolve_dtype(None, model)
+    probe(plan, x, dtype=dtype)
     if targets is not None:
         x = x + (as_targets(targets, x[0].shape[0], "targets", x[0].device),)
     state = model_state(plan, dtype)

@@ -35,27 +35,32 @@ def batch_first(t: torch.Tensor, layout: Layout, n: int, lead: int = 0) -> torch
     return t.unflatten(d, (layout.per, n)).movedim(d + 1, 0)
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     if a.shape != b.shape:
         return False
     if not a.is_floating_point():
         return bool(torch.equal(a, b))
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-300) if a.numel() else 1.0
-    return bool(((a - b).abs() <= 1e-9 * scale).all())
+    return bool(((a - b).abs() <= tol * scale).all())
 
 
 def discover(
-    one: torch.Tensor, many: torch.Tensor, n: int, expandable: Optional[int] = None
+    one: torch.Tensor,
+    many: torch.Tensor,
+    n: int,
+    expandable: Optional[int] = None,
+    tol: float = 1e-9,
 ) -> Optional[Layout]:
     """The layout of a batched tensor from its value on one example (``one``) and on ``n``
     examples whose first is that one (``many``); None when no layout explains them.
-    ``expandable``: how many leading dims may carry the batch (default: all)."""
+    ``expandable``: how many leading dims may carry the batch (default: all); ``tol``: the
+    relative gap within which two values are the same (the probe's precision)."""
     if one.dim() != many.dim():
         return None
     lim = one.dim() if expandable is None else expandable
     diff = [d for d in range(one.dim()) if one.shape[d] != many.shape[d]]
     if not diff:  # does not depend on the batch: expand a size-1 dim, if it has one
-        if not _same(one, many):
+        if not _same(one, many, tol):
             return None
         ones = [d for d in range(lim) if one.shape[d] == 1]
         return Layout(ones[0], expand=True) if ones else None
@@ -66,10 +71,10 @@ def discover(
     if sn != n * s1:
         return None
     if s1 == 1:
-        return Layout(d) if _same(many.narrow(d, 0, 1), one) else None
-    if _same(many.narrow(d, 0, s1), one):
+        return Layout(d) if _same(many.narrow(d, 0, 1), one, tol) else None
+    if _same(many.narrow(d, 0, s1), one, tol):
         return Layout(d, per=s1)
     idx = torch.arange(0, sn, n, device=many.device)
-    if _same(many.index_select(d, idx), one):
+    if _same(many.index_select(d, idx), one, tol):
         return Layout(d, per=s1, batch_major=False)
     return None

@@ -14,7 +14,7 @@ functions that hide such calls behind their own ``__torch_function__`` check
 fused recurrent ops are run through their cell operations (``recurrent.py``).
 
 Every other call passes through untouched; a parameter whose gradient the recorded uses do not
-explain goes to the dense path (the probe checks this per example in float64).
+explain goes to the dense path (the probe checks this per example).
 """
 
 from __future__ import annotations

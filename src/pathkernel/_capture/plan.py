@@ -10,7 +10,7 @@ uses of every parameter in a forward pass (``ops.py``) and groups them:
   embeddings), or in several roles (a tied embedding and output head): each use gives
   per-example gradients directly, which are summed;
 - the **dense** list: every parameter whose gradient the recorded uses do not reproduce per
-  example (checked in float64), or that no rule covers; per-example Jacobians by torch.func.
+  example (the probe's check), or that no rule covers; per-example Jacobians by torch.func.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The probe: which parameters the recorded uses explain, checked per example in float64.
+"""The probe: which parameters the recorded uses explain, checked per example.
 
 For each input shape, the forward pass is recorded on one example and on ``n`` examples (the
 first being that one) to find each use's batch layout (``layout.py``). The uses are grouped
@@ -8,6 +8,12 @@ combination of the examples with distinct weights (``_mismatches``). A parameter
 (tied in a role no rule covers, used by an op without a rule, a layout that does not hold)
 goes to the dense path, so no parameter is ever dropped, counted twice or attributed to the
 wrong example.
+
+The checks run in the dtype the kernel is computed in, at its precision (``_PRECISION``): a
+float64 kernel's factors are checked to 1e-9, a float32 kernel's to 1e-4, far below any wrong
+rule's error (a factor given to the wrong example, a missed use: order one) and far above the
+rounding of two float32 orders of summation (1e-7 to 1e-5). A float64 probe also serves later
+float32 calls; a float32 one is done again for a float64 call.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from .outputs import output_tensors
 from .plan import Group, ModelPlan, Trace, cast_inputs, input_signature, model_state
 from .rules import _aligned, expandable_dims
 
-# model -> (its parameter signature, groups, why, traces)
+# model -> (its parameter signature, the probe's tolerance, groups, why, traces)
 _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_TOL = 1e-9
-_ZERO = 1e-6  # gradients below this fraction of the whole one count as zero
+# dtype -> (relative tolerance of every check, the fraction of the whole gradient below which
+# a parameter's gradient counts as zero: compared at that scale, as rounding cannot go below it)
+_PRECISION = {torch.float64: (1e-9, 1e-6), torch.float32: (1e-4, 1e-2)}
 
 
 def _param_signature(plan: ModelPlan) -> tuple:
@@ -39,27 +46,29 @@ def _param_signature(plan: ModelPlan) -> tuple:
     ) + (len(list(plan.model.modules())),)
 
 
-def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
+def probe(plan: ModelPlan, x: tuple, seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
     """Find the groups (first call) and the layouts of inputs shaped like ``x``, and move to
-    the dense path every parameter whose factors do not reproduce autograd per example."""
+    the dense path every parameter whose factors do not reproduce autograd per example.
+    ``dtype``: the dtype of the kernel to come; the checks run in it, at its precision."""
+    tol = _PRECISION[dtype][0]
     sig = input_signature(x)
     if plan.implementation == "dense" or sig in plan.traces:
-        check_deterministic(plan, x)
+        check_deterministic(plan, x, dtype=dtype)
         return
     psig = _param_signature(plan)
     hit = _PROBED.get(plan.model)
     fresh = not plan.traces
-    if fresh and hit is not None and hit[0] == psig:
-        plan.set_groups(copy.deepcopy(hit[1]), hit[2])
-        plan.traces.update(hit[3])
+    if fresh and hit is not None and hit[0] == psig and hit[1] <= tol:
+        plan.set_groups(copy.deepcopy(hit[2]), hit[3])
+        plan.traces.update(hit[4])
         fresh = False
         if sig in plan.traces:
-            check_deterministic(plan, x)
+            check_deterministic(plan, x, dtype=dtype)
             return
-    state = model_state(plan, torch.float64)
-    x = cast_inputs(x, torch.float64)
-    trace, uses, touched, few, seen = _discover(plan, state, x)
-    check_deterministic(plan, x, seen)  # before any check of factors on a random model
+    state = model_state(plan, dtype)
+    x = cast_inputs(x, dtype)
+    trace, uses, touched, few, seen = _discover(plan, state, x, tol)
+    check_deterministic(plan, x, seen, dtype)  # before any check of factors on a random model
     if fresh:
         groups, why = _group(plan, uses, trace, touched)
         plan.set_groups(groups, why)
@@ -67,25 +76,29 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0) -> None:
         bad = {nm for i, u in enumerate(uses) if trace.layouts[i] is None for nm in u.names()}
         plan.move_to_dense(bad & set(plan.group_of), "no batch layout explains its use here")
     plan.traces[sig] = trace
-    _verify(plan, state, few, trace, seed)
-    _PROBED[plan.model] = (psig, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
+    _verify(plan, state, few, trace, seed, _PRECISION[dtype])
+    _PROBED[plan.model] = (psig, tol, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
 
 
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
+def check_deterministic(
+    plan: ModelPlan, x: tuple, seen=None, dtype: torch.dtype = torch.float64
+) -> None:
     """Refuse a model whose forward pass is random (dropout in training mode called as a
     function, noise layers) or couples the examples of a batch (an example's output depends
     on the others: ``h - h.mean(0)``): its kernel would be random, or not the kernel of the
     function the model computes on a batch. Checked again whenever a module's training flag
-    or a parameter changes. ``seen``: the probe's float64 passes (``_discover``: the first
+    or a parameter changes. ``seen``: the probe's passes in ``dtype`` (``_discover``: the first
     example alone, a batch of several, and that batch's inputs), so that only the first
     example is run again."""
+    tol = _PRECISION[dtype][0]
     key = (_param_signature(plan), tuple(m.training for m in plan.model.modules()))
-    if _CHECKED.get(plan.model) == key:
+    done = _CHECKED.get(plan.model)
+    if done is not None and done[0] == key and done[1] <= tol:
         return
-    state = model_state(plan, torch.float64)
+    state = model_state(plan, dtype)
     with torch.no_grad():
         if seen is not None:  # the first example again, against its pass alone
             first, batch, xs = seen
@@ -93,7 +106,7 @@ def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
             a, b = first, _batched(plan.forward(state, tuple(t[:1] for t in xs)), 1)
             alone = [first]
         else:
-            xs = cast_inputs(tuple(t[:3] for t in x), torch.float64)
+            xs = cast_inputs(tuple(t[:3] for t in x), dtype)
             n = xs[0].shape[0]
             a = _batched(plan.forward(state, xs), n)
             b = _batched(plan.forward(state, xs), n)
@@ -107,7 +120,7 @@ def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
             )
     if _comparable(a, b):
         diff = _relative_gap(a, b)
-        if diff is None or diff > 1e-9:
+        if diff is None or diff > tol:
             raise ValueError(
                 f"model: two forward passes on the same inputs differ (relative difference "
                 f"{'NaN' if diff is None else f'{diff:.1e}'}): the model is random, so its "
@@ -118,7 +131,7 @@ def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
             batch = a
         if alone is not None and all(_comparable(o, batch[:1]) for o in alone):
             diff = _relative_gap(batch[: len(alone)], torch.cat(alone))
-            if diff is None or diff > 1e-9:
+            if diff is None or diff > tol:
                 raise ValueError(
                     f"model: an example's output depends on the other examples of its batch "
                     f"(run alone and in a batch of {n}, the outputs differ by "
@@ -127,7 +140,7 @@ def check_deterministic(plan: ModelPlan, x: tuple, seen=None) -> None:
                     "describes the model; compute such statistics per example (or keep them "
                     "fixed, as BatchNorm does in eval mode)"
                 )
-    _CHECKED[plan.model] = key
+    _CHECKED[plan.model] = (key, tol)
 
 
 def _comparable(a, b) -> bool:
@@ -184,7 +197,7 @@ def _batched(out, n: int) -> torch.Tensor:
     return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
 
 
-def _discover(plan, state, x):
+def _discover(plan, state, x, tol: float):
     """Layouts of every use, from a forward pass on one example and one on ``n``; also the
     examples to check the factors on, and those passes (for ``check_deterministic``)."""
     touched: Dict[str, set] = {}
@@ -198,15 +211,15 @@ def _discover(plan, state, x):
     if [u.signature() for u in usesn] != sigs:
         layouts: List[Optional[Layout]] = [None] * len(uses1)
     else:
-        layouts = [_layout(u1, un, n, plan) for u1, un in zip(uses1, usesn)]
+        layouts = [_layout(u1, un, n, plan, tol) for u1, un in zip(uses1, usesn)]
     # the check needs as few examples as tell them apart: 2 unless a size of the model is 2
     m = next(k for k in range(2, n + 1) if k not in sizes)
     seen = (out1.detach(), outn.detach(), many)
     return Trace(sigs, layouts), usesn, touched, _take(many, list(range(m))), seen
 
 
-def _layout(u1: Use, un: Use, n: int, plan: ModelPlan) -> Optional[Layout]:
-    lay = discover(u1.batched, un.batched, n, expandable_dims(u1))
+def _layout(u1: Use, un: Use, n: int, plan: ModelPlan, tol: float) -> Optional[Layout]:
+    lay = discover(u1.batched, un.batched, n, expandable_dims(u1), tol)
     if lay is None:
         return None
     if u1.op in ("add", "mul", "expand"):  # the parameter must not vary along the batch dim
@@ -300,8 +313,9 @@ def _group(
     return ordered, why
 
 
-def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int) -> None:
-    """Per-example check of every grouped parameter against autograd, in float64."""
+def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int, precision) -> None:
+    """Per-example check of every grouped parameter against autograd, in the state's dtype to
+    ``precision`` (``_PRECISION``)."""
     for _ in range(4):  # moving a parameter to dense can change another's group
         if not plan.groups:
             return
@@ -319,7 +333,7 @@ def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int) -> None:
             for i in expanded:
                 trace.layouts[i] = None
             continue
-        bad = _mismatches(plan, state, x, trace, out, uses, seed)
+        bad = _mismatches(plan, state, x, trace, out, uses, seed, precision)
         if not bad:
             return
         plan.move_to_dense(bad, "its factors do not reproduce autograd's per-example gradient")
@@ -334,7 +348,7 @@ def _weighted(f: Factor, w: torch.Tensor) -> Factor:
     return Factor(f.A, D, f.beta, f.materialized, tied)
 
 
-def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
+def _mismatches(plan, state, x, trace, out, uses, seed, precision) -> Set[str]:
     """The grouped parameters whose factors do not give autograd's per-example gradients.
 
     The per-example gradients are compared through one combination of them, ``Σ_i w_i g_i``
@@ -371,12 +385,13 @@ def _mismatches(plan, state, x, trace, out, uses, seed) -> Set[str]:
     )
     auto = {nm: torch.zeros_like(state[nm]) if g is None else g for nm, g in zip(names, gs)}
     # a gradient that is zero but for rounding (a key bias under softmax) is compared at the
-    # scale of the whole gradient: what is below it cannot move the kernel in float64
-    floor = _ZERO * sum(float(a.square().sum()) for a in auto.values()) ** 0.5
+    # scale of the whole gradient: what is below it cannot move the kernel in this dtype
+    tol, zero = precision
+    floor = zero * sum(float(a.square().sum()) for a in auto.values()) ** 0.5
     bad = set()
     for nm, a in auto.items():
         m = mine.get(nm)
         m = torch.zeros_like(a) if m is None else m.reshape(a.shape)
-        if (m - a).norm() > _TOL * max(a.norm().item(), floor, 1e-30) + 1e-300:
+        if (m - a).norm() > tol * max(a.norm().item(), floor, 1e-30) + 1e-300:
             bad.add(nm)
     return bad

@@ -133,8 +133,8 @@ class PathRecorder:
             run_model_once(model, self.Xq, "query", keys)
         self.model = model
         self.plan = ModelPlan(model, "auto", keys)
-        probe(self.plan, self.X)
-        probe(self.plan, self.Xq)
+        probe(self.plan, self.X, dtype=self.dtype)
+        probe(self.plan, self.Xq, dtype=self.dtype)
         self.trace = self.plan.trace_for(self.X)
         self.opt = OptimizerModel(optimizer, {id(p): n for n, p in self.plan.params.items()})
         self.loss_fn = loss_fn

@@ -62,9 +62,9 @@ def prepare(
     if x2 is not None:
         run_model_once(model, x2, "x2", keys)
     plan = ModelPlan(model, implementation, keys)
-    probe(plan, x1)
+    probe(plan, x1, dtype=dtype)
     if x2 is not None:
-        probe(plan, x2)
+        probe(plan, x2, dtype=dtype)
     if targets is not None:
         x1 = x1 + (as_targets(y1, x1[0].shape[0], "targets (x1)", x1[0].device),)
         if x2 is not None:

@@ -286,13 +286,13 @@ def _job(
     check_inputs_match(model, sample_rows, rows.name)
     run_model_once(model, sample_rows, rows.name, rows.keys)
     mplan = ModelPlan(model, implementation, cols.keys)
-    probe(mplan, sample_rows)
+    probe(mplan, sample_rows, dtype=dtype)
     if query is not None:
         sample_cols = spec.split(as_inputs(cols.get(0, min(8, cols.n)), "train"))[0]
         check_inputs_match(model, sample_cols, "train")
         check_same_features(sample_cols, sample_rows, "train", "query")
         run_model_once(model, sample_cols, "train", cols.keys)
-        probe(mplan, sample_cols)
+        probe(mplan, sample_cols, dtype=dtype)
     states = [checkpoint_state(mplan, w, dtype, i) for i, (w, _) in enumerate(ckpts)]
     if project is not None:  # k split by the gradient norms of the first train examples
         first = as_inputs(cols.get(0, min(SAMPLE, cols.n)), "train")

@@ -28,7 +28,7 @@ def _flops(model, x) -> Tuple[float, float, float]:
 
     spec = OutputSpec("trace")
     plan = ModelPlan(model, "auto")
-    probe(plan, (x,))
+    probe(plan, (x,), dtype=torch.float32)
     state = model_state(plan, torch.float32)
     n = x.shape[0]
     one = (x[:1],)
