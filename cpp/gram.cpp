@@ -148,9 +148,12 @@ void rank_one_epilogue(Tout* acc, const Tin* ag, const Tin* d1, const Tin* d2, T
 
 }  // namespace
 
+namespace {
+
+// One pass over the output for terms whose tiles agree (see accumulate).
 template <typename Tin, typename Tout>
-void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool symmetric,
-                double alpha, const Tout* col_weights, int64_t tile_target, int threads) {
+void accumulate_pass(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool symmetric,
+                     double alpha, const Tout* col_weights, int64_t tile_target, int threads) {
   const int64_t M = side1.n, N = side2.n, C1 = side1.C, C2 = side2.C, CC = C1 * C2;
   if (M == 0 || N == 0) return;
   int64_t S1max = 1, S2max = 1;
@@ -244,6 +247,34 @@ void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool 
 #endif
     for (int64_t t = 0; t < ntasks; ++t) run_task(t, ws);
   }
+}
+
+}  // namespace
+
+// Terms of one position a side (materialized gradients, dense terms) and terms over
+// positions (factors) want different tiles: the first, long rows of features, whole
+// triangles and as many examples per tile as the target allows; the second, target / S
+// examples. Run together, the tiles of the second would cut the first's GEMMs into short
+// row panels that each read the whole feature length again (3x slower for GPT-2's mix), so
+// they run as two passes over the output, the one-position terms first.
+template <typename Tin, typename Tout>
+void accumulate(Tout* out, const Side<Tin>& side1, const Side<Tin>& side2, bool symmetric,
+                double alpha, const Tout* col_weights, int64_t tile_target, int threads) {
+  Side<Tin> one1{side1.n, side1.C, {}}, one2{side2.n, side2.C, {}};
+  Side<Tin> many1{side1.n, side1.C, {}}, many2{side2.n, side2.C, {}};
+  for (size_t l = 0; l < side1.terms.size(); ++l) {
+    const bool one = side1.terms[l].S == 1 && side2.terms[l].S == 1;
+    (one ? one1 : many1).terms.push_back(side1.terms[l]);
+    (one ? one2 : many2).terms.push_back(side2.terms[l]);
+  }
+  if (one1.terms.empty() || many1.terms.empty()) {
+    accumulate_pass(out, side1, side2, symmetric, alpha, col_weights, tile_target, threads);
+    return;
+  }
+  accumulate_pass(out, one1, symmetric ? one1 : one2, symmetric, alpha, col_weights,
+                  tile_target, threads);
+  accumulate_pass(out, many1, symmetric ? many1 : many2, symmetric, alpha, col_weights,
+                  tile_target, threads);
 }
 
 template void accumulate<float, float>(float*, const Side<float>&, const Side<float>&, bool,
