@@ -164,3 +164,31 @@ def test_inplace_activation_after_a_layer():
         reference_ntk(model, x, None, "full"),
         torch.float64,
     )
+
+
+@pytest.mark.parametrize("outputs", ["full", "trace"])
+def test_layers_materialized_one_at_a_time(outputs):
+    """Layers better materialized are built one after the other into one reused buffer per
+    side (``tangent_batches``), each accumulated before the next overwrites it: layers of
+    different sizes, x1 against x2 and against itself, every output mode's channel layout."""
+    from pathkernel._capture.extract import tangent_batches
+    from pathkernel._drivers.tangent import prepare
+
+    torch.manual_seed(0)
+    model = CNN(c=(5, 6)).double()
+    x1 = torch.randn(7, 1, 6, 6, dtype=torch.float64)
+    x2 = torch.randn(4, 1, 6, 6, dtype=torch.float64)
+    plan, spec, dtype, a, b = prepare(model, x1, x2, outputs, "auto", None, None, None)
+    batches = list(tangent_batches(plan, spec, dtype, a, b))
+    # the factored groups, then each materialized one alone (trace: two, of different sizes)
+    assert len(batches) >= (3 if outputs == "trace" else 2)
+    assert_close(
+        pk.tangent_kernel(model, x1, x2, outputs=outputs),
+        reference_ntk(model, x1, x2, outputs=outputs),
+        torch.float64,
+    )
+    assert_close(
+        pk.tangent_kernel(model, x1, outputs=outputs),
+        reference_ntk(model, x1, outputs=outputs),
+        torch.float64,
+    )

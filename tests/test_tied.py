@@ -151,8 +151,8 @@ def test_wrong_head_factors_are_caught_by_the_probe(monkeypatch):
 
     real = extract.group_factors
 
-    def swapped(plan, uses, n, stacked=False):
-        out = real(plan, uses, n, stacked)
+    def swapped(plan, uses, n, *args):
+        out = real(plan, uses, n, *args)
         for f in out.values():
             if f.tied is not None and n > 1:
                 f.tied.D = f.tied.D.roll(1, 0)

@@ -15,8 +15,9 @@ the head's factored part over the other ``V - u`` rows (``_tied_pair``): never t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,9 @@ class Block:
     n: int
     C: int
     factors: Dict[int, Factor] = field(default_factory=dict)
+    # groups kept factored that are to be materialized just before they are paired
+    # (``extract.tangent_batches``: one at a time, into one reused buffer)
+    deferred: Set[int] = field(default_factory=set)
 
     def part(self, lo: int, hi: int) -> "Block":
         """Examples ``lo:hi`` (views)."""
@@ -87,9 +91,10 @@ def _grad_args(group) -> dict:
     )
 
 
-def materialize(group, f: Factor) -> Factor:
+def materialize(group, f: Factor, into: Optional[torch.Tensor] = None) -> Factor:
     """The per-example gradient of a matrix group, flattened in the plan's layout of the
-    group (``ModelPlan.flatten_group``): ``D [n, 1, C, P_group]``."""
+    group (``ModelPlan.flatten_group``): ``D [n, 1, C, P_group]``; ``into``: a flat buffer of
+    at least that many elements to write it to (a plain matrix group)."""
     n, C = f.D.shape[0], f.D.shape[2]
     if f.tied is not None:  # the head's part, then the embedding's rows added in place
         h = f.tied
@@ -111,26 +116,37 @@ def materialize(group, f: Factor) -> Factor:
     # write), so few positions broadcast (attention blocks: 1.1-1.4x faster) and many do not
     # (convolutions at 16x16: 1.2-1.4x faster; 3-7x on a 1x1 convolution)
     S, rows = f.D.shape[1], f.D.shape[3]
+    shape = (n, C, A.shape[2], rows)
+    out = None if into is None else into[: math.prod(shape)].view(shape)
     if C == 1 or S < 2 * rows:
-        Z = torch.matmul(A.transpose(1, 2).unsqueeze(1), f.D.transpose(1, 2))
+        Z = torch.matmul(A.transpose(1, 2).unsqueeze(1), f.D.transpose(1, 2), out=out)
     else:
         At = A.transpose(1, 2)
         Z = torch.empty(C, n, At.shape[1], rows, dtype=A.dtype, device=A.device)
         for c in range(C):
             torch.bmm(At, f.D[:, :, c], out=Z[c])
-        Z = Z.transpose(0, 1)
+        Z = Z.transpose(0, 1) if out is None else out.copy_(Z.transpose(0, 1))
     return Factor(None, Z.reshape(n, 1, C, -1), 0.0, True)
+
+
+def materialized_size(f: Factor) -> int:
+    """Elements of ``materialize(group, f)`` for a plain matrix group's float factors."""
+    return f.D.shape[0] * f.D.shape[2] * (f.A.shape[2] + (1 if f.beta else 0)) * f.D.shape[3]
 
 
 def choose_form(group, f: Factor, stacked: bool) -> Factor:
     """Keep the factored form or materialize, whichever a pair of examples costs less."""
+    return materialize(group, f) if wants_materialized(group, f, stacked) else f
+
+
+def wants_materialized(group, f: Factor, stacked: bool) -> bool:
     if f.A is None or f.materialized:
-        return f
+        return False
     if f.A.dtype == torch.long:  # tokens: decided per pair of blocks, by the tokens they hold
-        return f
+        return False
     S, C, dd = f.D.shape[1], f.D.shape[2], f.D.shape[3]
     da = f.A.shape[2] // group.conv_groups
-    return materialize(group, f) if materializes(group, S, da, dd, C, stacked) else f
+    return materializes(group, S, da, dd, C, stacked)
 
 
 def materializes(group, S: int, da: int, dd: int, C: int, stacked: bool) -> bool:
@@ -336,7 +352,7 @@ def concat_blocks(blocks: List[Block]) -> Block:
     """One block from consecutive ones (same groups and forms, examples stacked)."""
     if len(blocks) == 1:
         return blocks[0]
-    out = Block(sum(b.n for b in blocks), blocks[0].C)
+    out = Block(sum(b.n for b in blocks), blocks[0].C, deferred=set(blocks[0].deferred))
     for k in blocks[0].factors:
         out.factors[k] = _concat([b.factors[k] for b in blocks])
     return out

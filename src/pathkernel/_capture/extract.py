@@ -10,12 +10,22 @@ factors at once. Parameters without a rule get per-example Jacobians from the de
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
 from .._checks import check_finite_block
-from .blocks import Block, Factor, choose_form, concat_blocks, materializes, to_terms
+from .blocks import (
+    Block,
+    Factor,
+    choose_form,
+    concat_blocks,
+    materialize,
+    materialized_size,
+    materializes,
+    to_terms,
+    wants_materialized,
+)
 from .dense import dense_jacobian, math_attention
 from .layout import Layout
 from .ops import MATRIX_OPS, OpCapture, Use
@@ -153,9 +163,15 @@ def _tied_groups(plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]]) 
 
 
 def group_factors(
-    plan: ModelPlan, uses: List[Tuple[Use, Layout, torch.Tensor]], n: int, stacked: bool = False
+    plan: ModelPlan,
+    uses: List[Tuple[Use, Layout, torch.Tensor]],
+    n: int,
+    stacked: bool = False,
+    deferred: Optional[Set[int]] = None,
 ) -> Dict[int, Factor]:
-    """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``)."""
+    """Each group's factor from its uses (use, layout, output gradient ``[C, *y.shape]``).
+    ``deferred``: a set to add the plain matrix groups to that are better materialized;
+    they are left factored (``Block.deferred``)."""
     cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
     proj = plan.projection
     tied = _tied_groups(plan, uses)
@@ -253,6 +269,9 @@ def group_factors(
         f = Factor(A, D, 1.0 if grp.bias is not None else 0.0)
         if proj is not None and k in proj.dims:
             factors[k] = Factor(None, proj.matrix_group(k, grp, f).unsqueeze(1), 0.0, True)
+        elif deferred is not None and grp.conv_groups == 1 and wants_materialized(grp, f, stacked):
+            factors[k] = f
+            deferred.add(k)
         else:
             factors[k] = choose_form(grp, f, stacked)
     return factors
@@ -264,9 +283,11 @@ def extract(
     state: Dict[str, torch.Tensor],
     x: tuple,
     channels: Optional[slice] = None,
+    defer: bool = False,
 ) -> Block:
     """Features of one block of examples (``channels``: a slice of the output channels);
-    ``x`` ends with the targets where ``spec`` has them."""
+    ``x`` ends with the targets where ``spec`` has them. ``defer``: the groups better
+    materialized are left factored, in ``Block.deferred``."""
     n = x[0].shape[0]
     x, ys = spec.split(x)
 
@@ -275,6 +296,7 @@ def extract(
         return f if channels is None else f[:, channels]
 
     factors: Dict[int, Factor] = {}
+    deferred: Set[int] = set()
     C = None
     if plan.groups:
         trace = plan.trace_for(x)
@@ -290,7 +312,11 @@ def extract(
         ]
         grads = _output_grads(f, [u.y for u, _ in keep])
         factors = group_factors(
-            plan, [(u, lay, g) for (u, lay), g in zip(keep, grads)], n, spec.stacked
+            plan,
+            [(u, lay, g) for (u, lay), g in zip(keep, grads)],
+            n,
+            spec.stacked,
+            deferred if defer else None,
         )
     if plan.dense:
         G = dense_jacobian(plan, state, x, rows, ys)
@@ -298,7 +324,7 @@ def extract(
         if plan.projection is not None and DENSE in plan.projection.dims:
             G = _project_dense(plan, G)
         factors[DENSE] = Factor(None, G.unsqueeze(1), 0.0, True)
-    return Block(n, C, factors)
+    return Block(n, C, factors, deferred)
 
 
 def _project_dense(plan: ModelPlan, G: torch.Tensor) -> torch.Tensor:
@@ -333,12 +359,13 @@ def features(
     chunk: int,
     name: str,
     channels: Optional[slice] = None,
+    defer: bool = False,
 ) -> Block:
     """Features of all of ``x``, extracted ``chunk`` examples at a time and concatenated."""
     n = x[0].shape[0]
     blocks = []
     for i in range(0, n, chunk):
-        b = extract(plan, spec, state, tuple(t[i : i + chunk] for t in x), channels)
+        b = extract(plan, spec, state, tuple(t[i : i + chunk] for t in x), channels, defer)
         check_finite_block(b, name)
         blocks.append(b)
     return concat_blocks(blocks)
@@ -406,6 +433,52 @@ def tangent_terms(
     )
     side1, side2 = to_terms(plan, b1, b2, stacked=spec.stacked)
     return side1, side2, 1 if spec.stacked else b1.C
+
+
+def tangent_batches(
+    plan: ModelPlan,
+    spec: OutputSpec,
+    dtype: torch.dtype,
+    x1,
+    x2=None,
+    chunk: Optional[int] = None,
+    channels: Optional[slice] = None,
+):
+    """``tangent_terms`` in batches to accumulate one after the other: first every group but
+    those better materialized, then each of those alone, materialized into one buffer (per
+    side) that the next reuses. A layer's per-example gradients then exist one layer at a
+    time, and a fresh buffer's page faults are paid once (GPT-2-width at N = 64: 151 MB
+    instead of 1.8 GB). Yields ``(side1, side2, C)``."""
+    state = model_state(plan, dtype)
+    chunk = chunk or CHUNK
+    blocks = [
+        features(plan, spec, state, cast_inputs(x, dtype), chunk, name, channels, defer=True)
+        for x, name in ((x1, "x1"), (x2, "x2"))
+        if x is not None
+    ]
+    C = 1 if spec.stacked else blocks[0].C
+    later = sorted(set().union(*(b.deferred for b in blocks)))
+    first = [
+        Block(b.n, b.C, {k: f for k, f in b.factors.items() if k not in later}) for b in blocks
+    ]
+    if first[0].factors or not later:
+        yield (
+            *to_terms(plan, first[0], first[1] if x2 is not None else None, stacked=spec.stacked),
+            C,
+        )
+    sizes = [[materialized_size(b.factors[k]) for k in b.deferred] for b in blocks]
+    bufs = [
+        torch.empty(max(n), dtype=dtype, device=b.factors[later[0]].D.device) if n else None
+        for b, n in zip(blocks, sizes)
+    ]
+    for k in later:
+        one = []
+        for b, buf in zip(blocks, bufs):
+            f = b.factors.pop(k)
+            one.append(
+                Block(b.n, b.C, {k: f if f.materialized else materialize(plan.group(k), f, buf)})
+            )
+        yield (*to_terms(plan, one[0], one[1] if x2 is not None else None, stacked=spec.stacked), C)
 
 
 def block_from_recorded(

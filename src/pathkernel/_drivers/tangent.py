@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _backend
 from .._autograd import with_autograd
-from .._capture.extract import channel_chunks, fit_projection, tangent_terms
+from .._capture.extract import channel_chunks, fit_projection, tangent_batches
 from .._capture.outputs import OutputsArg, OutputSpec
 from .._capture.plan import ModelPlan, call_model, cast_inputs, check_model, model_state
 from .._capture.probe import probe
@@ -134,10 +134,10 @@ def tangent_kernel(
     n2 = n1 if x2 is None else x2[0].shape[0]
     out = None
     for channels in channel_chunks(plan, spec, x1, n1 + (0 if x2 is None else n2), dtype):
-        side1, side2, C = tangent_terms(plan, spec, dtype, x1, x2, batch_size, channels)
-        if out is None:
-            out = torch.zeros(n1, n2, C, C, dtype=dtype, device=x1[0].device)
-        _backend.accumulate(out, side1, side2)
+        for side1, side2, C in tangent_batches(plan, spec, dtype, x1, x2, batch_size, channels):
+            if out is None:
+                out = torch.zeros(n1, n2, C, C, dtype=dtype, device=x1[0].device)
+            _backend.accumulate(out, side1, side2)
     return spec.finish(out)
 
 
