@@ -192,3 +192,21 @@ def test_layers_materialized_one_at_a_time(outputs):
         reference_ntk(model, x1, outputs=outputs),
         torch.float64,
     )
+
+
+def test_features_come_out_contiguous():
+    """Every materialized gradient is one contiguous tensor in the plan's layout, whichever
+    way its channels were computed: the native core would copy a strided one at every use
+    (each tile of a path kernel)."""
+    from pathkernel._capture.extract import features
+    from pathkernel._capture.plan import model_state
+    from pathkernel._drivers.tangent import prepare
+
+    torch.manual_seed(0)
+    model = CNN(c=(5, 6)).double()
+    x = torch.randn(7, 1, 6, 6, dtype=torch.float64)
+    for outputs in ("trace", "full", 0):
+        plan, spec, dtype, x1, _ = prepare(model, x, None, outputs, "auto", None, None, None)
+        block = features(plan, spec, model_state(plan, dtype), x1, 64, "x")
+        mat = [f for f in block.factors.values() if f.materialized]
+        assert mat and all(f.D.is_contiguous() for f in mat), outputs

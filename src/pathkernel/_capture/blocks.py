@@ -125,7 +125,7 @@ def materialize(group, f: Factor, into: Optional[torch.Tensor] = None) -> Factor
         Z = torch.empty(C, n, At.shape[1], rows, dtype=A.dtype, device=A.device)
         for c in range(C):
             torch.bmm(At, f.D[:, :, c], out=Z[c])
-        Z = Z.transpose(0, 1) if out is None else out.copy_(Z.transpose(0, 1))
+        Z = Z.transpose(0, 1).contiguous() if out is None else out.copy_(Z.transpose(0, 1))
     return Factor(None, Z.reshape(n, 1, C, -1), 0.0, True)
 
 
