@@ -412,6 +412,22 @@ def channel_chunks(
     return [slice(c, min(C, c + cc)) for c in range(0, C, cc)]
 
 
+def _sides(plan, spec, dtype, x1, x2, chunk, channels, defer=False) -> List[Block]:
+    """The features of ``x1`` and (where given) ``x2`` at the model's current weights."""
+    state = model_state(plan, dtype)
+    return [
+        features(plan, spec, state, cast_inputs(x, dtype), chunk or CHUNK, name, channels, defer)
+        for x, name in ((x1, "x1"), (x2, "x2"))
+        if x is not None
+    ]
+
+
+def _terms(plan, spec, sides: List[Block]):
+    """``(side1, side2, C)`` for ``_backend.accumulate``: side2 None for x1 against itself."""
+    s1, s2 = to_terms(plan, sides[0], sides[1] if len(sides) > 1 else None, stacked=spec.stacked)
+    return s1, s2, 1 if spec.stacked else sides[0].C
+
+
 def tangent_terms(
     plan: ModelPlan,
     spec: OutputSpec,
@@ -423,16 +439,7 @@ def tangent_terms(
 ):
     """Native terms of the tangent kernel of ``x1`` against ``x2`` (None: itself) at the
     model's current weights: ``(side1, side2, C)`` for ``_backend.accumulate``."""
-    state = model_state(plan, dtype)
-    chunk = chunk or CHUNK
-    b1 = features(plan, spec, state, cast_inputs(x1, dtype), chunk, "x1", channels)
-    b2 = (
-        None
-        if x2 is None
-        else features(plan, spec, state, cast_inputs(x2, dtype), chunk, "x2", channels)
-    )
-    side1, side2 = to_terms(plan, b1, b2, stacked=spec.stacked)
-    return side1, side2, 1 if spec.stacked else b1.C
+    return _terms(plan, spec, _sides(plan, spec, dtype, x1, x2, chunk, channels))
 
 
 def tangent_batches(
@@ -448,37 +455,29 @@ def tangent_batches(
     those better materialized, then each of those alone, materialized into one buffer (per
     side) that the next reuses. A layer's per-example gradients then exist one layer at a
     time, and a fresh buffer's page faults are paid once (GPT-2-width at N = 64: 151 MB
-    instead of 1.8 GB). Yields ``(side1, side2, C)``."""
-    state = model_state(plan, dtype)
-    chunk = chunk or CHUNK
-    blocks = [
-        features(plan, spec, state, cast_inputs(x, dtype), chunk, name, channels, defer=True)
-        for x, name in ((x1, "x1"), (x2, "x2"))
-        if x is not None
-    ]
-    C = 1 if spec.stacked else blocks[0].C
-    later = sorted(set().union(*(b.deferred for b in blocks)))
-    first = [
-        Block(b.n, b.C, {k: f for k, f in b.factors.items() if k not in later}) for b in blocks
-    ]
+    instead of 1.8 GB)."""
+    sides = _sides(plan, spec, dtype, x1, x2, chunk, channels, defer=True)
+    later = sorted(set().union(*(b.deferred for b in sides)))
+    first = [Block(b.n, b.C, {k: f for k, f in b.factors.items() if k not in later}) for b in sides]
     if first[0].factors or not later:
-        yield (
-            *to_terms(plan, first[0], first[1] if x2 is not None else None, stacked=spec.stacked),
-            C,
-        )
-    sizes = [[materialized_size(b.factors[k]) for k in b.deferred] for b in blocks]
+        yield _terms(plan, spec, first)
     bufs = [
-        torch.empty(max(n), dtype=dtype, device=b.factors[later[0]].D.device) if n else None
-        for b, n in zip(blocks, sizes)
+        torch.empty(
+            max(materialized_size(b.factors[k]) for k in b.deferred),
+            dtype=dtype,
+            device=b.factors[later[0]].D.device,
+        )
+        if b.deferred
+        else None
+        for b in sides
     ]
     for k in later:
         one = []
-        for b, buf in zip(blocks, bufs):
-            f = b.factors.pop(k)
-            one.append(
-                Block(b.n, b.C, {k: f if f.materialized else materialize(plan.group(k), f, buf)})
-            )
-        yield (*to_terms(plan, one[0], one[1] if x2 is not None else None, stacked=spec.stacked), C)
+        for b, buf in zip(sides, bufs):
+            f = b.factors.pop(k)  # (the other side may have materialized it already)
+            f = f if f.materialized else materialize(plan.group(k), f, buf)
+            one.append(Block(b.n, b.C, {k: f}))
+        yield _terms(plan, spec, one)
 
 
 def block_from_recorded(
