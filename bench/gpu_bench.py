@@ -17,7 +17,7 @@ import torch
 
 import pathkernel as pk
 from pathkernel._backend import Term, accumulate, last_cuda_kernel
-from pathkernel._capture.extract import tangent_terms
+from pathkernel._capture.extract import tangent_batches
 from pathkernel._drivers.tangent import prepare
 from pathkernel.bench.workloads import best_time, mlp_factored_flops, wide_mlp
 
@@ -61,7 +61,7 @@ def main():
     model, x = wide_mlp(n)
     model, x = model.to(dev), x.to(dev)
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None, None)
-    s32, _, _ = tangent_terms(plan, spec, dtype, x1, None, 4096)
+    s32, _, _ = next(tangent_batches(plan, spec, dtype, x1, None, 4096, at_once=True))
     sides = {
         "float32": s32,
         "bfloat16": [

@@ -412,36 +412,6 @@ def channel_chunks(
     return [slice(c, min(C, c + cc)) for c in range(0, C, cc)]
 
 
-def _sides(plan, spec, dtype, x1, x2, chunk, channels, defer=False) -> List[Block]:
-    """The features of ``x1`` and (where given) ``x2`` at the model's current weights."""
-    state = model_state(plan, dtype)
-    return [
-        features(plan, spec, state, cast_inputs(x, dtype), chunk or CHUNK, name, channels, defer)
-        for x, name in ((x1, "x1"), (x2, "x2"))
-        if x is not None
-    ]
-
-
-def _terms(plan, spec, sides: List[Block]):
-    """``(side1, side2, C)`` for ``_backend.accumulate``: side2 None for x1 against itself."""
-    s1, s2 = to_terms(plan, sides[0], sides[1] if len(sides) > 1 else None, stacked=spec.stacked)
-    return s1, s2, 1 if spec.stacked else sides[0].C
-
-
-def tangent_terms(
-    plan: ModelPlan,
-    spec: OutputSpec,
-    dtype: torch.dtype,
-    x1,
-    x2=None,
-    chunk: Optional[int] = None,
-    channels: Optional[slice] = None,
-):
-    """Native terms of the tangent kernel of ``x1`` against ``x2`` (None: itself) at the
-    model's current weights: ``(side1, side2, C)`` for ``_backend.accumulate``."""
-    return _terms(plan, spec, _sides(plan, spec, dtype, x1, x2, chunk, channels))
-
-
 def tangent_batches(
     plan: ModelPlan,
     spec: OutputSpec,
@@ -450,17 +420,33 @@ def tangent_batches(
     x2=None,
     chunk: Optional[int] = None,
     channels: Optional[slice] = None,
+    at_once: bool = False,
 ):
-    """``tangent_terms`` in batches to accumulate one after the other: first every group but
-    those better materialized, then each of those alone, materialized into one buffer (per
-    side) that the next reuses. A layer's per-example gradients then exist one layer at a
-    time, and a fresh buffer's page faults are paid once (GPT-2-width at N = 64: 151 MB
-    instead of 1.8 GB)."""
-    sides = _sides(plan, spec, dtype, x1, x2, chunk, channels, defer=True)
+    """Native terms of the tangent kernel of ``x1`` against ``x2`` (None: itself) at the
+    model's current weights, ``(side1, side2, C)`` for ``_backend.accumulate``, in batches to
+    accumulate one after the other: first every group but those better materialized, then
+    each of those alone, materialized into one buffer (per side) that the next reuses. A
+    layer's per-example gradients then exist one layer at a time, and a fresh buffer's page
+    faults are paid once (GPT-2-width at N = 64: 151 MB instead of 1.8 GB). ``at_once``: one
+    batch holding every group (as the benchmarks time features and Grams apart)."""
+    state = model_state(plan, dtype)
+    sides = [
+        features(
+            plan, spec, state, cast_inputs(x, dtype), chunk or CHUNK, nm, channels, not at_once
+        )
+        for x, nm in ((x1, "x1"), (x2, "x2"))
+        if x is not None
+    ]
+
+    def terms(blocks: List[Block]):
+        b2 = blocks[1] if len(blocks) > 1 else None
+        s1, s2 = to_terms(plan, blocks[0], b2, stacked=spec.stacked)
+        return s1, s2, 1 if spec.stacked else blocks[0].C
+
     later = sorted(set().union(*(b.deferred for b in sides)))
     first = [Block(b.n, b.C, {k: f for k, f in b.factors.items() if k not in later}) for b in sides]
     if first[0].factors or not later:
-        yield _terms(plan, spec, first)
+        yield terms(first)
     bufs = [
         torch.empty(
             max(materialized_size(b.factors[k]) for k in b.deferred),
@@ -477,7 +463,7 @@ def tangent_batches(
             f = b.factors.pop(k)  # (the other side may have materialized it already)
             f = f if f.materialized else materialize(plan.group(k), f, buf)
             one.append(Block(b.n, b.C, {k: f}))
-        yield _terms(plan, spec, one)
+        yield terms(one)
 
 
 def block_from_recorded(

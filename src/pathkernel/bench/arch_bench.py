@@ -58,7 +58,7 @@ def _flops(model, x) -> Tuple[float, float, float]:
 
 def architecture_rows(quick: bool, row) -> List:
     from .._backend import accumulate
-    from .._capture.extract import tangent_terms
+    from .._capture.extract import tangent_batches
     from .._drivers.tangent import prepare, tangent_kernel
 
     rate = gemm_rate(1024 if quick else 2048)
@@ -71,8 +71,8 @@ def architecture_rows(quick: bool, row) -> List:
             lambda: tangent_kernel(model, x), lambda: torch_func_ntk(model, x), 1 if quick else 2
         )
         plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None, None)
-        t_grad = best_time(lambda: tangent_terms(plan, spec, dtype, x1), 2)
-        s1, s2, _ = tangent_terms(plan, spec, dtype, x1)
+        t_grad = best_time(lambda: next(tangent_batches(plan, spec, dtype, x1, at_once=True)), 2)
+        s1, s2, _ = next(tangent_batches(plan, spec, dtype, x1, at_once=True))
         out = torch.zeros(n, n, 1, 1)
         t_gram = best_time(lambda: accumulate(out, s1, s2), 2)
         f_grad, f_gram, dense = _flops(model, x)

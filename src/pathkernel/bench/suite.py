@@ -51,7 +51,7 @@ class Row:
 
 def _wide_mlp(quick: bool) -> List[Row]:
     from .._backend import accumulate
-    from .._capture.extract import tangent_terms
+    from .._capture.extract import tangent_batches
     from .._drivers.tangent import prepare, tangent_kernel
 
     n = 1024 if quick else 2048
@@ -62,7 +62,7 @@ def _wide_mlp(quick: bool) -> List[Row]:
     )
     # the Gram accumulation alone, against the symmetric-GEMM roofline
     plan, spec, dtype, x1, _ = prepare(model, x, None, "trace", "auto", None, None, None)
-    side1, side2, _ = tangent_terms(plan, spec, dtype, x1, None, 512)
+    side1, side2, _ = next(tangent_batches(plan, spec, dtype, x1, None, 512, at_once=True))
     terms = (side1, side2)
     out = torch.zeros(n, n, 1, 1)
     gram = best_time(lambda: accumulate(out, *terms), reps)
