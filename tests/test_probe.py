@@ -111,3 +111,21 @@ def test_a_float32_probe_does_not_serve_a_float64_kernel(monkeypatch):
     k32 = pk.tangent_kernel(model, x, dtype=torch.float32)
     assert k32.dtype == torch.float32
     assert_close(k32.double(), reference_ntk(model, x), torch.float32)
+
+
+def test_probe_runs_the_model_on_one_example_and_then_two():
+    """The probe's whole cost on a model with no size 2: one forward pass on one example, one
+    on two (the layouts, the determinism check and the check of the factors all read these),
+    and the check's two backward passes."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    model = model.double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    sizes = []
+    model.register_forward_hook(lambda m, inp, out: sizes.append(inp[0].shape[0]))
+    probe_mod._PROBED.clear()
+    plan = ModelPlan(model)
+    probe_mod.probe(plan, (x,))
+    assert sizes == [1, 2]
+    assert not plan.dense
+    assert_close(pk.tangent_kernel(model, x), reference_ntk(model, x), torch.float64)

@@ -392,20 +392,26 @@ def gather_blocks(n: int, parts) -> Block:
     return out
 
 
-def summed_grads(plan, block: Block) -> Dict[str, torch.Tensor]:
-    """Gradients summed over the block's examples (channel 0), by parameter name, computed
-    from the factors without materializing per-example gradients."""
+def summed_grads(
+    plan, block: Block, weights: Optional[torch.Tensor] = None
+) -> Dict[str, torch.Tensor]:
+    """Gradients summed over the block's examples (channel 0), each example's weighted by
+    ``weights [n]`` where given, by parameter name, computed from the factors without
+    materializing per-example gradients."""
+    w = None if weights is None else weights.view(-1, 1, 1)
     out: Dict[str, torch.Tensor] = {}
     for k, f in block.factors.items():
         if f.materialized:
-            out.update(plan.unflatten_group(k, f.D[:, 0, 0].sum(0)))
+            G = f.D[:, 0, 0]
+            out.update(plan.unflatten_group(k, G.sum(0) if w is None else weights @ G))
             continue
         g = plan.group(k)
-        D = f.D[:, :, 0]
+        D = f.D[:, :, 0] if w is None else f.D[:, :, 0] * w
         if f.tied is not None:
             h = f.tied
+            hD = h.D[:, :, 0] if w is None else h.D[:, :, 0] * w
             out[g.weight] = weight_grad_sum(f.A, D, g.shape, True, g.shape[0]) + weight_grad_sum(
-                h.A, h.D[:, :, 0], g.shape, False
+                h.A, hD, g.shape, False
             )
             continue
         out[g.weight] = weight_grad_sum(f.A, D, **_grad_args(g))

@@ -1,10 +1,11 @@
 """The probe: which parameters the recorded uses explain, checked per example.
 
 For each input shape, the forward pass is recorded on one example and on ``n`` examples (the
-first being that one) to find each use's batch layout (``layout.py``). The uses are grouped
-(``plan.py``), and on a few examples every grouped parameter's per-example gradients rebuilt
-from the factors must equal autograd's, for a random output cotangent, compared through a
-combination of the examples with distinct weights (``_mismatches``). A parameter that fails
+first being that one; as few as tell the examples apart, usually 2) to find each use's batch
+layout (``layout.py``). The uses are grouped (``plan.py``), and on those ``n`` examples, from
+the same recording, every grouped parameter's per-example gradients rebuilt from the factors
+must equal autograd's, for a random output cotangent, compared through a combination of the
+examples with distinct weights (``_mismatches``). A parameter that fails
 (tied in a role no rule covers, used by an op without a rule, a layout that does not hold)
 goes to the dense path, so no parameter is ever dropped, counted twice or attributed to the
 wrong example.
@@ -25,7 +26,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 
-from .blocks import Block, Factor, summed_grads
+from .blocks import Block, summed_grads
 from .extract import _output_grads, group_factors, param_ids, run_captured
 from .layout import Layout, discover
 from .ops import MATRIX_OPS, OpCapture, Use
@@ -67,7 +68,7 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0, dtype: torch.dtype = torch.f
             return
     state = model_state(plan, dtype)
     x = cast_inputs(x, dtype)
-    trace, uses, touched, few, seen = _discover(plan, state, x, tol)
+    trace, uses, touched, seen = _discover(plan, state, x, tol)
     check_deterministic(plan, x, seen, dtype)  # before any check of factors on a random model
     if fresh:
         groups, why = _group(plan, uses, trace, touched)
@@ -76,7 +77,9 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0, dtype: torch.dtype = torch.f
         bad = {nm for i, u in enumerate(uses) if trace.layouts[i] is None for nm in u.names()}
         plan.move_to_dense(bad & set(plan.group_of), "no batch layout explains its use here")
     plan.traces[sig] = trace
-    _verify(plan, state, few, trace, seed, _PRECISION[dtype])
+    # the recording on n examples serves the check, unless a use is to be expanded to the batch
+    recorded = None if trace.expand else (seen[1], uses)
+    _verify(plan, state, seen[2], trace, seed, _PRECISION[dtype], recorded)
     _PROBED[plan.model] = (psig, tol, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
 
 
@@ -91,8 +94,8 @@ def check_deterministic(
     on the others: ``h - h.mean(0)``): its kernel would be random, or not the kernel of the
     function the model computes on a batch. Checked again whenever a module's training flag
     or a parameter changes. ``seen``: the probe's passes in ``dtype`` (``_discover``: the first
-    example alone, a batch of several, and that batch's inputs), so that only the first
-    example is run again."""
+    example alone, a batch of several, and that batch's inputs); where the first example's
+    output is the same in both, the model is neither, and nothing is run again."""
     tol = _PRECISION[dtype][0]
     key = (_param_signature(plan), tuple(m.training for m in plan.model.modules()))
     done = _CHECKED.get(plan.model)
@@ -100,24 +103,29 @@ def check_deterministic(
         return
     state = model_state(plan, dtype)
     with torch.no_grad():
-        if seen is not None:  # the first example again, against its pass alone
+        if seen is not None:
             first, batch, xs = seen
-            n = xs[0].shape[0]
-            a, b = first, _batched(plan.forward(state, tuple(t[:1] for t in xs)), 1)
             alone = [first]
+            batch = batch.detach()
+            if _comparable(first, batch) and _same(first, batch[:1], tol):
+                _CHECKED[plan.model] = (key, tol)
+                return
+            # they differ: a second pass on the first example alone tells random from coupled
+            a, b = first, _batched(plan.forward(state, tuple(t[:1] for t in xs)), 1)
         else:
             xs = cast_inputs(tuple(t[:3] for t in x), dtype)
-            n = xs[0].shape[0]
-            a = _batched(plan.forward(state, xs), n)
-            b = _batched(plan.forward(state, xs), n)
+            a = _batched(plan.forward(state, xs), xs[0].shape[0])
+            b = _batched(plan.forward(state, xs), xs[0].shape[0])
+            batch = a
             alone = (
                 [
                     _batched(plan.forward(state, tuple(t[i : i + 1] for t in xs)), 1)
-                    for i in range(n)
+                    for i in range(xs[0].shape[0])
                 ]
-                if n > 1
+                if xs[0].shape[0] > 1
                 else None
             )
+    n = xs[0].shape[0]
     if _comparable(a, b):
         diff = _relative_gap(a, b)
         if diff is None or diff > tol:
@@ -127,8 +135,6 @@ def check_deterministic(
                 "kernel would be too (dropout called as F.dropout(x, p, self.training) in "
                 "training mode?); call model.eval() or make the forward pass deterministic"
             )
-        if seen is None:
-            batch = a
         if alone is not None and all(_comparable(o, batch[:1]) for o in alone):
             diff = _relative_gap(batch[: len(alone)], torch.cat(alone))
             if diff is None or diff > tol:
@@ -141,6 +147,12 @@ def check_deterministic(
                     "fixed, as BatchNorm does in eval mode)"
                 )
     _CHECKED[plan.model] = (key, tol)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    """The same to ``tol`` (relative), NaNs and infinities where the other has them."""
+    diff = _relative_gap(a, b)
+    return diff is not None and diff <= tol
 
 
 def _comparable(a, b) -> bool:
@@ -198,13 +210,15 @@ def _batched(out, n: int) -> torch.Tensor:
 
 
 def _discover(plan, state, x, tol: float):
-    """Layouts of every use, from a forward pass on one example and one on ``n``; also the
-    examples to check the factors on, and those passes (for ``check_deterministic``)."""
+    """Layouts of every use, from a forward pass on one example and one on ``n``: as few as
+    tell the examples apart (2, unless a size of the model is 2). Also the uses recorded on
+    the ``n`` (the check runs on them) and the passes (``check_deterministic``): the first
+    example's output, the batch's (with its graph) and the batch's inputs."""
     touched: Dict[str, set] = {}
     out1, uses1 = _record(plan, state, _take(x, [0]), touched)
     sizes = {s for u in uses1 for t in (u.x, u.y) if t is not None for s in t.shape}
     sizes |= set(out1.shape)
-    n = next(k for k in range(3, 64) if k not in sizes)
+    n = next(k for k in range(2, 64) if k not in sizes)
     many = _take(x, [i % x[0].shape[0] for i in range(n)])
     outn, usesn = _record(plan, state, many)
     sigs = [u.signature() for u in uses1]
@@ -212,10 +226,7 @@ def _discover(plan, state, x, tol: float):
         layouts: List[Optional[Layout]] = [None] * len(uses1)
     else:
         layouts = [_layout(u1, un, n, plan, tol) for u1, un in zip(uses1, usesn)]
-    # the check needs as few examples as tell them apart: 2 unless a size of the model is 2
-    m = next(k for k in range(2, n + 1) if k not in sizes)
-    seen = (out1.detach(), outn.detach(), many)
-    return Trace(sigs, layouts), usesn, touched, _take(many, list(range(m))), seen
+    return Trace(sigs, layouts), usesn, touched, (out1.detach(), outn, many)
 
 
 def _layout(u1: Use, un: Use, n: int, plan: ModelPlan, tol: float) -> Optional[Layout]:
@@ -313,14 +324,17 @@ def _group(
     return ordered, why
 
 
-def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int, precision) -> None:
+def _verify(
+    plan: ModelPlan, state, x: tuple, trace: Trace, seed: int, precision, recorded=None
+) -> None:
     """Per-example check of every grouped parameter against autograd, in the state's dtype to
-    ``precision`` (``_PRECISION``)."""
+    ``precision`` (``_PRECISION``). ``recorded``: the output and uses of a recording of ``x``
+    under ``trace`` (its graph kept), to check instead of recording the forward pass again."""
     for _ in range(4):  # moving a parameter to dense can change another's group
         if not plan.groups:
             return
         try:
-            out, uses = run_captured(plan, state, x, trace)
+            out, uses = recorded or run_captured(plan, state, x, trace)
         except RuntimeError:  # an expanded output that the rest of the model rejects
             expanded = [i for i, lay in enumerate(trace.layouts) if lay is not None and lay.expand]
             if not expanded:
@@ -339,13 +353,6 @@ def _verify(plan: ModelPlan, state, x: tuple, trace: Trace, seed: int, precision
         plan.move_to_dense(bad, "its factors do not reproduce autograd's per-example gradient")
     if plan.groups:
         raise RuntimeError("pathkernel: the probe did not settle; please report this model")
-
-
-def _weighted(f: Factor, w: torch.Tensor) -> Factor:
-    """``f`` with each example's output gradients (its tied head's too) scaled by ``w``."""
-    D = f.D * w.view(-1, *[1] * (f.D.dim() - 1))
-    tied = None if f.tied is None else _weighted(f.tied, w)
-    return Factor(f.A, D, f.beta, f.materialized, tied)
 
 
 def _mismatches(plan, state, x, trace, out, uses, seed, precision) -> Set[str]:
@@ -377,8 +384,7 @@ def _mismatches(plan, state, x, trace, out, uses, seed, precision) -> Set[str]:
     # contraction over examples and positions: no per-example gradient is built). Weighted
     # after the factors are assembled: a weighted cotangent would hide factors that hand
     # every example's part, A and D alike, to another example
-    weighted = {k: _weighted(f, w) for k, f in factors.items()}
-    mine = summed_grads(plan, Block(n, 1, weighted))
+    mine = summed_grads(plan, Block(n, 1, factors), w)
     names = [nm for g in plan.groups for nm in g.names]
     gs = torch.autograd.grad(
         (w * f[:, 0]).sum(), [state[nm] for nm in names], retain_graph=True, allow_unused=True
