@@ -328,13 +328,21 @@ def test_features_larger_than_the_budget_allows_are_held_one_pass_at_a_time():
     assert whole.R == 16 and not whole.passes
     assert best.passes and best.R >= 64 and best.memory <= 2 << 30
     assert best.est < 0.5 * whole.est, (best, whole)
-    # read ahead from the disk, the column reads hide behind the Grams; from the page cache
-    # a read is a copy on the same cores, and counts in full
+    # read ahead from the disk, the column reads overlap the Grams, but their CPU time is
+    # shared with the Grams' threads: a read thread's time over the cores shows (on one core,
+    # all of it; on a GPU, none while the Grams take longer); from the page cache a read is
+    # a copy on the same cores, and counts in full
     args = (P, best.R, best.Cb, best.band, best.k, best.chunk)
     cached = tiling._cost(*args, c, True, True)
     c.cache_bytes = 0.0
-    disk = tiling._cost(*args, c, True, True)
-    assert disk.est < cached.est and disk.parts[1] == cached.parts[1]
+    one = tiling._cost(*args, c, True, True)
+    c.cores = 2.0
+    two = tiling._cost(*args, c, True, True)
+    c.cores = float("inf")
+    gpu = tiling._cost(*args, c, True, True)
+    assert one.est == cached.est  # the disk reads as fast as the page cache here
+    assert gpu.est < two.est < one.est and gpu.parts[1] == two.parts[1] == one.parts[1]
+    assert two.est - gpu.est == pytest.approx((one.est - gpu.est) / 2)
 
 
 def test_resume_keeps_the_interrupted_runs_tiling(tmp_path, monkeypatch):
