@@ -383,11 +383,11 @@ def use_flops(u) -> float:
 
 
 def _measure(
-    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, shape=None
+    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, shape=None, chunk=None
 ) -> Costs:
-    """Time one-example and sample-sized extractions and accumulations on this model
-    (``shape``: the (rows, columns) of the plan's native calls, where they are narrower than
-    the sample: the Grams of narrow passes run slower)."""
+    """Time one-example and pass-sized extractions and accumulations on this model
+    (``shape``: the (rows, columns) of the plan's native calls; ``chunk``: the examples of
+    its extraction passes, the sample's repeated where it has more)."""
     spec, mplan = job.spec, job.model_plan
     x = cast_inputs(sample_x, job.dtype)
     one = tuple(t[:1] for t in x)
@@ -398,42 +398,46 @@ def _measure(
 
     t1 = best_time(lambda: (extract(mplan, spec, job.states[0], one), sync()), 2)
     n = sample.n
-    tn = best_time(lambda: (extract(mplan, spec, job.states[0], x), sync()), 2)
-    per_example = max((tn - t1) / max(n - 1, 1), 1e-9)
+    # passes of more examples than the caches hold cost more per example (small-cnn: 79 us
+    # in passes of 2,048 against 36 us measured on 64)
+    xs = (
+        x
+        if not chunk or chunk <= n
+        else tuple(t.repeat_interleave(-(-chunk // n), 0)[:chunk] for t in x)
+    )
+    tn = best_time(lambda: (extract(mplan, spec, job.states[0], xs), sync()), 2)
+    per_example = max((tn - t1) / max(xs[0].shape[0] - 1, 1), 1e-9)
     b1 = extract(mplan, spec, job.states[0], one)
     C = 1 if spec.stacked else sample.C
-    # the Gram rate on a tile of up to 256 x 256 (the sample's features repeated), in the
-    # plan's narrower calls where it has them
-    big = concat_blocks([sample] * max(1, min(256 // n, budget // (8 * max(1, fb * n)))))
+    # the Gram rate in calls of the plan's shape (up to 256 x 256 without one), on the
+    # sample's features repeated to the plan's rows and columns (the plan holds as much
+    # within the budget): a row block larger than the caches streams from memory at every
+    # call (small-cnn-10 under 48 MB: 128 x 16 calls ran at half the rate measured on 16 x 16)
+    want = shape[0] + shape[1] if shape is not None else 256
+    fit = budget // max(1, fb * n)
+    big = concat_blocks([sample] * max(1, min(-(-want // n), fit)))
     m = big.n
-    terms1 = to_terms(mplan, b1, b1, stacked=spec.stacked)
-    dev = terms1[0][0].D.device
+    dev = to_terms(mplan, b1, b1, stacked=spec.stacked)[0][0].D.device
 
-    def timed(calls):  # (rows, columns, terms) of each native call
-        def run():
-            for r, c, terms in calls:
+    def timed(calls):  # (rows, columns, row block, column block) of each native call
+        def run():  # the pairing into native terms is part of every call's fixed cost
+            for r, c, a, b in calls:
                 out = torch.zeros(r, c, C, C, dtype=torch.float64, device=dev)
-                _backend.accumulate(out, *terms)
+                _backend.accumulate(out, *to_terms(mplan, a, b, stacked=spec.stacked))
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
         return best_time(run, 2)
 
-    g1 = timed([(1, 1, terms1)])
+    g1 = timed([(1, 1, b1, b1)])
     rows, cols = (m, m) if shape is None else (min(m, shape[0]), min(m, shape[1]))
     head = big.part(0, rows)
-    gn = timed(
-        [
-            (
-                rows,
-                min(m, a + cols) - a,
-                to_terms(mplan, head, big.part(a, a + cols), stacked=spec.stacked),
-            )
-            for a in range(0, m, cols)
-        ]
-    )
-    flops = _pair_flops(sample, spec.stacked) * rows * m
-    rate = flops / max(gn - math.ceil(m / cols) * g1, 1e-9) if m > 1 else 50e9
+    # columns past the rows where there are (a tile's columns are other examples), 4 at most
+    first = rows if m - rows >= cols else 0
+    pieces = [(a, min(m, a + cols)) for a in range(first, m, cols)][:4]
+    gn = timed([(rows, b - a, head, big.part(a, b)) for a, b in pieces])
+    flops = _pair_flops(sample, spec.stacked) * rows * sum(b - a for a, b in pieces)
+    rate = flops / max(gn - len(pieces) * g1, 1e-9) if m > 1 else 50e9
     costs = Costs(max(t1 - per_example, 0.0), per_example, g1, max(rate, 1e8), 2e-5, 1e-10)
     costs.cores = float("inf") if dev.type == "cuda" else float(torch.get_num_threads())
     if out is not None:  # fsyncs in the output's folder, after a small and a large write
@@ -878,7 +882,7 @@ def make_plan(
             )
         costs = (
             coll.broadcast(
-                _measure(job, sample_x, sample, out, fb, budget, _calls(choice))
+                _measure(job, sample_x, sample, out, fb, budget, _calls(choice), choice.chunk)
                 if coll.lead
                 else None
             )
@@ -901,7 +905,9 @@ def make_plan(
     if not measure and not (choice.est > 3 * roomy_nominal.est and choice.est > 10):
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, nominal)
     costs = coll.broadcast(
-        _measure(job, sample_x, sample, out, fb, budget, _calls(choice)) if coll.lead else None
+        _measure(job, sample_x, sample, out, fb, budget, _calls(choice), choice.chunk)
+        if coll.lead
+        else None
     )
 
     def timed(c: _Choice) -> _Choice:
@@ -920,9 +926,9 @@ def make_plan(
     return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out, costs)
 
 
-def _calls(c: _Choice) -> Optional[Tuple[int, int]]:
-    """The shape of the native calls of a plan in passes (None: whole tiles)."""
-    return (c.R, c.col_pass) if c.passes else None
+def _calls(c: _Choice) -> Tuple[int, int]:
+    """The shape (rows, columns) of a plan's native calls: a tile, or a pass of its columns."""
+    return (c.R, c.col_pass)
 
 
 def _make_plan(
