@@ -393,11 +393,12 @@ def _mismatches(plan, state, x, trace, out, uses, seed, precision) -> Set[str]:
     # a gradient that is zero but for rounding (a key bias under softmax) is compared at the
     # scale of the whole gradient: what is below it cannot move the kernel in this dtype
     tol, zero = precision
-    floor = zero * sum(float(a.square().sum()) for a in auto.values()) ** 0.5
+    norms = {nm: a.norm().item() for nm, a in auto.items()}  # no squared copy of each
+    floor = zero * sum(v * v for v in norms.values()) ** 0.5
     bad = set()
     for nm, a in auto.items():
         m = mine.get(nm)
         m = torch.zeros_like(a) if m is None else m.reshape(a.shape)
-        if (m - a).norm() > tol * max(a.norm().item(), floor, 1e-30) + 1e-300:
+        if (m - a).norm() > tol * max(norms[nm], floor, 1e-30) + 1e-300:
             bad.add(nm)
     return bad
