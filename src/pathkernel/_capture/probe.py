@@ -77,9 +77,11 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0, dtype: torch.dtype = torch.f
         bad = {nm for i, u in enumerate(uses) if trace.layouts[i] is None for nm in u.names()}
         plan.move_to_dense(bad & set(plan.group_of), "no batch layout explains its use here")
     plan.traces[sig] = trace
+    _, batch, many = seen
     # the recording on n examples serves the check, unless a use is to be expanded to the batch
-    recorded = None if trace.expand else (seen[1], uses)
-    _verify(plan, state, seen[2], trace, seed, _PRECISION[dtype], recorded)
+    _verify(
+        plan, state, many, trace, seed, _PRECISION[dtype], None if trace.expand else (batch, uses)
+    )
     _PROBED[plan.model] = (psig, tol, copy.deepcopy(plan.groups), dict(plan.why), dict(plan.traces))
 
 
@@ -107,7 +109,8 @@ def check_deterministic(
             first, batch, xs = seen
             alone = [first]
             batch = batch.detach()
-            if _comparable(first, batch) and _same(first, batch[:1], tol):
+            gap = _relative_gap(first, batch[:1]) if _comparable(first, batch) else None
+            if gap is not None and gap <= tol:
                 _CHECKED[plan.model] = (key, tol)
                 return
             # they differ: a second pass on the first example alone tells random from coupled
@@ -147,12 +150,6 @@ def check_deterministic(
                     "fixed, as BatchNorm does in eval mode)"
                 )
     _CHECKED[plan.model] = (key, tol)
-
-
-def _same(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    """The same to ``tol`` (relative), NaNs and infinities where the other has them."""
-    diff = _relative_gap(a, b)
-    return diff is not None and diff <= tol
 
 
 def _comparable(a, b) -> bool:

@@ -383,7 +383,7 @@ def use_flops(u) -> float:
 
 
 def _measure(
-    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, shape=None, chunk=None
+    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, shape, chunk: int
 ) -> Costs:
     """Time one-example and pass-sized extractions and accumulations on this model
     (``shape``: the (rows, columns) of the plan's native calls; ``chunk``: the examples of
@@ -391,46 +391,41 @@ def _measure(
     spec, mplan = job.spec, job.model_plan
     x = cast_inputs(sample_x, job.dtype)
     one = tuple(t[:1] for t in x)
+    dev = x[0].device  # the features'
 
     def sync():
-        if x[0].device.type == "cuda":
-            torch.cuda.synchronize(x[0].device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     t1 = best_time(lambda: (extract(mplan, spec, job.states[0], one), sync()), 2)
     n = sample.n
     # passes of more examples than the caches hold cost more per example (small-cnn: 79 us
     # in passes of 2,048 against 36 us measured on 64)
-    xs = (
-        x
-        if not chunk or chunk <= n
-        else tuple(t.repeat_interleave(-(-chunk // n), 0)[:chunk] for t in x)
-    )
+    xs = x if chunk <= n else tuple(t.repeat_interleave(-(-chunk // n), 0)[:chunk] for t in x)
     tn = best_time(lambda: (extract(mplan, spec, job.states[0], xs), sync()), 2)
     per_example = max((tn - t1) / max(xs[0].shape[0] - 1, 1), 1e-9)
     b1 = extract(mplan, spec, job.states[0], one)
     C = 1 if spec.stacked else sample.C
-    # the Gram rate in calls of the plan's shape (up to 256 x 256 without one), on the
-    # sample's features repeated to the plan's rows and columns (the plan holds as much
-    # within the budget): a row block larger than the caches streams from memory at every
-    # call (small-cnn-10 under 48 MB: 128 x 16 calls ran at half the rate measured on 16 x 16)
-    want = shape[0] + shape[1] if shape is not None else 256
+    # the Gram rate in calls of the plan's shape, on the sample's features repeated to the
+    # plan's rows and columns (the plan holds as much within the budget): a row block larger
+    # than the caches streams from memory at every call (small-cnn-10 under 48 MB: 128 x 16
+    # calls ran at half the rate measured on 16 x 16)
+    want = shape[0] + shape[1]
     fit = budget // max(1, fb * n)
     big = concat_blocks([sample] * max(1, min(-(-want // n), fit)))
     m = big.n
-    dev = to_terms(mplan, b1, b1, stacked=spec.stacked)[0][0].D.device
 
     def timed(calls):  # (rows, columns, row block, column block) of each native call
         def run():  # the pairing into native terms is part of every call's fixed cost
             for r, c, a, b in calls:
                 out = torch.zeros(r, c, C, C, dtype=torch.float64, device=dev)
                 _backend.accumulate(out, *to_terms(mplan, a, b, stacked=spec.stacked))
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
+            sync()
 
         return best_time(run, 2)
 
     g1 = timed([(1, 1, b1, b1)])
-    rows, cols = (m, m) if shape is None else (min(m, shape[0]), min(m, shape[1]))
+    rows, cols = min(m, shape[0]), min(m, shape[1])
     head = big.part(0, rows)
     # columns past the rows where there are (a tile's columns are other examples), 4 at most
     first = rows if m - rows >= cols else 0
