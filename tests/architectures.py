@@ -16,6 +16,7 @@ from torch import nn
 from pathkernel.bench.architectures import (
     Encoder,
     GPT2Style,
+    LoRAClassifier,
     Recurrent,
     ResNet,
     SeparableCNN,
@@ -198,6 +199,12 @@ def cases():
         "separable-cnn": (SeparableCNN(2, 4, 3), _float(0, 2, 6, 6), set()),
         "conv3d": (Conv3dNet(), _float(0, 2, 3, 5, 6), set()),
         "lora": (LoRA(), _float(0, 6), set()),
+        # PEFT-style adapters on q and v of a frozen transformer: only they and the head count
+        "lora-peft": (
+            LoRAClassifier(13, 8, 2, 2, 6, 2, 3),
+            lambda k: torch.randint(0, 13, (k, 6)),
+            set(),
+        ),
         "buffer-linear": (BufferLinear(), _float(0, 4), {"table_proj.weight", "table_proj.bias"}),
         "lstm": (Recurrent(nn.LSTM), _float(0, 5, 3), set()),
         "gru": (Recurrent(nn.GRU), _float(0, 5, 3), set()),

@@ -47,7 +47,18 @@ def test_dense_only_where_no_rule_applies(name):
 
 @pytest.mark.parametrize("form", ["factored", "materialized"])
 @pytest.mark.parametrize(
-    "name", ["resnet", "vit", "gpt2", "separable-cnn", "conv3d", "lora", "mha-cross", "lstm-deep"]
+    "name",
+    [
+        "resnet",
+        "vit",
+        "gpt2",
+        "separable-cnn",
+        "conv3d",
+        "lora",
+        "lora-peft",
+        "mha-cross",
+        "lstm-deep",
+    ],
 )
 def test_each_form_is_exact(name, form, monkeypatch):
     """Whichever form the cost model picks for a layer, the kernel is the same."""

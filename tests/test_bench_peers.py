@@ -25,6 +25,9 @@ def test_torch_func_peers_match_the_reference():
     )
     kw = torch_func_grad_ntk(nn.ModuleDict({"m": m}).m, {"input": x}, pick)
     assert_close(kw, reference_ntk(m, x, outputs=pick), torch.float64)
+    m[0].requires_grad_(False)  # frozen layers (LoRA's base) are not in the kernel
+    assert_close(torch_func_ntk(m, x), reference_ntk(m, x), torch.float64)
+    assert_close(torch_func_grad_ntk(m, x, pick), reference_ntk(m, x, outputs=pick), torch.float64)
 
 
 def test_flop_limit_counts_forward_backward_and_gram():

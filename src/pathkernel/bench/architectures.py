@@ -1,7 +1,8 @@
 """Real architectures for the benchmark (and, in miniature, the tests): a torchvision-style
 ResNet, a ViT, a GPT-2-style decoder (Hugging Face ``Conv1D`` blocks, position ids broadcast
-over the batch, tied head), ``nn.TransformerEncoderLayer``, a depthwise-separable CNN and a
-recurrent classifier. Random initialisation, no downloads."""
+over the batch, tied head), ``nn.TransformerEncoderLayer``, a depthwise-separable CNN, a
+recurrent classifier and a frozen transformer with LoRA adapters. Random initialisation, no
+downloads."""
 
 from __future__ import annotations
 
@@ -206,6 +207,67 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a trainable low-rank update, as PEFT builds it:
+    ``base(x) + lora_B(lora_A(x)) * alpha / r``; ``lora_B`` random here (PEFT starts it at
+    zero, where every kernel of ``lora_A`` would be zero)."""
+
+    def __init__(self, d_in, d_out, r=8, alpha=16):
+        super().__init__()
+        self.base = nn.Linear(d_in, d_out).requires_grad_(False)
+        self.lora_A = nn.Linear(d_in, r, bias=False)
+        self.lora_B = nn.Linear(r, d_out, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.02)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class _LoRABlock(nn.Module):
+    def __init__(self, d, heads, r):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d)
+        self.q, self.v = LoRALinear(d, d, r), LoRALinear(d, d, r)
+        self.k, self.o = nn.Linear(d, d), nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, h):
+        n, T, d = h.shape
+        a = self.ln_1(h)
+        q, k, v = (
+            m(a).view(n, T, self.heads, d // self.heads).transpose(1, 2)
+            for m in (self.q, self.k, self.v)
+        )
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, T, d)
+        h = h + self.o(a)
+        return h + self.fc2(F.gelu(self.fc1(self.ln_2(h))))
+
+
+class LoRAClassifier(nn.Module):
+    """A frozen pre-norm transformer encoder (embeddings, attention, MLP, norms) with LoRA
+    adapters on the query and value projections (PEFT's default targets) and a trainable
+    classification head on the mean token: the fine-tuning whose kernel the adapters span."""
+
+    def __init__(self, vocab=256, d=64, heads=4, layers=2, seq=16, r=8, classes=10):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Parameter(0.02 * torch.randn(1, seq, d))
+        self.blocks = nn.ModuleList(_LoRABlock(d, heads, r) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        for name, p in self.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        h = self.wte(tokens) + self.wpe[:, : tokens.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h).mean(1))
+
+
 class _SqueezeExcite(nn.Module):
     def __init__(self, c: int, squeeze: int):
         super().__init__()
@@ -333,6 +395,14 @@ ARCHITECTURES: Dict[str, Tuple[int, str, Callable[[int], tuple]]] = {
         lambda n: (
             Recurrent(nn.LSTM, 16, 32, 10),
             torch.randn(n, 12, 16, generator=torch.Generator().manual_seed(1)),
+        ),
+    ),
+    "lora": (
+        128,
+        "frozen transformer (d=64, 2 blocks, 16 tokens) with LoRA r=8 on q and v, 10 classes",
+        lambda n: (
+            LoRAClassifier(),
+            torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(1)),
         ),
     ),
 }

@@ -134,7 +134,8 @@ def torch_func_ntk(model: nn.Module, x1: torch.Tensor, x2=None, outputs: str = "
     """The PyTorch NTK tutorial recipe: vmap(jacrev) Jacobians, contracted as its own
     ``empirical_ntk_jacobian_contraction`` does: ``"Naf,Maf->NM"`` for the trace,
     ``"Naf,Mbf->NMab"`` for the full C x C blocks."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    # the trainable parameters, as a fine-tuning user passes them (the rest stay the module's)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
 
     def single(p, x):
         return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
@@ -157,7 +158,7 @@ def torch_func_grad_ntk(model: nn.Module, x, scalar: Callable, chunk: int = 32) 
     """The recipe for one scalar output when the N x P Jacobian fits: ``vmap(grad)``
     per-example gradients in chunks of ``chunk``, flattened, one GEMM. ``x``: a tensor, or a
     dict of the model's keyword inputs."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     xs = x if isinstance(x, dict) else {None: x}
     keys = tuple(xs)
 
