@@ -53,17 +53,20 @@ def param_ids(plan: ModelPlan, state: Dict[str, torch.Tensor]) -> Dict[int, str]
     return {id(state[n]): n for n in plan.params}
 
 
-def run_captured(plan: ModelPlan, state, x: tuple, trace: Trace) -> Tuple[torch.Tensor, List[Use]]:
-    """The model output and its uses, recorded under the trace's layouts."""
+def run_captured(
+    plan: ModelPlan, state, x: tuple, trace: Trace, batched: bool = False
+) -> Tuple[torch.Tensor, List[Use]]:
+    """The model output and its uses, recorded under the trace's layouts. ``batched``: the
+    backward pass to come is batched over output channels (``OpCapture``)."""
     n = x[0].shape[0]
     ids = param_ids(plan, state)
     # the math attention kernel: the fused ones have no batching rule for the backward
     # passes vmapped over output channels
     with torch.enable_grad(), math_attention():
-        with OpCapture(ids, n, trace.expand) as cap:
+        with OpCapture(ids, n, trace.expand, batched=batched) as cap:
             out = plan.forward(state, x)
         if any(u.y._version != u.version for u in cap.uses):  # modified in place downstream
-            with OpCapture(ids, n, trace.expand, copy_outputs=True) as cap:
+            with OpCapture(ids, n, trace.expand, copy_outputs=True, batched=batched) as cap:
                 out = plan.forward(state, x)
     check_trace(cap.uses, trace)
     return out, cap.uses
@@ -302,7 +305,7 @@ def extract(
         trace = plan.trace_for(x)
         if trace is None:
             raise TraceMismatch("model: inputs of this shape were not probed")
-        out, uses = run_captured(plan, state, x, trace)
+        out, uses = run_captured(plan, state, x, trace, spec.many)
         f = rows(out)
         C = f.shape[1]
         keep = [

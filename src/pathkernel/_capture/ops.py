@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import recurrent
+from . import batchable, recurrent
 
 MATRIX_OPS = ("linear", "matmul", "addmm", "conv", "embedding")
 NORM_OPS = ("layer_norm", "group_norm", "batch_norm", "instance_norm", "rms_norm")
@@ -126,7 +126,9 @@ class OpCapture(TorchFunctionMode):
     the size-1 dim along which its output is expanded to the batch, so that its gradient is
     per example. ``touched`` (discovery) collects, per parameter, the functions that received
     it without a rule. ``record_grads`` keeps the gradient the caller's own backward pass
-    sends to each output.
+    sends to each output. ``batched``: the backward pass will be batched over output channels,
+    so the ops whose own backward vmap loops over run with formulas it batches
+    (``batchable.py``).
     """
 
     def __init__(
@@ -137,8 +139,10 @@ class OpCapture(TorchFunctionMode):
         record_grads: bool = False,
         copy_outputs: bool = False,
         touched: Optional[Dict[str, set]] = None,
+        batched: bool = False,
     ):
         super().__init__()
+        self.batched = batched
         self.refs: Dict[int, Ref] = {i: Ref(name) for i, name in params.items()}
         self.n = n
         self.expand = expand or {}
@@ -446,17 +450,28 @@ def _embedding(mode, func, args, kwargs):
 def _norm(op: str, names: tuple, channel_dim: Optional[int]):
     def handler(mode, func, args, kwargs):
         a = dict(zip(names, args), **kwargs)
-        w, b = mode.ref(a.get("weight")), mode.ref(a.get("bias"))
-        w = w if w is not None and w.plain else None
-        b = b if b is not None and b.plain else None
+        rw, rb = mode.ref(a.get("weight")), mode.ref(a.get("bias"))
+        w = rw if rw is not None and rw.plain else None
+        b = rb if rb is not None and rb.plain else None
+        # the affine tensors are parameters of the capture (their gradients come from the
+        # factors), frozen or absent: the input's gradient alone is needed
+        fixed = all(
+            t is None or not t.requires_grad or (r is not None and r.plain)
+            for t, r in ((a.get("weight"), rw), (a.get("bias"), rb))
+        )
         if w is None and b is None:
+            if rw is None and rb is None and mode.batched and fixed:
+                y = batchable.norm(op, a)
+                return NotImplemented if y is None else y
             return NotImplemented
         if op == "batch_norm" and a.get("training"):
             raise ValueError(
                 f"model: batch_norm of '{(w or b).name}' runs in training mode, which couples "
                 "the examples of a batch; call model.eval() first"
             )
-        y = func(*args, **kwargs)
+        y = batchable.norm(op, a) if mode.batched and fixed else None
+        if y is None:
+            y = func(*args, **kwargs)
         return mode._record(op, w, b, a["input"], y, args=a, channel_dim=channel_dim)
 
     return handler
@@ -580,5 +595,6 @@ for _f, _kind in recurrent.FUSED:
     _HANDLERS[_f] = _recurrent(_kind, True)
 for _f, _kind in recurrent.CELLS:
     _HANDLERS[_f] = _recurrent(_kind, False)
+_HANDLERS.update(batchable.HANDLERS)
 if hasattr(F, "rms_norm"):  # torch >= 2.4
     _HANDLERS[F.rms_norm] = _norm("rms_norm", ("input", "normalized_shape", "weight", "eps"), None)

@@ -80,6 +80,8 @@ class OutputSpec:
         self.outputs = outputs
         self.stacked = outputs == "trace"
         self.full = outputs == "full"
+        # every output channel: the backward pass is batched over them (unless there is one)
+        self.many = self.stacked or self.full
 
     def split(self, x: tuple) -> Tuple[tuple, tuple]:
         """(model inputs, targets) of a block of examples."""
