@@ -390,10 +390,26 @@ def channel_chunks(
     if not spec.stacked:
         return [None]
     x, _ = spec.split(x)
-    state = model_state(plan, dtype)
-    one = cast_inputs(tuple(t[:1] for t in x), dtype)
-    # per example and channel: the output gradients of every use, and the larger of the
-    # factored and materialized forms of every group (an upper bound of what is kept)
+    one = tuple(t[:1] for t in x)
+    trace = plan.trace_for(one) if plan.groups else None
+    key = (tuple(plan.dense), tuple(tuple(g.names) for g in plan.groups))
+    if trace is not None and key in trace.sizes:
+        per, C = trace.sizes[key]
+    else:
+        per, C = _sizes(plan, spec, cast_inputs(one, dtype), model_state(plan, dtype))
+        if trace is not None:
+            trace.sizes[key] = (per, C)
+    per_bytes = max(1, per * torch.finfo(dtype).bits // 8)
+    cc = max(1, budget // (n_total * per_bytes))
+    if cc >= C:
+        return [None]
+    return [slice(c, min(C, c + cc)) for c in range(0, C, cc)]
+
+
+def _sizes(plan: ModelPlan, spec: OutputSpec, one: tuple, state) -> Tuple[int, int]:
+    """Per example and channel, the elements kept: the output gradients of every use, and the
+    larger of the factored and materialized forms of every group (an upper bound); and the
+    output channels. From a pass on the one example ``one``."""
     per = sum(plan.params[n].numel() for n in plan.dense)
     if plan.groups:
         out, uses = run_captured(plan, state, one, plan.trace_for(one))
@@ -407,12 +423,7 @@ def channel_chunks(
     else:
         with torch.no_grad():
             out = plan.forward(state, one)
-    C = spec.rows(out).shape[1]
-    per_bytes = max(1, per * torch.finfo(dtype).bits // 8)
-    cc = max(1, budget // (n_total * per_bytes))
-    if cc >= C:
-        return [None]
-    return [slice(c, min(C, c + cc)) for c in range(0, C, cc)]
+    return per, spec.rows(out).shape[1]
 
 
 def tangent_batches(
@@ -461,10 +472,12 @@ def tangent_batches(
         for b in sides
     ]
     for k in later:
+        # a trace's features in their fastest order, where both sides take it
+        fast = spec.stacked and not any(b.factors[k].materialized for b in sides)
         one = []
         for b, buf in zip(sides, bufs):
             f = b.factors.pop(k)  # (the other side may have materialized it already)
-            f = f if f.materialized else materialize(plan.group(k), f, buf)
+            f = f if f.materialized else materialize(plan.group(k), f, buf, fast)
             one.append(Block(b.n, b.C, {k: f}))
         yield terms(one)
 
