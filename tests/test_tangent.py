@@ -210,3 +210,31 @@ def test_features_come_out_contiguous():
         block = features(plan, spec, model_state(plan, dtype), x1, 64, "x")
         mat = [f for f in block.factors.values() if f.materialized]
         assert mat and all(f.D.is_contiguous() for f in mat), outputs
+
+
+def test_trace_channels_chunked_under_the_feature_budget(monkeypatch):
+    """A trace whose features would pass the budget is accumulated over chunks of output
+    channels, exact; the per-example sizes that set the chunks are measured once per plan
+    and input shape (a captured pass on one example), not on every call."""
+    from pathkernel._capture import extract
+
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    passes = []
+    real = extract.run_captured
+    monkeypatch.setattr(
+        extract,
+        "run_captured",
+        lambda p, s, xs, *a: passes.append(len(xs[0])) or real(p, s, xs, *a),
+    )
+    chunks = extract.channel_chunks
+    seen = []
+    monkeypatch.setattr(
+        "pathkernel._drivers.tangent.channel_chunks",
+        lambda *a: seen.append(chunks(*a, budget=4096)) or seen[-1],
+    )
+    for _ in range(2):
+        assert_close(pk.tangent_kernel(m, x), reference_ntk(m, x), torch.float64)
+    assert len(seen[0]) > 1 and seen[0] == seen[1]
+    assert passes.count(1) == 1  # the one-example sizing pass, on the first call only

@@ -15,7 +15,7 @@ uses of every parameter in a forward pass (``ops.py``) and groups them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,6 +53,9 @@ class Trace:
 
     signatures: List[tuple]
     layouts: List[Optional[Layout]]
+    # per plan (its dense and grouped parameters): the elements each example and channel
+    # keeps, and the output channels (``extract.channel_chunks``), measured once
+    sizes: Dict[tuple, Tuple[int, int]] = field(default_factory=dict)
 
     @property
     def expand(self) -> Dict[int, int]:
