@@ -34,6 +34,28 @@ def test_x2_feature_shape_mismatch(model):
         )
 
 
+def test_shape_check_runs_once_per_shape_and_is_redone_when_it_changes(model):
+    """The one-example run that names a wrong shape is not repeated for inputs of a shape
+    the model already took (same parameters); a new shape or parameter is checked."""
+    x = torch.randn(4, 6, dtype=torch.float64)
+    runs = []
+    model.register_forward_pre_hook(
+        lambda m, a: runs.append(a[0].shape[0]) if not torch.is_grad_enabled() else None
+    )
+    pk.tangent_kernel(model, x)
+    first = runs.count(1)
+    pk.tangent_kernel(model, x)
+    assert first >= 1 and runs.count(1) == first  # not again
+    pk.tangent_kernel(model, torch.randn(9, 6, dtype=torch.float64))  # the same shape
+    assert runs.count(1) == first
+    lin = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    lin.weight = nn.Parameter(lin.weight.detach().clone())  # a new parameter: checked again
+    pk.tangent_kernel(model, x)
+    assert runs.count(1) > first
+    with pytest.raises(ValueError, match=r"x1: the model rejects inputs of per-example shape"):
+        pk.tangent_kernel(model, torch.randn(4, 5, dtype=torch.float64))
+
+
 def test_integer_inputs_to_a_float_model_are_a_dtype_problem(model):
     with pytest.raises(TypeError, match=r"x1: the model rejects torch.int64 inputs .*x.float\(\)"):
         pk.tangent_kernel(model, torch.randint(0, 3, (3, 6)))
