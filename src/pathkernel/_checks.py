@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._autograd import normal_tensor
-from ._capture.plan import call_model
+from ._capture.plan import call_model, param_signature
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -177,7 +177,7 @@ def run_model_once(model: nn.Module, xs, name: str, keys=None) -> None:
     """Run the model on one example so a wrong feature shape is reported against ``name``;
     not again for inputs of a shape, dtype and device it ran on with the same parameters
     (a second call on a small model: 1-10 ms)."""
-    params = tuple((id(p), tuple(p.shape), p.dtype) for p in model.parameters())
+    params = param_signature(model)
     sig = (keys, tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in xs))
     ran = _RAN.get(model)
     if ran is not None and ran[0] == params and sig in ran[1]:

@@ -84,6 +84,14 @@ def check_model(model) -> None:
             )
 
 
+def param_signature(model: nn.Module) -> tuple:
+    """What a cached verdict on ``model`` depends on: its parameters (which objects, shapes,
+    dtypes, trainable or not) and its module count."""
+    return tuple(
+        (n, id(p), tuple(p.shape), p.dtype, p.requires_grad) for n, p in model.named_parameters()
+    ) + (len(list(model.modules())),)
+
+
 def input_signature(x: Sequence[torch.Tensor]) -> tuple:
     return tuple((tuple(t.shape[1:]), t.is_floating_point()) for t in x)
 

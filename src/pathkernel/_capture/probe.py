@@ -31,7 +31,15 @@ from .extract import _output_grads, group_factors, param_ids, run_captured
 from .layout import Layout, discover
 from .ops import MATRIX_OPS, OpCapture, Use
 from .outputs import output_tensors
-from .plan import Group, ModelPlan, Trace, cast_inputs, input_signature, model_state
+from .plan import (
+    Group,
+    ModelPlan,
+    Trace,
+    cast_inputs,
+    input_signature,
+    model_state,
+    param_signature,
+)
 from .rules import _aligned, expandable_dims
 
 # model -> (its parameter signature, the probe's tolerance, groups, why, traces)
@@ -39,12 +47,6 @@ _PROBED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # dtype -> (relative tolerance of every check, the fraction of the whole gradient below which
 # a parameter's gradient counts as zero: compared at that scale, as rounding cannot go below it)
 _PRECISION = {torch.float64: (1e-9, 1e-6), torch.float32: (1e-4, 1e-2)}
-
-
-def _param_signature(plan: ModelPlan) -> tuple:
-    return tuple(
-        (n, id(p), tuple(p.shape), p.requires_grad) for n, p in plan.model.named_parameters()
-    ) + (len(list(plan.model.modules())),)
 
 
 def probe(plan: ModelPlan, x: tuple, seed: int = 0, dtype: torch.dtype = torch.float64) -> None:
@@ -56,7 +58,7 @@ def probe(plan: ModelPlan, x: tuple, seed: int = 0, dtype: torch.dtype = torch.f
     if plan.implementation == "dense" or sig in plan.traces:
         check_deterministic(plan, x, dtype=dtype)
         return
-    psig = _param_signature(plan)
+    psig = param_signature(plan.model)
     hit = _PROBED.get(plan.model)
     fresh = not plan.traces
     if fresh and hit is not None and hit[0] == psig and hit[1] <= tol:
@@ -99,7 +101,7 @@ def check_deterministic(
     example alone, a batch of several, and that batch's inputs); where the first example's
     output is the same in both, the model is neither, and nothing is run again."""
     tol = _PRECISION[dtype][0]
-    key = (_param_signature(plan), tuple(m.training for m in plan.model.modules()))
+    key = (param_signature(plan.model), tuple(m.training for m in plan.model.modules()))
     done = _CHECKED.get(plan.model)
     if done is not None and done[0] == key and done[1] <= tol:
         return

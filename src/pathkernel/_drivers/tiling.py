@@ -383,11 +383,12 @@ def use_flops(u) -> float:
 
 
 def _measure(
-    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, shape, chunk: int
+    job: Job, sample_x: tuple, sample: Block, out, fb: int, budget: int, choice: "_Choice"
 ) -> Costs:
-    """Time one-example and pass-sized extractions and accumulations on this model
-    (``shape``: the (rows, columns) of the plan's native calls; ``chunk``: the examples of
-    its extraction passes, the sample's repeated where it has more)."""
+    """Time one-example and pass-sized extractions and accumulations on this model, in the
+    shapes of ``choice``: its native calls (rows: a tile's, columns: a tile's or a pass's) and
+    its extraction passes (``chunk`` examples, the sample's repeated where it has more)."""
+    shape, chunk = (choice.R, choice.col_pass), choice.chunk
     spec, mplan = job.spec, job.model_plan
     x = cast_inputs(sample_x, job.dtype)
     one = tuple(t[:1] for t in x)
@@ -866,6 +867,11 @@ def make_plan(
     def solve(b, tiling=None):
         return _solve(problem, nominal, b, tiling)
 
+    def measured(c: _Choice) -> Costs:  # on the lead rank, the same costs on every rank
+        return coll.broadcast(
+            _measure(job, sample_x, sample, out, fb, budget, c) if coll.lead else None
+        )
+
     if recorded is not None:
         choice = solve(budget, recorded)
         if choice is None:
@@ -875,15 +881,7 @@ def make_plan(
                 f"{recorded[0]} x {recorded[1]} that need {fmt_bytes(need)}, more than "
                 f"{fmt_bytes(budget)}; pass at least that, or resume=False to start over"
             )
-        costs = (
-            coll.broadcast(
-                _measure(job, sample_x, sample, out, fb, budget, _calls(choice), choice.chunk)
-                if coll.lead
-                else None
-            )
-            if measure
-            else nominal
-        )
+        costs = measured(choice) if measure else nominal
         choice = _recost(problem, choice, costs)
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, costs)
     choice = solve(budget)
@@ -899,11 +897,7 @@ def make_plan(
     roomy_nominal = solve(max(budget, 2 << 30))
     if not measure and not (choice.est > 3 * roomy_nominal.est and choice.est > 10):
         return _make_plan(job, shape, symmetric, T, choice, fb, budget, pair, M, N, out, nominal)
-    costs = coll.broadcast(
-        _measure(job, sample_x, sample, out, fb, budget, _calls(choice), choice.chunk)
-        if coll.lead
-        else None
-    )
+    costs = measured(choice)
 
     def timed(c: _Choice) -> _Choice:
         return _recost(problem, c, costs)
@@ -919,11 +913,6 @@ def make_plan(
             f"budget within 3x of that is about {fmt_bytes(need)}"
         )
     return _make_plan(job, shape, symmetric, T, chosen, fb, budget, pair, M, N, out, costs)
-
-
-def _calls(c: _Choice) -> Tuple[int, int]:
-    """The shape (rows, columns) of a plan's native calls: a tile, or a pass of its columns."""
-    return (c.R, c.col_pass)
 
 
 def _make_plan(
