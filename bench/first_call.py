@@ -4,6 +4,9 @@ first call pays what the process has not done yet (oneDNN primitives for each ne
 vmap's tracing), and ours also the probe (the per-example check of the factors).
 
     python bench/first_call.py [N]
+
+A third line, "unchecked", is pathkernel with the per-example check of the factors replaced by
+a no-op (an experiment: what the first call costs without it).
 """
 
 import subprocess
@@ -20,11 +23,16 @@ def _one(who: str) -> None:
     from pathkernel.bench.architectures import randomize_norm_stats, resnet18_cifar
     from pathkernel.bench.workloads import torch_func_grad_ntk
 
+    if who == "unchecked":
+        from pathkernel._capture import probe
+
+        probe._verify = lambda *a, **k: None
     torch.manual_seed(0)
     model = randomize_norm_stats(resnet18_cifar(10)).eval()
     x = torch.randn(N, 3, 32, 32)
     call = {
         "pathkernel": lambda: pk.tangent_kernel(model, x, outputs=0),
+        "unchecked": lambda: pk.tangent_kernel(model, x, outputs=0),
         "torch.func": lambda: torch_func_grad_ntk(model, x, lambda o: o[:, 0]),
     }[who]
     times = []
@@ -41,5 +49,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 2:
         _one(sys.argv[2])
     else:
-        for who in ("pathkernel", "torch.func"):
+        for who in ("pathkernel", "torch.func", "unchecked"):
             subprocess.run([sys.executable, __file__, str(N), who], check=True)
